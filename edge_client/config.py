@@ -1,0 +1,129 @@
+"""Layered configuration: defaults, then a JSON file, then ``ENFPIRE_*``
+environment variables, then explicit overrides (command-line flags).
+
+Each side has one frozen dataclass (:class:`ClientConfig` here, the server's
+in ``lite_server.config``); :func:`load_config` builds either, so both sides
+read their settings the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+ENV_PREFIX = "ENFPIRE_"
+T = TypeVar("T")
+
+#: The prepared extractor made by ``python -m tools.model prepare``.
+DEFAULT_MODEL_FILE = "mobilenet_v2_1.0_224_quant_avgpool.tflite"
+
+
+def default_model_dir() -> Path:
+    """Where prepared models live: the checkout's ``models/`` when running
+    from one, else ``~/.enfpire/models`` (a phone or a pip install)."""
+    checkout = Path(__file__).resolve().parent.parent / "models"
+    if checkout.is_dir():
+        return checkout
+    return Path.home() / ".enfpire" / "models"
+
+
+def default_model_path() -> Path:
+    return default_model_dir() / DEFAULT_MODEL_FILE
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything the device side can be told. Empty or ``None`` means "the default"."""
+
+    model: str = ""                 # path of the extractor; "" = default_model_path()
+    num_threads: int = 0            # interpreter threads; 0 = CPU count
+    max_pixels: int = 100_000_000   # larger photos are refused (decompression bombs)
+    server: str = "http://127.0.0.1:8080"
+    transform: str = ""             # "" = the library's default transform
+    strength: float | None = None   # None = the transform's default strength
+    k: int = 0                      # 0 = the transform's default candidate count
+    threshold: float | None = None  # below this rerank score the answer is "unknown"
+    connect_timeout: float = 3.05
+    read_timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.25
+    max_retry_after: float = 10.0   # never wait longer than this for a Retry-After
+    dummies: int = 2                # dummy requests per real one
+    dummies_per_hour: int = 120     # hard cap for battery and data plans
+    seed: int | None = None         # fixes every random draw (tests, evaluation)
+
+    def model_path(self) -> Path:
+        return Path(self.model).expanduser() if self.model else default_model_path()
+
+
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> T:
+    """Build ``cls`` from its defaults, a JSON ``path``, ``ENFPIRE_*`` variables
+    in ``env`` (default ``os.environ``) and ``overrides`` whose value is not None."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_read_file(Path(path), fields))
+    env = os.environ if env is None else env
+    for name in fields:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    coerced = {k: _coerce(k, v, str(fields[k].type)) for k, v in values.items()}
+    return cls(**coerced)
+
+
+def _read_file(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Turn a file or environment value into the field's declared type."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    try:
+        if base == "bool":
+            return _to_bool(value)
+        if base == "int" and not isinstance(value, bool):
+            return int(value)
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{name}: {value!r} is not a valid {base}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)

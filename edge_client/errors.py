@@ -1,0 +1,62 @@
+"""EnfPire's exceptions: one root and a flat, well-named family.
+
+Callers catch :class:`EnfPireError` for everything the library raises on
+purpose; the subclasses say which part of the world was wrong (the model,
+the photo, the configuration, the network or the server).
+"""
+from __future__ import annotations
+
+
+class EnfPireError(Exception):
+    """Root of every error EnfPire raises deliberately."""
+
+
+class ConfigError(EnfPireError, ValueError):
+    """A configuration file, variable or flag has a bad value."""
+
+
+class ModelError(EnfPireError):
+    """The model file is missing, corrupt or unusable."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """No model file where one was expected."""
+
+
+class ChecksumError(ModelError):
+    """A file's sha256 differs from the one it must have."""
+
+
+class InterpreterNotFoundError(ModelError, ImportError):
+    """No TFLite interpreter package is installed."""
+
+
+class PhotoError(EnfPireError, ValueError):
+    """A photo cannot be decoded or is out of bounds; the message names it."""
+
+
+class ServerUnreachableError(EnfPireError, ConnectionError):
+    """The server could not be reached (refused, timed out, DNS)."""
+
+
+class ServerError(EnfPireError):
+    """The server answered with an error status.
+
+    ``status`` is the HTTP status, ``code`` and ``message`` come from the
+    server's JSON error body when it had one.
+    """
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(f"server answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadResponseError(EnfPireError):
+    """The server's answer is not what the protocol promises (bad JSON, bad features)."""
+
+
+class IncompatibleServerError(EnfPireError):
+    """The server runs another model or protocol than this device."""

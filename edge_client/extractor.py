@@ -1,0 +1,129 @@
+"""The on-device feature extractor: photo in, L2-normalised float32 vector out."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import interpreter as tfl
+from .errors import ModelNotFoundError, PhotoError
+from .photo import Photo, load_rgb
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, np.float32(1e-12))
+
+
+class Extractor:
+    """Runs a TFLite feature model (an image in, one [1, D] tensor out).
+
+    The interpreter is built once; ``extract`` is thread-safe (calls are
+    serialised: one interpreter has one set of tensors). Inputs may be a path,
+    encoded bytes, a PIL image or an HxWx3 uint8 array; see
+    :mod:`edge_client.photo` for the orientation, resize and crop policy.
+    ``mean``/``std`` describe the float model's input normalisation
+    ``(pixel - mean) / std`` (MobileNet: 128, 128).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        num_threads: int = 0,
+        max_pixels: int = 100_000_000,
+        mean: float = 128.0,
+        std: float = 128.0,
+    ):
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"model file {path} does not exist (run 'make setup' or "
+                "'python -m tools.model prepare', or pass --model)"
+            )
+        self.model_path = path
+        self.sha256 = file_sha256(path)
+        self.max_pixels = max_pixels
+        self.mean, self.std = mean, std
+        self._interpreter, self.runtime = tfl.make_interpreter(str(path), num_threads)
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self.input_size = tfl.input_size(self._input)
+        self.dim = int(np.prod(self._output["shape"]))
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"Extractor(model={self.model_path.name!r}, dim={self.dim}, "
+            f"input={self.input_size[0]}x{self.input_size[1]}, runtime={self.runtime!r})"
+        )
+
+    def preprocess(self, photo: Photo, fast: bool = True) -> np.ndarray:
+        """Decode and resize ``photo`` to the model's input as HxWx3 uint8."""
+        return load_rgb(photo, self.input_size, self.max_pixels, fast=fast)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Feature of already-preprocessed pixels: invoke and L2-normalise."""
+        tensor = tfl.quantize_input(pixels, self._input, self.mean, self.std)
+        with self._lock:
+            self._interpreter.set_tensor(self._input["index"], tensor)
+            self._interpreter.invoke()
+            raw = self._interpreter.get_tensor(self._output["index"])
+        return l2_normalize(tfl.dequantize(raw, self._output).reshape(-1))
+
+    def extract(self, photo: Photo, fast: bool = True) -> np.ndarray:
+        """The L2-normalised float32 feature (shape ``[dim]``) of one photo."""
+        return self.run(self.preprocess(photo, fast=fast))
+
+    def extract_many(
+        self,
+        photos: Iterable[Photo],
+        workers: int = 2,
+        on_error: Callable[[Photo, PhotoError], None] | None = None,
+    ) -> Iterator[np.ndarray | None]:
+        """Features of many photos, in order.
+
+        Decoding runs a few photos ahead in a small thread pool (Pillow releases
+        the GIL) while the interpreter works, with a bounded read-ahead so memory
+        stays flat for any number of photos. A photo that cannot be decoded
+        raises :class:`PhotoError`, or, when ``on_error`` is given, is reported
+        to it and yields ``None``.
+        """
+        ahead: deque[tuple[Photo, Future[np.ndarray]]] = deque()
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for photo in photos:
+                ahead.append((photo, pool.submit(self.preprocess, photo)))
+                if len(ahead) > 2 * workers:
+                    yield self._finish(*ahead.popleft(), on_error)
+            while ahead:
+                yield self._finish(*ahead.popleft(), on_error)
+
+    def _finish(
+        self, photo: Photo, pending: Future[np.ndarray], on_error: Callable[[Photo, PhotoError], None] | None
+    ) -> np.ndarray | None:
+        try:
+            return self.run(pending.result())
+        except PhotoError as exc:
+            if on_error is None:
+                raise
+            on_error(photo, exc)
+            return None

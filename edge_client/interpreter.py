@@ -1,0 +1,89 @@
+"""Pure helpers over a TFLite interpreter: which runtime, what the model
+expects, and explicit, overflow-safe (de)quantization.
+
+Three runtimes share the same ``Interpreter`` API; the first that imports
+wins: ai-edge-litert (maintained, fast quantized kernels), tflite-runtime
+(older Raspberry Pi images), then full TensorFlow.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import InterpreterNotFoundError, ModelError
+
+#: (name reported to users, module holding ``Interpreter``), in order of preference.
+RUNTIMES = (
+    ("ai_edge_litert", "ai_edge_litert.interpreter"),
+    ("tflite_runtime", "tflite_runtime.interpreter"),
+    ("tensorflow", "tensorflow.lite"),
+)
+
+
+def find_runtime() -> tuple[str, Any]:
+    """Return ``(name, Interpreter class)`` of the first runtime that imports."""
+    for name, module in RUNTIMES:
+        try:
+            return name, importlib.import_module(module).Interpreter
+        except ImportError:
+            continue
+    raise InterpreterNotFoundError(
+        "no TFLite interpreter is installed: pip install 'enfpire[litert]' "
+        "(or 'enfpire[tflite]' on older Raspberry Pi OS images)"
+    )
+
+
+def make_interpreter(model_path: str, num_threads: int = 0, **kwargs: Any) -> tuple[Any, str]:
+    """Build and allocate an interpreter for ``model_path``; returns it and the runtime name.
+
+    ``num_threads`` 0 means one thread per CPU.
+    """
+    name, interpreter_cls = find_runtime()
+    threads = num_threads or os.cpu_count() or 1
+    try:
+        interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads, **kwargs)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"{model_path} is not a usable TFLite model: {exc}") from exc
+    return interpreter, name
+
+
+def input_size(details: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) of an NHWC image input."""
+    shape = details["shape"]
+    if len(shape) != 4 or shape[3] != 3:
+        raise ModelError(f"expected an NHWC RGB image input, got shape {list(shape)}")
+    return int(shape[2]), int(shape[1])
+
+
+def quantize_input(pixels: np.ndarray, details: dict[str, Any], mean: float, std: float) -> np.ndarray:
+    """Map uint8 RGB ``pixels`` to the model's input tensor.
+
+    The float model sees ``(pixel - mean) / std``; a quantized input stores that
+    as ``real / scale + zero_point``. When the two affine maps cancel (MobileNet's
+    uint8 input: scale 1/128, zero point 128 with mean = std = 128) the pixels go
+    in untouched, which is both exact and fastest.
+    """
+    dtype = details["dtype"]
+    scale, zero_point = details["quantization"]
+    if dtype == np.float32:
+        return ((pixels.astype(np.float32) - mean) / std)[np.newaxis]
+    if scale == 0:
+        raise ModelError("quantized input without a scale")
+    if dtype == np.uint8 and abs(scale * std - 1) < 1e-5 and abs(mean - zero_point) < 1e-5:
+        return pixels[np.newaxis]
+    info = np.iinfo(dtype)
+    # float32 then clip: no intermediate ever wraps around the integer range.
+    q = np.rint((pixels.astype(np.float32) - mean) / (std * scale) + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)[np.newaxis]
+
+
+def dequantize(values: np.ndarray, details: dict[str, Any]) -> np.ndarray:
+    """Real-valued float32 copy of an output tensor (int32 arithmetic, no overflow)."""
+    scale, zero_point = details["quantization"]
+    if values.dtype == np.float32 or scale == 0:
+        return values.astype(np.float32)
+    return (values.astype(np.int32) - np.int32(zero_point)).astype(np.float32) * np.float32(scale)

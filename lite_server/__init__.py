@@ -1,0 +1,1 @@
+"""EnfPire server."""

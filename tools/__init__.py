@@ -1,0 +1,1 @@
+"""Developer and researcher tools: model preparation, evaluation, benchmarks."""
