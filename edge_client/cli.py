@@ -8,7 +8,8 @@ import sys
 from typing import Any, Callable
 
 from .config import ClientConfig, load_config
-from .errors import EnfPireError
+from .client import Client
+from .errors import ConfigError, EnfPireError
 from .extractor import Extractor
 
 
@@ -27,7 +28,36 @@ def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, ClientConfig], int]] = {"extract": _extract}
+def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
+    if args.camera:
+        from .camera import capture_jpeg
+
+        photo: object = capture_jpeg()
+    elif args.photo:
+        photo = args.photo
+    else:
+        raise ConfigError("give a PHOTO or --camera")
+    with Client(config) as client:
+        result = client.recognize(photo)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif result.spot_id is None:
+        print(f"unknown spot (best score {result.score:.3f} below the threshold)")
+    else:
+        where = f" at {result.lat:.5f}, {result.lon:.5f}" if result.lat is not None and result.lon is not None else ""
+        print(f"{result.name}{where}  score {result.score:.3f}  "
+              f"({len(result.candidates)} candidates, {result.bytes_sent + result.bytes_received} bytes)")
+    return 0
+
+
+def _info(args: argparse.Namespace, config: ClientConfig) -> int:
+    with Client(config) as client:
+        print(json.dumps(client.info(), indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, ClientConfig], int]] = {
+    "extract": _extract, "recognize": _recognize, "info": _info}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photo")
     p.add_argument("--model", help="extractor .tflite (default: models/ or ~/.enfpire/models)")
     p.add_argument("--json", action="store_true", help="one JSON object with the feature and the model")
+    p = sub.add_parser("recognize", help="which spot is in a photo (privately)")
+    p.add_argument("photo", nargs="?")
+    p.add_argument("--camera", action="store_true", help="capture one frame with picamera2")
+    p.add_argument("--server", help="server URL (default http://127.0.0.1:8080)")
+    p.add_argument("--model")
+    p.add_argument("--k", type=int, help="candidate spots to ask for")
+    p.add_argument("--transform", help="privacy transform (default: the library's default)")
+    p.add_argument("--strength", type=float)
+    p.add_argument("--threshold", type=float, help="below this score answer 'unknown'")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="print the server's /v1/info")
+    p.add_argument("--server")
     return parser
 
 

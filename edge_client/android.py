@@ -1,0 +1,70 @@
+"""Entry points for an Android app through Chaquopy.
+
+Plain functions over primitives only (bytes, str, numbers, JSON strings), so
+Kotlin can call them with ``module.callAttr(...)`` and read the result with
+``toString()``. They never raise: every answer is a JSON object with
+``"ok": true`` and the result, or ``"ok": false`` and an ``error`` with its
+``type`` and ``message``. No multiprocessing; files only under ``$HOME``
+(Chaquopy points it at the app's private files directory).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable
+
+from .client import Client
+from .config import ClientConfig, load_config
+from .errors import EnfPireError
+from .extractor import Extractor
+
+_clients: dict[str, Client] = {}
+_lock = threading.Lock()
+
+
+def _client(server_url: str, config_json: str) -> Client:
+    """One client (and one interpreter) per configuration, reused across calls."""
+    key = json.dumps([server_url, config_json])
+    with _lock:
+        if key not in _clients:
+            settings = json.loads(config_json or "{}")
+            if not isinstance(settings, dict):
+                raise EnfPireError("config_json must be a JSON object")
+            config = load_config(ClientConfig, env={}, **{**settings, "server": server_url})
+            _clients[key] = Client(config)
+        return _clients[key]
+
+
+def _answer(call: Callable[[], dict[str, Any]]) -> str:
+    try:
+        return json.dumps({"ok": True, **call()})
+    except (EnfPireError, ValueError) as exc:
+        return json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}})
+
+
+def recognize_jpeg(jpeg_bytes: bytes, server_url: str, config_json: str = "{}") -> str:
+    """Recognize a photo (JPEG or any image bytes); the JSON of a Recognition."""
+    return _answer(lambda: _client(server_url, config_json).recognize(bytes(jpeg_bytes)).to_dict())
+
+
+def extract_jpeg(jpeg_bytes: bytes, config_json: str = "{}") -> str:
+    """The photo's feature as ``{"dim", "feature"}``."""
+    def run() -> dict[str, Any]:
+        config = load_config(ClientConfig, env={}, **json.loads(config_json or "{}"))
+        extractor = Extractor(config.model_path(), config.num_threads, config.max_pixels)
+        return {"dim": extractor.dim, "feature": extractor.extract(bytes(jpeg_bytes)).tolist()}
+    return _answer(run)
+
+
+def server_info(server_url: str, config_json: str = "{}") -> str:
+    """The server's ``/v1/info``."""
+    return _answer(lambda: {"info": _client(server_url, config_json).info(refresh=True)})
+
+
+def close_all() -> str:
+    """Close every cached client (call from the app's onDestroy)."""
+    with _lock:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()
+    return json.dumps({"ok": True})

@@ -1,0 +1,178 @@
+"""Talking to a lite_server: one Session, explicit timeouts, bounded retries,
+typed errors, and a one-call facade.
+
+    >>> from edge_client.client import recognize
+    >>> recognize("photo.jpg", server="http://127.0.0.1:8080").name
+
+The lookup is idempotent, so a POST is retried like a GET: on connection
+errors and on 429/502/503/504, waiting for ``Retry-After`` (capped) or an
+exponential backoff. Nothing identifies the device: a fixed User-Agent, no
+cookies kept, the same headers on every request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any
+
+import numpy as np
+import requests
+
+from .config import ClientConfig
+from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
+from .extractor import Extractor
+from .photo import Photo
+from .recognizer import Recognition, rerank
+from .transforms import Transform, make_transform
+
+log = logging.getLogger(__name__)
+USER_AGENT = "enfpire-client"
+RETRY_STATUSES = {429, 502, 503, 504}
+PROTOCOL = 1
+
+
+class Client:
+    """A device's connection to one server, with its extractor and transform."""
+
+    def __init__(self, config: ClientConfig | None = None, extractor: Extractor | None = None,
+                 transform: Transform | None = None):
+        self.config = config or ClientConfig()
+        self.extractor = extractor
+        self.transform = transform or make_transform(self.config.transform, self.config.strength,
+                                                     self.config.k or None)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.session = requests.Session()
+        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
+        self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
+        self._info: dict[str, Any] | None = None
+        self._fitted = False
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _extractor(self) -> Extractor:
+        if self.extractor is None:
+            self.extractor = Extractor(self.config.model_path(), self.config.num_threads, self.config.max_pixels)
+        return self.extractor
+
+    def info(self, refresh: bool = False) -> dict[str, Any]:
+        """The server's ``/v1/info``, checked against this device's model."""
+        if self._info is None or refresh:
+            info, _, _ = self._request("GET", "/v1/info")
+            if not isinstance(info, dict) or info.get("protocol") != PROTOCOL or "model_sha256" not in info:
+                raise BadResponseError("the server's /v1/info is not an EnfPire protocol 1 answer")
+            self._info = info
+        return self._info
+
+    def check_model(self) -> dict[str, Any]:
+        """Refuse a server that indexed photos with a different model: its candidates would be noise."""
+        info = self.info()
+        mine = self._extractor().sha256
+        if info["model_sha256"] != mine:
+            raise IncompatibleServerError(
+                f"the server uses model {str(info['model_sha256'])[:12]}..., this device {mine[:12]}...: "
+                "both must run the same extractor")
+        if not self._fitted:
+            self.transform.fit((info.get("transforms") or {}).get(self.transform.name, {}))
+            self._fitted = True
+        return info
+
+    def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
+        """POST one candidates request; (candidates, bytes sent, bytes received)."""
+        answer, sent, received = self._request("POST", "/v1/candidates", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("candidates"), list):
+            raise BadResponseError("the server's candidates answer has no candidate list")
+        return answer["candidates"], sent, received
+
+    def recognize_feature(self, feature: np.ndarray) -> Recognition:
+        """Transform, ask, rerank locally."""
+        info = self.check_model()
+        candidates, sent, received = self.query(self.transform.transform(feature, self.rng))
+        result = rerank(feature, candidates, int(info["dim"]), self.config.threshold)
+        return replace(result, bytes_sent=sent, bytes_received=received)
+
+    def recognize(self, photo: Photo) -> Recognition:
+        """Which spot is in ``photo``: extract, transform, ask, rerank locally."""
+        self.check_model()
+        return self.recognize_feature(self._extractor().extract(photo))
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, int, int]:
+        url = self.config.server.rstrip("/") + path
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        for attempt in range(self.config.retries + 1):
+            last = attempt == self.config.retries
+            try:
+                response = self.session.request(method, url, data=data, headers=headers,
+                                                timeout=(self.config.connect_timeout, self.config.read_timeout))
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if last:
+                    raise ServerUnreachableError(f"{url} did not answer: {type(exc).__name__}") from None
+                self._wait(attempt, None)
+                continue
+            if response.status_code in RETRY_STATUSES and not last:
+                self._wait(attempt, response.headers.get("Retry-After"))
+                continue
+            return self._decode(response), _sent_bytes(response), _received_bytes(response)
+        raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _wait(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.config.backoff * (2 ** attempt)
+        if retry_after:
+            try:
+                delay = max(delay, float(retry_after))
+            except ValueError:
+                pass
+        time.sleep(min(delay, self.config.max_retry_after))
+
+    @staticmethod
+    def _decode(response: requests.Response) -> Any:
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400:
+            error = payload.get("error", {}) if isinstance(payload, dict) else {}
+            error = error if isinstance(error, dict) else {}
+            retry = response.headers.get("Retry-After")
+            raise ServerError(response.status_code, str(error.get("code", "http_error")),
+                              str(error.get("message", response.reason)),
+                              float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+        if payload is None:
+            raise BadResponseError(f"the server's answer to {response.request.path_url} is not JSON")
+        return payload
+
+
+def _headers_size(headers: Any) -> int:
+    return sum(len(k) + len(str(v)) + 4 for k, v in headers.items())
+
+
+def _sent_bytes(response: requests.Response) -> int:
+    request = response.request
+    return len(request.body or b"") + _headers_size(request.headers) + len(request.method or "") + \
+        len(request.path_url) + 12
+
+
+def _received_bytes(response: requests.Response) -> int:
+    return len(response.content) + _headers_size(response.headers) + 17
+
+
+def recognize(photo: Photo, server: str | None = None, **settings: Any) -> Recognition:
+    """One call: recognize ``photo`` against ``server`` with the default settings.
+
+    ``settings`` are :class:`~edge_client.config.ClientConfig` fields.
+    """
+    from .config import load_config
+
+    config = load_config(ClientConfig, server=server, **settings)
+    with Client(config) as client:
+        return client.recognize(photo)

@@ -1,0 +1,163 @@
+"""The Flask application: an app factory and the versioned JSON API.
+
+    GET  /healthz          alive
+    GET  /readyz           index loaded, with its counts
+    GET  /v1/info          what a client needs before it asks
+    POST /v1/candidates    a transformed query in, candidate spots out
+    GET  /openapi.json     the description of all of the above
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+from flask import Flask, Response, jsonify, request
+
+from edge_client import wire
+
+from .config import ServerConfig
+from .errors import ApiError, register_error_handlers
+from .index import Index
+from .lookup import Lookup
+from .openapi import spec
+
+log = logging.getLogger(__name__)
+PROTOCOL = 1
+EXTENSION = "enfpire"
+
+
+class Service:
+    """The loaded index and its lookup; swapped whole, so a request sees one version."""
+
+    def __init__(self, config: ServerConfig, index: Index | None = None):
+        self.config = config
+        self._lock = threading.Lock()
+        self.lookup: Lookup | None = None
+        if index is not None or config.index:
+            self.load(index or Index.load(config.index))
+
+    def load(self, index: Index) -> Lookup:
+        lookup = Lookup(index, self.config.backend, self.config.features_per_spot, self.config.feature_dtype)
+        with self._lock:
+            self.lookup = lookup
+        log.info("serving index version %s (%d spots, %d photos)", index.version,
+                 len(index.spots), len(index.photo_spot))
+        return lookup
+
+    def ready(self) -> Lookup:
+        lookup = self.lookup
+        if lookup is None:
+            raise ApiError(503, "not_ready", "no index is loaded yet", retry_after=1)
+        return lookup
+
+
+def create_app(config: ServerConfig | None = None, index: Index | None = None) -> Flask:
+    """Build the app for ``config`` (default: :class:`ServerConfig` defaults), loading its index once."""
+    config = config or ServerConfig()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body, JSON_SORT_KEYS=False)
+    app.extensions[EXTENSION] = Service(config, index)
+    register_error_handlers(app)
+    app.register_blueprint(_routes())
+    app.after_request(_no_identifiers)
+    return app
+
+
+def service() -> Service:
+    from flask import current_app
+
+    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]
+
+
+def _no_identifiers(response: Response) -> Response:
+    """Nothing that could link one request to the next: no cookies, no caching."""
+    response.headers.pop("Set-Cookie", None)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _routes() -> Any:
+    from flask import Blueprint
+
+    api = Blueprint("api", __name__)
+
+    @api.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok"})
+
+    @api.get("/readyz")
+    def readyz() -> Response:
+        index = service().ready().index
+        return jsonify({"status": "ready", "index_version": index.version,
+                        "n_spots": len(index.spots), "n_photos": int(len(index.photo_spot))})
+
+    @api.get("/v1/info")
+    def info() -> Response:
+        return jsonify(info_payload(service()))
+
+    @api.post("/v1/candidates")
+    def candidates() -> Response:
+        svc = service()
+        lookup = svc.ready()
+        query, k = parse_candidates(_json_body(), lookup.index.dim, svc.config.max_k)
+        rows = lookup.nearest_spots(query[np.newaxis], k)[0]
+        return jsonify({"index_version": lookup.index.version,
+                        "candidates": [lookup.candidate(int(r)) for r in rows]})
+
+    @api.get("/openapi.json")
+    def openapi() -> Response:
+        return jsonify(spec())
+
+    return api
+
+
+def info_payload(svc: Service) -> dict[str, Any]:
+    lookup = svc.ready()
+    index, config = lookup.index, svc.config
+    return {
+        "protocol": PROTOCOL,
+        "model_sha256": index.model_sha256, "model_file": index.manifest.get("model_file"),
+        "dim": index.dim, "n_spots": len(index.spots), "n_photos": int(len(index.photo_spot)),
+        "index_version": index.version, "feature_dtype": config.feature_dtype,
+        "limits": {"max_k": config.max_k, "max_body": config.max_body,
+                   "features_per_spot": config.features_per_spot},
+        "query_kinds": ["vector"],
+        "transforms": {},
+    }
+
+
+def _json_body() -> dict[str, Any]:
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send the request as application/json")
+    raw = request.get_data(cache=False)  # over max_body: Werkzeug raises 413 here
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def parse_candidates(body: dict[str, Any], dim: int, max_k: int) -> tuple[np.ndarray, int]:
+    """Validate a candidates request: a ``vector`` of ``dim`` finite values and ``1 <= k <= max_k``."""
+    unknown = set(body) - {"vector", "k"}
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    k = body.get("k")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ApiError(400, "bad_k", "k must be an integer")
+    if not 1 <= k <= max_k:
+        raise ApiError(400, "bad_k", f"k must be between 1 and {max_k}")
+    if "vector" not in body:
+        raise ApiError(400, "missing_field", "the query needs a 'vector'")
+    try:
+        vector = wire.decode(body["vector"], expect_dim=dim)
+    except wire.WireError as exc:
+        raise ApiError(400, "bad_vector", str(exc)) from None
+    if vector.size != dim:
+        raise ApiError(400, "bad_vector", f"send one vector of dimension {dim}")
+    return vector.reshape(dim), k

@@ -1,0 +1,26 @@
+"""The server's settings: one frozen dataclass, layered like the client's
+(defaults, JSON file, ``ENFPIRE_*`` variables, command-line flags)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_client.config import load_config
+
+__all__ = ["ServerConfig", "load_config"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything an operator can set."""
+
+    index: str = ""                  # index directory (required to serve)
+    host: str = "127.0.0.1"          # loopback unless told otherwise
+    port: int = 8080
+    threads: int = 4                 # waitress worker threads
+    backend: str = "sklearn"         # nearest-neighbour backend: sklearn | numpy | faiss | faiss-ivf
+    max_k: int = 64                  # most candidate spots one request may ask for
+    max_body: int = 64 * 1024        # bytes; larger requests get 413
+    features_per_spot: int = 8       # representative gallery features returned per candidate
+    feature_dtype: str = "float16"   # wire encoding of candidate features: float16 | uint8
+    max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
+    admin_token: str = ""            # the admin API is off unless this is set

@@ -1,0 +1,92 @@
+"""The OpenAPI 3.1 description of the API, served at ``/openapi.json``.
+
+Tests validate real responses against these schemas, so the document cannot
+drift from what the server does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+MATRIX = {
+    "type": "object", "required": ["dtype", "shape", "data"],
+    "properties": {
+        "dtype": {"enum": ["float16", "float32", "uint8"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+        "data": {"type": "string", "description": "base64 of the little-endian values"},
+        "scale": {"type": "number", "exclusiveMinimum": 0, "description": "uint8 only: value = q * scale"},
+    },
+}
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+CANDIDATE = {
+    "type": "object", "required": ["id", "name", "lat", "lon", "info", "features"],
+    "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "lat": {"type": ["number", "null"]}, "lon": {"type": ["number", "null"]},
+        "info": {"type": "object", "additionalProperties": {"type": "string"}},
+        "features": {"$ref": "#/components/schemas/Matrix"},
+    },
+}
+SCHEMAS: dict[str, Any] = {
+    "Matrix": MATRIX,
+    "Error": ERROR,
+    "Candidate": CANDIDATE,
+    "CandidatesRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "vector": {"$ref": "#/components/schemas/Matrix"},
+            "cells": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "k": {"type": "integer", "minimum": 1},
+            "pad": {"type": "string", "description": "ignored; makes every request one size"},
+        },
+    },
+    "CandidatesResponse": {
+        "type": "object", "required": ["index_version", "candidates"],
+        "properties": {"index_version": {"type": "string"},
+                       "candidates": {"type": "array", "items": {"$ref": "#/components/schemas/Candidate"}}},
+    },
+    "Info": {
+        "type": "object",
+        "required": ["protocol", "model_sha256", "dim", "n_spots", "index_version", "limits", "transforms"],
+        "properties": {
+            "protocol": {"type": "integer"}, "model_sha256": {"type": "string"}, "dim": {"type": "integer"},
+            "n_spots": {"type": "integer"}, "n_photos": {"type": "integer"},
+            "index_version": {"type": "string"}, "feature_dtype": {"type": "string"},
+            "limits": {"type": "object", "required": ["max_k", "max_body"]},
+            "query_kinds": {"type": "array", "items": {"type": "string"}},
+            "transforms": {"type": "object", "description": "public parameters of the privacy transforms"},
+        },
+    },
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Ready": {"type": "object", "required": ["status", "index_version", "n_spots", "n_photos"]},
+}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _op(summary: str, ok: str, errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    responses = {"200": {"description": "OK", **_json(ok)}}
+    responses.update({str(code): {"description": "error", **_json("Error")} for code in errors})
+    return {"summary": summary, "responses": responses}
+
+
+def spec() -> dict[str, Any]:
+    """The whole document."""
+    candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
+    candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "EnfPire lite_server", "version": "1"},
+        "paths": {
+            "/healthz": {"get": _op("Liveness", "Health")},
+            "/readyz": {"get": _op("Readiness: index loaded", "Ready", (503,))},
+            "/v1/info": {"get": _op("Model, index, limits and public transform parameters", "Info", (503,))},
+            "/v1/candidates": {"post": candidates},
+        },
+        "components": {"schemas": SCHEMAS},
+    }
