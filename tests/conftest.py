@@ -51,3 +51,111 @@ def dataset_photos(spots: int = 5, per_spot: int = 2) -> list[Path]:
 @pytest.fixture(scope="session")
 def photos() -> list[Path]:
     return dataset_photos()
+
+
+SUBSET_SPOTS = 24
+
+
+def make_subset(dest: Path, spots: int = SUBSET_SPOTS, per_spot: int = 1000, skip_first: int = 0) -> Path:
+    """A small dataset folder (symlinks to real photos) with its spots CSV."""
+    images = dest / "images"
+    folders = sorted(p for p in (DATASET / "images").iterdir() if p.is_dir())[:spots]
+    for folder in folders:
+        (images / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.glob("*.jpg"))[skip_first:skip_first + per_spot]:
+            (images / folder.name / photo.name).symlink_to(photo)
+    names = {f.name for f in folders}
+    lines = (DATASET / "landmarks.csv").read_text().splitlines()
+    (dest / "landmarks.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[0] in names]) + "\n")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 real spots, all their photos but the first of each (kept out as queries)."""
+    return make_subset(tmp_path_factory.mktemp("subset"), skip_first=1)
+
+
+@pytest.fixture(scope="session")
+def held_out() -> list[tuple[str, Path]]:
+    """The first photo of each subset spot: never in the subset's index."""
+    folders = sorted(p for p in (DATASET / "images").iterdir() if p.is_dir())[:SUBSET_SPOTS]
+    return [(f.name, sorted(f.glob("*.jpg"))[0]) for f in folders]
+
+
+@pytest.fixture(scope="session")
+def index_dir(subset: Path, extractor: Extractor, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lite_server.index import build_index
+
+    out = tmp_path_factory.mktemp("index")
+    build_index(subset / "images", out, extractor, subset / "landmarks.csv")
+    return out
+
+
+@pytest.fixture()
+def app(index_dir: Path):  # type: ignore[no-untyped-def]
+    from lite_server.app import create_app
+    from lite_server.config import ServerConfig
+
+    return create_app(ServerConfig(index=str(index_dir)))
+
+
+@pytest.fixture()
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """``enfpire-server serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, index: Path, *extra: str, env: dict[str, str] | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(self.port), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=10)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+            out, _ = self.process.communicate()
+        return out.decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def live_server(index_dir: Path):  # type: ignore[no-untyped-def]
+    server = LiveServer(index_dir)
+    yield server
+    server.stop()

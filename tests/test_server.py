@@ -1,0 +1,133 @@
+"""The API on a real index: good answers, and a typed 4xx for every bad request."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+
+from edge_client import wire
+from edge_client.extractor import Extractor
+from lite_server.index import Index
+from lite_server.openapi import spec
+
+
+def _validate(payload: Any, schema: str) -> None:
+    document = spec()
+    jsonschema.validate(payload, {"$ref": f"#/components/schemas/{schema}", "components": document["components"]})
+
+
+def _vector(values: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
+    return wire.encode(values, dtype)
+
+
+@pytest.fixture(scope="module")
+def query(extractor: Extractor, held_out: list[tuple[str, Path]]) -> np.ndarray:
+    return extractor.extract(held_out[0][1])
+
+
+def test_health_ready_and_info_match_the_openapi_document(client: Any, index_dir: Path) -> None:
+    for path, schema in (("/healthz", "Health"), ("/readyz", "Ready"), ("/v1/info", "Info")):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        _validate(response.get_json(), schema)
+    info = client.get("/v1/info").get_json()
+    index = Index.load(index_dir)
+    assert info["model_sha256"] == index.model_sha256 and info["dim"] == 1280
+    assert info["n_spots"] == len(index.spots) == 24 and info["limits"]["max_k"] >= 1
+    assert client.get("/openapi.json").get_json()["openapi"].startswith("3.")
+
+
+def test_candidates_answer_matches_the_document_and_ranks_the_spot_first(
+        client: Any, query: np.ndarray, held_out: list[tuple[str, Path]]) -> None:
+    response = client.post("/v1/candidates", json={"vector": _vector(query), "k": 5})
+    assert response.status_code == 200
+    body = response.get_json()
+    _validate(body, "CandidatesResponse")
+    assert len(body["candidates"]) == 5 and body["candidates"][0]["id"] == held_out[0][0]
+    first = body["candidates"][0]
+    assert first["name"] and first["lat"] is not None and isinstance(first["info"], dict)
+    assert wire.decode(first["features"], expect_dim=1280).shape[0] <= 8
+    assert "Set-Cookie" not in response.headers
+
+
+def test_uint8_queries_are_understood(client: Any, query: np.ndarray) -> None:
+    response = client.post("/v1/candidates", json={"vector": _vector(query, "uint8"), "k": 1})
+    assert response.status_code == 200 and len(response.get_json()["candidates"]) == 1
+
+
+def _post(client: Any, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    if "data" not in kwargs:
+        kwargs["json"] = body
+    response = client.post("/v1/candidates", **kwargs)
+    payload = response.get_json(silent=True)
+    assert payload is not None, response.data[:200]
+    _validate(payload, "Error")
+    return response.status_code, payload["error"]
+
+
+def test_not_json(client: Any) -> None:
+    assert _post(client, None, data=b"{nope", content_type="application/json") == \
+        (400, {"code": "bad_json", "message": "the body is not valid JSON"})
+
+
+def test_wrong_content_type(client: Any) -> None:
+    assert _post(client, None, data=b"{}", content_type="text/plain")[0] == 415
+
+
+def test_body_not_an_object(client: Any) -> None:
+    assert _post(client, [1, 2, 3])[1]["code"] == "bad_request"
+
+
+def test_missing_vector(client: Any) -> None:
+    assert _post(client, {"k": 3})[1]["code"] == "missing_field"
+
+
+def test_unknown_field(client: Any, query: np.ndarray) -> None:
+    assert _post(client, {"vector": _vector(query), "k": 3, "where": "here"})[1]["code"] == "unknown_field"
+
+
+def test_wrong_dimension(client: Any) -> None:
+    status, error = _post(client, {"vector": _vector(np.ones(1000) / 32), "k": 3})
+    assert status == 400 and "dimension 1280" in error["message"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_infinity(client: Any, query: np.ndarray, bad: float) -> None:
+    vector = query.copy()
+    vector[7] = bad
+    status, error = _post(client, {"vector": _vector(vector), "k": 3})
+    assert status == 400 and "finite" in error["message"]
+
+
+def test_bad_base64(client: Any) -> None:
+    body = {"vector": {"dtype": "float16", "shape": [1280], "data": "!!not base64!!"}, "k": 3}
+    assert "base64" in _post(client, body)[1]["message"]
+
+
+def test_truncated_data(client: Any, query: np.ndarray) -> None:
+    encoded = _vector(query)
+    encoded["data"] = base64.b64encode(base64.b64decode(encoded["data"])[:-2]).decode()
+    assert _post(client, {"vector": encoded, "k": 3})[0] == 400
+
+
+@pytest.mark.parametrize("k", [0, -1, 10**9, 2.5, "3", True, None])
+def test_bad_k(client: Any, query: np.ndarray, k: Any) -> None:
+    status, error = _post(client, {"vector": _vector(query), "k": k})
+    assert status == 400 and error["code"] == "bad_k"
+
+
+def test_body_over_the_limit_is_413(client: Any) -> None:
+    big = json.dumps({"pad": "x" * (65 * 1024)}).encode()
+    assert _post(client, None, data=big, content_type="application/json")[0] == 413
+
+
+def test_unknown_route_and_method_are_json(client: Any) -> None:
+    assert client.get("/nope").status_code == 404 and client.get("/nope").get_json()["error"]["code"] == "not_found"
+    response = client.get("/v1/candidates")
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    _validate(response.get_json(), "Error")
