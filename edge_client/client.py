@@ -93,12 +93,17 @@ class Client:
             raise BadResponseError("the server's candidates answer has no candidate list")
         return answer["candidates"], sent, received
 
+    def ask(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
+        """Transform, ask, rerank locally; also returns the body the server received."""
+        info = self.check_model()
+        body = self.transform.transform(feature, self.rng)
+        candidates, sent, received = self.query(body)
+        result = rerank(feature, candidates, int(info["dim"]), self.config.threshold)
+        return body, replace(result, bytes_sent=sent, bytes_received=received)
+
     def recognize_feature(self, feature: np.ndarray) -> Recognition:
         """Transform, ask, rerank locally."""
-        info = self.check_model()
-        candidates, sent, received = self.query(self.transform.transform(feature, self.rng))
-        result = rerank(feature, candidates, int(info["dim"]), self.config.threshold)
-        return replace(result, bytes_sent=sent, bytes_received=received)
+        return self.ask(feature)[1]
 
     def recognize(self, photo: Photo) -> Recognition:
         """Which spot is in ``photo``: extract, transform, ask, rerank locally."""

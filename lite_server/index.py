@@ -170,9 +170,13 @@ def build_index(
     spot_ids = sorted({spot_id for spot_id, _ in rows})
     spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
     matrix = np.stack(features).astype(np.float16) if features else np.zeros((0, extractor.dim), np.float16)
-    manifest = {"format": FORMAT, "model_file": extractor.model_path.name, "model_sha256": extractor.sha256,
-                "dim": extractor.dim, "n_spots": len(spots), "n_photos": len(rows), "skipped": len(skipped)}
-    return publish(out_dir, manifest, spots, rows, matrix)
+    return publish(out_dir, base_manifest(extractor, len(spots), len(rows), len(skipped)), spots, rows, matrix)
+
+
+def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: int = 0) -> dict[str, Any]:
+    """The manifest fields that describe what was indexed and with which model."""
+    return {"format": FORMAT, "model_file": extractor.model_path.name, "model_sha256": extractor.sha256,
+            "dim": extractor.dim, "n_spots": n_spots, "n_photos": n_photos, "skipped": skipped}
 
 
 def publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],

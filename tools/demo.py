@@ -1,12 +1,31 @@
-"""``make demo``: the main job end to end (see README)."""
+"""``make demo``: the main job end to end.
+
+1. Sanity: the source classifier calls parrot.jpg a macaw.
+2. Index: one photo of every wa-landmarks spot is held out, the rest indexed
+   (features cached in .cache, the index kept in .cache/demo-index).
+3. Serve: ``enfpire-server serve`` (waitress) on a free 127.0.0.1 port.
+4. Recognize every held-out photo through the real HTTP path with the
+   default privacy transform, and print what the phone found next to what
+   the server could guess from the query it received.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import requests
 
+from edge_client.client import Client
+from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor
+from lite_server.index import BadIndexError, Index
+from tools import dataset as ds
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -20,9 +39,93 @@ def sanity_check() -> None:
     print(f"sanity: parrot.jpg -> {labels[int(np.argmax(scores))]} ({classifier.runtime})")
 
 
-def main() -> int:
+def demo_index(data: ds.Dataset, gallery: np.ndarray, extractor: Extractor, out: Path) -> Index:
+    """The demo's index, rebuilt only when the photos or the model changed."""
+    try:
+        index = Index.load(out)
+        if index.model_sha256 == extractor.sha256 and len(index.photo_spot) == len(gallery):
+            return index
+    except BadIndexError:
+        pass
+    started = time.monotonic()
+    matrix = ds.features(data, extractor)
+    index = ds.build_from_features(data, gallery, matrix, extractor, out)
+    print(f"index: {len(index.spots)} spots, {len(gallery)} photos ({time.monotonic() - started:.0f} s)")
+    return index
+
+
+def start_server(index_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index_dir),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if requests.get(url + "/readyz", timeout=1).ok:
+                return process, url
+        except requests.RequestException:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit("the server did not start")
+
+
+def run(dataset_root: Path, show: int) -> int:
     sanity_check()
+    data = ds.load_dataset(dataset_root)
+    gallery, queries = ds.hold_out_one(data)
+    extractor = Extractor(ClientConfig().model_path(), num_threads=0)
+    index = demo_index(data, gallery, extractor, ds.CACHE / "demo-index")
+    process, url = start_server(index.path.parent.parent)
+    try:
+        with Client(ClientConfig(server=url, seed=0), extractor=extractor) as client:
+            print(f"server: {url}  transform: {client.transform!r}\n")
+            rows = [_ask(client, data, row) for row in queries]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    _print_table(rows, show)
     return 0
+
+
+def _ask(client: Client, data: ds.Dataset, row: int) -> dict[str, object]:
+    spot, photo = data.photos[row]
+    body, result = client.ask(client.extractor.extract(photo))  # type: ignore[union-attr]
+    return {"spot": data.spots[spot].name, "found": result.name or "unknown", "ok": result.spot_id == spot,
+            "n": len(result.candidates), "server": _server_guess(client, body) == spot,
+            "bytes": result.bytes_sent + result.bytes_received}
+
+
+def _server_guess(client: Client, body: dict[str, object]) -> str | None:
+    """What a server would answer if it recognised the received query itself (k = 1)."""
+    if "vector" not in body:
+        return None
+    candidates, _, _ = client.query({**body, "k": 1})
+    return str(candidates[0]["id"]) if candidates else None
+
+
+def _print_table(rows: list[dict[str, object]], show: int) -> None:
+    print(f"{'spot':32} {'phone found':32} {'ok':3} {'cands':>5} {'server ok':>9}")
+    for r in rows[:show]:
+        print(f"{str(r['spot'])[:32]:32} {str(r['found'])[:32]:32} {'yes' if r['ok'] else 'no':3} "
+              f"{r['n']:>5} {'yes' if r['server'] else 'no':>9}")
+    if len(rows) > show:
+        print(f"... {len(rows) - show} more")
+    n = len(rows)
+    phone = sum(bool(r["ok"]) for r in rows) / n
+    server = sum(bool(r["server"]) for r in rows) / n
+    print(f"\n{n} held-out photos: phone top-1 {phone:.3f}, server's own guess {server:.3f}, "
+          f"{np.mean([r['n'] for r in rows]):.0f} candidates, {np.median([r['bytes'] for r in rows]) / 1024:.1f} KiB a query")
+    print(json.dumps({"queries": n, "phone_top1": round(phone, 4), "server_top1": round(server, 4)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description="EnfPire end to end")
+    parser.add_argument("--dataset", type=Path, default=ds.DEFAULT_DATASET)
+    parser.add_argument("--show", type=int, default=15, help="table rows to print")
+    args = parser.parse_args(argv)
+    return run(args.dataset, args.show)
 
 
 if __name__ == "__main__":
