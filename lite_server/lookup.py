@@ -71,6 +71,13 @@ class Lookup:
         _, first = np.unique(spots, return_index=True)
         return spots[np.sort(first)][:k]
 
+    @property
+    def n_cells(self) -> int:
+        return 0
+
+    def spots_in_cells(self, cells: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
     def candidate(self, spot_row: int) -> dict:
         """Everything the phone needs to compare and show one spot."""
         rows = self._rep_rows[self._rep_offsets[spot_row]:self._rep_offsets[spot_row + 1]]
