@@ -168,7 +168,10 @@ def _sent_bytes(response: requests.Response) -> int:
 
 
 def _received_bytes(response: requests.Response) -> int:
-    return len(response.content) + _headers_size(response.headers) + 17
+    """Bytes on the wire: Content-Length is the compressed size when the answer was gzipped."""
+    length = response.headers.get("Content-Length", "")
+    body = int(length) if length.isdigit() else len(response.content)
+    return body + _headers_size(response.headers) + 17
 
 
 def recognize(photo: Photo, server: str | None = None, **settings: Any) -> Recognition:
