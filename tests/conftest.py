@@ -92,7 +92,7 @@ def index_dir(subset: Path, extractor: Extractor, tmp_path_factory: pytest.TempP
     return out
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
     from lite_server.app import create_app
     from lite_server.config import ServerConfig

@@ -95,8 +95,7 @@ def prepare(dataset: Path, server_url: str | None = None) -> Env:
         index = Index.load(index_dir)
     except BadIndexError:
         index = ds.build_from_features(data, gallery, features, extractor, index_dir)
-    config = ServerConfig()
-    lookup = Lookup(index, config.backend, config.features_per_spot, config.feature_dtype)
+    lookup = Lookup(index, ServerConfig())
     return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
 
 
