@@ -34,11 +34,11 @@ EXTENSION = "enfpire"
 class Service:
     """The loaded index and its lookup; swapped whole, so a request sees one version."""
 
-    def __init__(self, config: ServerConfig, index: Index | None = None):
+    def __init__(self, config: ServerConfig, index: Index | None = None, lookup: Lookup | None = None):
         self.config = config
         self._lock = threading.Lock()
-        self.lookup: Lookup | None = None
-        if index is not None or config.index:
+        self.lookup: Lookup | None = lookup
+        if lookup is None and (index is not None or config.index):
             self.load(index or Index.load(config.index))
 
     def load(self, index: Index) -> Lookup:
@@ -56,12 +56,15 @@ class Service:
         return lookup
 
 
-def create_app(config: ServerConfig | None = None, index: Index | None = None) -> Flask:
-    """Build the app for ``config`` (default: :class:`ServerConfig` defaults), loading its index once."""
-    config = config or ServerConfig()
+def create_app(config: ServerConfig | None = None, index: Index | None = None, lookup: Lookup | None = None) -> Flask:
+    """Build the app for ``config`` (default: :class:`ServerConfig` defaults), loading its index once.
+
+    ``index`` or a ready ``lookup`` may be handed in (tools that already hold one).
+    """
+    config = config or (lookup.config if lookup else ServerConfig())
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, JSON_SORT_KEYS=False)
-    app.extensions[EXTENSION] = Service(config, index)
+    app.extensions[EXTENSION] = Service(config, index, lookup)
     register_error_handlers(app)
     app.register_blueprint(_routes())
     app.after_request(_no_identifiers)

@@ -30,6 +30,15 @@ def popularity(photo_spot: np.ndarray, n_spots: int) -> np.ndarray:
     return counts / counts.sum()
 
 
+def spot_scores(queries: np.ndarray, gallery: np.ndarray, photo_spot: np.ndarray, n_spots: int) -> np.ndarray:
+    """Each spot's best cosine with each query: the server's recognizer, batched."""
+    out = np.full((len(queries), n_spots), -np.inf, np.float32)
+    for start in range(0, len(queries), 256):
+        block = queries[start:start + 256] @ gallery.T
+        np.maximum.at(out[start:start + 256].T, photo_spot, block.T)
+    return out
+
+
 def encode_bodies(bodies: list[dict[str, Any]], dim: int, n_cells: int) -> np.ndarray:
     """Bodies as attacker inputs: a vector query's vector, a cells query's one-hot cells."""
     width = n_cells if bodies and "cells" in bodies[0] else dim
@@ -50,16 +59,15 @@ class NaiveAttacker:
         self.prior_ = popularity(lookup.index.photo_spot, len(lookup.index.spots))
 
     def scores(self, bodies: list[dict[str, Any]]) -> np.ndarray:
-        n_spots = len(self.lookup.index.spots)
-        out = np.zeros((len(bodies), n_spots))
-        for i, body in enumerate(bodies):
-            if "cells" in body:
+        if bodies and "cells" in bodies[0]:
+            out = np.zeros((len(bodies), len(self.prior_)))
+            for i, body in enumerate(bodies):
                 members = self.lookup.spots_in_cells(body["cells"])
                 out[i, members] = self.prior_[members]
-            else:
-                ranked = self.lookup.nearest_spots(wire.decode(body["vector"]).reshape(1, -1), n_spots)[0]
-                out[i, ranked] = np.linspace(1.0, 0.0, len(ranked), endpoint=False)
-        return out
+            return out
+        queries = np.stack([wire.decode(b["vector"]).reshape(-1) for b in bodies])
+        return spot_scores(queries, np.asarray(self.lookup.index.features, np.float32),
+                           self.lookup.index.photo_spot, len(self.prior_))
 
 
 class SimulationAttacker:
@@ -122,3 +130,84 @@ def summarize(ranks: np.ndarray) -> dict[str, float]:
 
 
 AttackerFactory = Callable[[], SimulationAttacker]
+
+
+class CellsBayesAttacker:
+    """The exact posterior for the cells transform: p(spot | cells sent).
+
+    p(s | msg) ∝ prior(s) · Σ_R L(s, R) · P(decoy groups complete msg | R), where
+    R ranges over the r-subsets of the message that could be the real group,
+    L(s, R) is how often the phone's own algorithm picks R for a photo of s
+    (simulated on the server's gallery with prototypes rebuilt without the
+    photos being simulated, k-fold), and the decoy-group distribution comes
+    from running the public decoy procedure many times.
+    """
+
+    def __init__(self, folds: int = 5, decoy_draws: int = 20000, alpha: float = 0.2, seed: int = 7):
+        self.folds, self.decoy_draws, self.alpha, self.seed = folds, decoy_draws, alpha, seed
+
+    def fit(self, transform: Any, lookup: Lookup) -> "CellsBayesAttacker":
+        from lite_server import cells as public
+
+        index, n_spots = lookup.index, len(lookup.index.spots)
+        features = np.asarray(index.features, np.float32)
+        self.r_, self.d_ = transform.k_, int(round(transform.strength_))
+        self.prior_ = popularity(index.photo_spot, n_spots)
+        counts: dict[tuple[int, ...], np.ndarray] = {}
+        fold = np.arange(len(features)) % self.folds
+        for f in range(self.folds):
+            train = fold != f
+            groups = public.spot_groups(index.photo_spot[train], n_spots)
+            protos, owner = public.prototypes(features[train], groups, lookup.config.prototypes_per_spot)
+            simulated = _refit(transform, lookup, protos, owner)
+            for row in np.flatnonzero(~train):
+                group = tuple(sorted(int(c) for c in simulated._best_cells(simulated.project_(features[row]))))
+                counts.setdefault(group, np.zeros(n_spots))[index.photo_spot[row]] += 1
+        totals = np.bincount(index.photo_spot, minlength=n_spots).astype(float)
+        self.groups_ = counts
+        self.floor_ = self.alpha / max(1, len(counts))
+        self.totals_ = totals + self.alpha
+        rng = np.random.default_rng(self.seed)
+        decoys: dict[tuple[int, ...], float] = {}
+        for _ in range(self.decoy_draws):
+            group = tuple(sorted(int(c) for c in transform._best_cells(transform._decoy(rng))))
+            decoys[group] = decoys.get(group, 0.0) + 1.0
+        self.decoys_ = {g: n / self.decoy_draws for g, n in decoys.items()}
+        return self
+
+    def _likelihood(self, group: tuple[int, ...]) -> np.ndarray:
+        found = self.groups_.get(group)
+        return ((found if found is not None else 0.0) + self.floor_) / self.totals_
+
+    def scores(self, bodies: list[dict[str, Any]]) -> np.ndarray:
+        cache: dict[tuple[int, ...], np.ndarray] = {}
+        out = []
+        for body in bodies:
+            message = tuple(body["cells"])
+            if message not in cache:
+                cache[message] = self._posterior(message)
+            out.append(cache[message])
+        return np.array(out)
+
+    def _posterior(self, message: tuple[int, ...]) -> np.ndarray:
+        import itertools
+
+        subsets = list(itertools.combinations(message, min(self.r_, len(message))))
+        total = np.zeros_like(self.prior_)
+        for real in subsets:
+            weight = 0.0
+            for decoys in itertools.product(subsets, repeat=self.d_):
+                if set(real).union(*map(set, decoys)) == set(message):
+                    weight += float(np.prod([self.decoys_.get(t, 0.0) for t in decoys]))
+            if weight:
+                total += self._likelihood(real) * weight
+        return self.prior_ * total
+
+
+def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray) -> Any:
+    """A copy of the phone's cells transform fitted on other prototypes (same cells, same codec)."""
+    import copy
+
+    public = lookup.public()
+    public["cells"] = {**public["cells"], "prototypes": lookup.encode(protos), "prototype_spot": owner.tolist()}
+    return copy.copy(transform).fit(public)

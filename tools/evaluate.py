@@ -31,7 +31,7 @@ from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor
 from edge_client.transforms import DEFAULT_TRANSFORM, Transform, make_transform
 from lite_server.app import create_app
-from lite_server.config import ServerConfig
+from lite_server.config import ServerConfig, load_config
 from lite_server.index import BadIndexError, Index
 from lite_server.lookup import Lookup
 from tools import attackers as atk
@@ -79,8 +79,7 @@ class Env:
     @property
     def app(self) -> Any:
         if not hasattr(self, "_app"):
-            self._app = create_app(ServerConfig(), index=self.index)
-            self._app.extensions["enfpire"].lookup = self.lookup  # share the one lookup
+            self._app = create_app(lookup=self.lookup)
         return self._app
 
 
@@ -95,7 +94,7 @@ def prepare(dataset: Path, server_url: str | None = None) -> Env:
         index = Index.load(index_dir)
     except BadIndexError:
         index = ds.build_from_features(data, gallery, features, extractor, index_dir)
-    lookup = Lookup(index, ServerConfig())
+    lookup = Lookup(index, load_config(ServerConfig))
     return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
 
 
@@ -132,6 +131,9 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]]) -> dict
                                              index.photo_spot, len(index.spots), env.lookup.n_cells)
     results = {"naive": naive, **{name: atk.summarize(atk.rank_of_truth(s, truth))
                                   for name, s in simulated.scores(bodies).items()}}
+    if transform.name == "cells":
+        bayes = atk.CellsBayesAttacker().fit(transform, env.lookup)
+        results["bayes"] = atk.summarize(atk.rank_of_truth(bayes.scores(bodies), truth))
     strongest = max(results, key=lambda a: (results[a]["top1"], results[a]["top5"]))
     return {"server_top1_naive": naive["top1"], "server_top1_aware": results[strongest]["top1"],
             "server_top5_aware": results[strongest]["top5"],
