@@ -157,7 +157,17 @@ def build_index(
     Undecodable photos are skipped and counted in the manifest, never fatal.
     """
     catalogue = read_spots_csv(spots_csv) if spots_csv else {}
-    photos = scan_photos(photos_dir)
+    rows, matrix, skipped = extract_photos(scan_photos(photos_dir), photos_dir, extractor, progress)
+    spot_ids = sorted({spot_id for spot_id, _ in rows})
+    spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
+    return publish(out_dir, base_manifest(extractor, len(spots), len(rows), skipped), spots, rows, matrix)
+
+
+def extract_photos(photos: list[tuple[str, Path]], photos_dir: Path, extractor: Extractor,
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[list[tuple[str, str]], np.ndarray, int]:
+    """Features of (spot id, photo) pairs: (rows with paths relative to ``photos_dir``,
+    float16 matrix, number of undecodable photos skipped)."""
     skipped: list[str] = []
     rows: list[tuple[str, str]] = []
     features: list[np.ndarray] = []
@@ -170,10 +180,8 @@ def build_index(
             progress(done, len(photos))
     if skipped:
         log.warning("skipped %d undecodable photo(s)", len(skipped))
-    spot_ids = sorted({spot_id for spot_id, _ in rows})
-    spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
     matrix = np.stack(features).astype(np.float16) if features else np.zeros((0, extractor.dim), np.float16)
-    return publish(out_dir, base_manifest(extractor, len(spots), len(rows), len(skipped)), spots, rows, matrix)
+    return rows, matrix, len(skipped)
 
 
 def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: int = 0) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 from edge_client.errors import EnfPireError
 from edge_client.extractor import Extractor
 
-from .index import Index, Spot, index_lock, publish, read_spots_csv, scan_photos
+from .index import Index, Spot, extract_photos, index_lock, publish, read_spots_csv, scan_photos
 
 if TYPE_CHECKING:
     from .app import Service
@@ -64,21 +64,13 @@ def add_spots(index_dir: Path, photos_dir: Path, extractor: Extractor, spots_csv
         fresh = [(s, p) for s, p in scan_photos(photos_dir) if (s, str(p.relative_to(photos_dir))) not in known]
         if not fresh:
             raise UpdateError(f"{photos_dir} holds no photos that are not indexed already")
-        skipped: list[str] = []
-        vectors = extractor.extract_many((p for _, p in fresh), on_error=lambda p, e: skipped.append(str(p)))
-        added_rows, added = [], []
-        for done, ((spot_id, path), vector) in enumerate(zip(fresh, vectors), 1):
-            if vector is not None:
-                added_rows.append((spot_id, str(path.relative_to(photos_dir))))
-                added.append(vector)
-            if progress:
-                progress(done, len(fresh))
-        if not added:
+        added_rows, added, skipped = extract_photos(fresh, photos_dir, extractor, progress)
+        if not added_rows:
             raise UpdateError(f"none of the {len(fresh)} new photo(s) could be decoded")
         spots = _merged_spots(base.spots, (s for s, _ in added_rows), read_spots_csv(spots_csv) if spots_csv else {})
-        features = np.concatenate([np.asarray(base.features), np.stack(added).astype(np.float16)])
+        features = np.concatenate([np.asarray(base.features), added])
         rows += added_rows
-        return publish(index_dir, _carried_manifest(base, len(spots), len(rows), len(skipped)), spots, rows, features)
+        return publish(index_dir, _carried_manifest(base, len(spots), len(rows), skipped), spots, rows, features)
 
 
 def _merged_spots(existing: list[Spot], new_ids: Iterable[str], catalogue: dict[str, Spot]) -> list[Spot]:

@@ -93,6 +93,15 @@ def index_dir(subset: Path, extractor: Extractor, tmp_path_factory: pytest.TempP
     return out
 
 
+def copy_index(index_dir: Path, parent: Path) -> Path:
+    """A private copy of an index directory (``current`` stays a relative link) for tests that change it."""
+    import shutil
+
+    copy = parent / "index"
+    shutil.copytree(index_dir, copy, symlinks=True)
+    return copy
+
+
 @pytest.fixture()
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
     from lite_server.app import create_app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from edge_client.extractor import Extractor
 from lite_server import admin
 from lite_server.app import EXTENSION, create_app
 from lite_server.config import ServerConfig
-from tests.conftest import LiveServer, free_port, make_subset
+from tests.conftest import LiveServer, copy_index, free_port, make_subset
 
 TOKEN = "admin-test-token-9f8e7d6c5b4a"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -28,9 +27,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def own_index(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("admin") / "index"
-    shutil.copytree(index_dir, copy, symlinks=True)
-    return copy
+    return copy_index(index_dir, tmp_path_factory.mktemp("admin"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -26,7 +25,7 @@ import requests
 from lite_server.index import Index
 from lite_server.lookup import Lookup
 from lite_server.updates import photo_rows, remove_spots
-from tests.conftest import LiveServer, make_subset
+from tests.conftest import LiveServer, copy_index, make_subset
 
 CHURN = "import sys; from tests.test_crash import churn; churn(*sys.argv[1:])"
 
@@ -70,9 +69,7 @@ def assert_valid(index_dir: Path, states: set[tuple[frozenset[str], int]], conte
 
 @pytest.fixture()
 def crash_index(index_dir: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "index"
-    shutil.copytree(index_dir, copy, symlinks=True)
-    return copy
+    return copy_index(index_dir, tmp_path)
 
 
 def _kill_churn(index_dir: Path, source: Path, spot_id: str, rounds: int, rng: random.Random,

@@ -4,7 +4,6 @@ index swaps under load that no client notices."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from lite_server.app import create_app
 from lite_server.config import ServerConfig
 from lite_server.index import Index, publish
 from lite_server.updates import photo_rows, remove_spots
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, copy_index, free_port
 
 HEADERS = {"Content-Type": "application/json"}
 TOKEN = "load-test-admin-token-0123"
@@ -182,8 +181,7 @@ def test_flooded_live_server_refuses_instead_of_queueing(index_dir: Path, bodies
 
 @pytest.fixture()
 def swap_server(index_dir: Path, tmp_path: Path) -> Iterator[tuple[LiveServer, Path, str]]:
-    copy = tmp_path / "index"
-    shutil.copytree(index_dir, copy, symlinks=True)
+    copy = copy_index(index_dir, tmp_path)
     admin_port = free_port()
     server = LiveServer(copy, env={"ENFPIRE_ADMIN_TOKEN": TOKEN, "ENFPIRE_ADMIN_PORT": str(admin_port)})
     yield server, copy, f"http://127.0.0.1:{admin_port}"
