@@ -18,6 +18,8 @@ from .config import ServerConfig, load_config
 from .index import Index, build_index
 from .updates import add_spots, reload_service, remove_spots
 
+log = logging.getLogger(__name__)
+
 
 def _progress_bar(done: int, total: int) -> None:
     if done == total or done % 25 == 0:
@@ -93,10 +95,9 @@ def _reload(service: Any) -> None:
     """SIGHUP: switch to the index directory's current version; a bad one keeps the old serving."""
     try:
         switched, version = reload_service(service)
-        logging.getLogger(__name__).warning("SIGHUP: %s index version %s",
-                                            "switched to" if switched else "already serving", version)
+        log.warning("SIGHUP: %s index version %s", "switched to" if switched else "already serving", version)
     except EnfPireError as exc:
-        logging.getLogger(__name__).error("SIGHUP: reload failed, still serving the old version: %s", exc)
+        log.error("SIGHUP: reload failed, still serving the old version: %s", exc)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

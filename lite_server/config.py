@@ -23,7 +23,7 @@ class ServerConfig:
     features_per_spot: int = 8       # representative gallery features returned per candidate
     feature_dtype: str = "float16"   # wire encoding of candidate features: float16 | uint8
     max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
-    queue_timeout: float = 5.0       # seconds a queued request waits for a lookup slot, then 503
+    queue_timeout: float = 8.0       # seconds a queued request waits for a slot, then 503 (under the phone's 10 s read timeout)
     retry_after: int = 1             # seconds a refused client is told to wait (Retry-After)
     admin_token: str = ""            # the admin API is off unless this is set (16+ characters)
     admin_host: str = "127.0.0.1"    # the admin API listens here, never on the lookup port

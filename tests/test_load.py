@@ -223,13 +223,13 @@ def test_soak_32_clients_60_seconds_with_swaps(swap_server: tuple[LiveServer, Pa
                                                capsys: pytest.CaptureFixture[str]) -> None:
     server, index_dir, admin_url = swap_server
     steady = run_load(server, bodies, clients=32, seconds=60)
-    assert not steady.failures, Counter(steady.failures).most_common(5)
-    assert_memory_flat(steady, slack_mb=20)
     swapped = run_load(server, bodies, clients=32, seconds=30,
                        during=swapper(server, index_dir, admin_url, 10, 2.0))
+    with capsys.disabled():
+        print(f"\nLOAD (soak): {steady.summary(32, 60)}, statuses {dict(steady.statuses)}")
+        print(f"SWAP (soak): 10 swaps under load, {len(swapped.versions)} versions served, "
+              f"{swapped.summary(32, 30)}, statuses {dict(swapped.statuses)}")
+    assert not steady.failures, Counter(steady.failures).most_common(5)
+    assert_memory_flat(steady, slack_mb=20)
     assert not swapped.failures, Counter(swapped.failures).most_common(5)
     assert len(swapped.versions) >= 10
-    with capsys.disabled():
-        print(f"\nLOAD (soak): {steady.summary(32, 60)}")
-        print(f"SWAP (soak): 10 swaps under load, {len(swapped.versions)} versions served, "
-              f"{swapped.summary(32, 30)}")
