@@ -26,7 +26,7 @@ from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
 from .photo import Photo
-from .recognizer import Recognition, rerank
+from .recognizer import Projector, Recognition, projector, rerank
 from .transforms import Transform, make_transform
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class Client:
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
         self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self._info: dict[str, Any] | None = None
-        self._fitted = False
+        self._project: Projector | None = None  # set with the server's public parameters
+        self._compare_dim = 0
 
     def __enter__(self) -> "Client":
         return self
@@ -83,9 +84,11 @@ class Client:
             raise IncompatibleServerError(
                 f"the server uses model {str(info['model_sha256'])[:12]}..., this device {mine[:12]}...: "
                 "both must run the same extractor")
-        if not self._fitted:
-            self.transform.fit((info.get("transforms") or {}).get(self.transform.name, {}))
-            self._fitted = True
+        if self._project is None:
+            public = info.get("transforms") or {}
+            self._project, dim = projector(public.get("codec") or {})
+            self._compare_dim = dim or int(info["dim"])
+            self.transform.fit(public)
         return info
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
@@ -97,10 +100,10 @@ class Client:
 
     def ask(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
         """Transform, ask, rerank locally; also returns the body the server received."""
-        info = self.check_model()
+        self.check_model()
         body = self.transform.transform(feature, self.rng)
         candidates, sent, received = self.query(body)
-        result = rerank(feature, candidates, int(info["dim"]), self.config.threshold)
+        result = rerank(self._project(feature), candidates, self._compare_dim, self.config.threshold)  # type: ignore[misc]
         return body, replace(result, bytes_sent=sent, bytes_received=received)
 
     def recognize_feature(self, feature: np.ndarray) -> Recognition:
@@ -198,7 +201,10 @@ def _sent_bytes(response: requests.Response) -> int:
 
 
 def _received_bytes(response: requests.Response, content: bytes) -> int:
-    return len(content) + _headers_size(response.headers) + 17
+    """Bytes on the wire: Content-Length is the compressed size when the answer was gzipped."""
+    length = response.headers.get("Content-Length", "")
+    body = int(length) if length.isdigit() else len(content)
+    return body + _headers_size(response.headers) + 17
 
 
 def recognize(photo: Photo, server: str | None = None, **settings: Any) -> Recognition:

@@ -4,6 +4,8 @@ A matrix travels as ``{"dtype", "shape", "data"}`` with ``data`` the base64 of
 its little-endian bytes. ``float16`` is exact enough for cosine ranking;
 ``uint8`` halves that again for non-negative features (MobileNet's AvgPool
 is a mean of ReLU6 outputs) with one ``scale`` per matrix: ``x = q * scale``.
+``int8`` is for signed codes (projected features), with one scale per row
+(a list) so every vector keeps its full 8-bit resolution.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1"), "int8": np.dtype("i1")}
 MAX_ELEMENTS = 1 << 24  # a bound on what one decoded matrix may allocate
 
 
@@ -33,6 +35,12 @@ def encode(matrix: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
         scale = peak / 255.0 if peak > 0 else 1.0
         out["scale"] = scale
         raw = np.clip(np.rint(matrix / scale), 0, 255).astype(np.uint8)
+    elif dtype == "int8":
+        rows = matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1)
+        peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+        scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
+        out["scale"] = [float(s) for s in scales]
+        raw = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
     elif dtype in DTYPES:
         raw = matrix.astype(DTYPES[dtype])
     else:
@@ -68,6 +76,8 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
     matrix = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
     if dtype == np.uint8:
         matrix *= _scale(obj.get("scale"))
+    elif dtype == np.int8:
+        matrix *= _row_scales(obj.get("scale"), shape)
     if not np.isfinite(matrix).all():
         raise WireError("values must be finite (no NaN or infinity)")
     return matrix
@@ -80,6 +90,14 @@ def _shape(shape: Any) -> list[int]:
     if math.prod(shape) > MAX_ELEMENTS:  # Python ints: numpy's int64 product can wrap to 0
         raise WireError(f"shape {shape} is too large")
     return shape
+
+
+def _row_scales(scales: Any, shape: list[int]) -> np.ndarray:
+    rows = shape[0] if len(shape) == 2 else 1
+    if not isinstance(scales, list) or len(scales) != rows:
+        raise WireError(f"an int8 matrix needs a list of {rows} scale(s), one per row")
+    column = np.array([_scale(s) for s in scales], dtype=np.float32)
+    return column[:, None] if len(shape) == 2 else column
 
 
 def _scale(scale: Any) -> np.float32:

@@ -102,7 +102,7 @@ def copy_index(index_dir: Path, parent: Path) -> Path:
     return copy
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
     from lite_server.app import create_app
     from lite_server.config import ServerConfig

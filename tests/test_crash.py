@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import requests
 
+from lite_server.backends import make_backend
 from lite_server.index import Index
-from lite_server.lookup import Lookup
 from lite_server.updates import photo_rows, remove_spots
 from tests.conftest import LiveServer, copy_index, make_subset
 
@@ -50,12 +50,13 @@ def snapshot(index_dir: Path) -> tuple[frozenset[str], int]:
 
 
 def assert_valid(index_dir: Path, states: set[tuple[frozenset[str], int]], context: str) -> None:
-    """``current`` is one of the complete ``states``, it answers queries, and nothing is corrupt."""
+    """``current`` is one of the complete ``states``, its features answer a search (row 0 finds
+    itself), and nothing is corrupt."""
     index = Index.load(index_dir)
     state = (frozenset(s.id for s in index.spots), int(len(index.photo_spot)))
     assert state in states, f"{context}: current holds {len(state[0])} spots / {state[1]} photos"
     query = np.asarray(index.features[:1], np.float32)
-    assert len(Lookup(index, "numpy").nearest_spots(query, 3)[0]) == 3, context
+    assert make_backend("numpy").add(np.asarray(index.features)).search(query, 3)[1][0][0] == 0, context
     for version in (index_dir / "versions").iterdir():
         if version.name.startswith("."):
             continue  # a temporary or trashed folder: never read, cleared by the next writer

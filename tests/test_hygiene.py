@@ -22,7 +22,7 @@ from tests.conftest import LiveServer
 
 #: Every header a lookup answer may carry; anything else could be an identifier.
 ALLOWED_HEADERS = {"content-type", "content-length", "cache-control", "date", "server", "allow",
-                   "retry-after", "connection"}
+                   "retry-after", "connection", "content-encoding", "vary"}
 
 
 def _post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, int]:

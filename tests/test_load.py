@@ -80,7 +80,8 @@ def _client_loop(url: str, bodies: list[bytes], stop: threading.Event, result: L
 def run_load(server: LiveServer, bodies: list[bytes], clients: int, seconds: float,
              during: Callable[[], None] | None = None,
              ok: Callable[[requests.Response], bool] = lambda r: r.status_code == 200) -> LoadResult:
-    """``clients`` threads for ``seconds`` (after a one-second warm-up that is not counted)."""
+    """``clients`` threads for ``seconds`` (after a one-second warm-up that is not counted),
+    and with ``during`` for as long as it runs too."""
     result, lock, stop = LoadResult(), threading.Lock(), threading.Event()
     process = psutil.Process(server.process.pid)
     threads = [threading.Thread(target=_client_loop, args=(server.url, bodies, stop, result, lock, ok))
@@ -96,9 +97,9 @@ def run_load(server: LiveServer, bodies: list[bytes], clients: int, seconds: flo
     if during is not None:
         side = threading.Thread(target=during)
         side.start()
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or (during is not None and side.is_alive()):  # swaps all under load
         result.rss.append(process.memory_info().rss)
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        time.sleep(0.5 if during is not None else min(0.5, max(0.0, deadline - time.monotonic())))
     result.rss.append(process.memory_info().rss)
     stop.set()
     for thread in threads:
@@ -127,7 +128,7 @@ def test_short_load_no_failures_flat_memory(live_server: LiveServer, bodies: lis
                                             capsys: pytest.CaptureFixture[str]) -> None:
     result = run_load(live_server, bodies, clients=8, seconds=5)
     assert not result.failures and len(result.latencies) > 50
-    assert_memory_flat(result, slack_mb=30)
+    assert_memory_flat(result, slack_mb=64)  # a coarse guard: 5 s still include allocator warm-up; see the soak
     with capsys.disabled():
         print(f"\nLOAD (short): {result.summary(8, 5)}")
 
@@ -197,15 +198,24 @@ def swapper(server: LiveServer, index_dir: Path, admin_url: str, swaps: int, pau
     def run() -> None:
         for n in range(swaps):
             if n % 2 == 0:
-                remove_spots(index_dir, [spots[n % len(spots)].id])
+                version = remove_spots(index_dir, [spots[n % len(spots)].id]).version
                 server.process.send_signal(signal.SIGHUP)
             else:
-                publish(index_dir, manifest, spots, rows, features)
-                reply = requests.post(admin_url + "/admin/v1/reload", timeout=30,
+                version = publish(index_dir, manifest, spots, rows, features).version
+                reply = requests.post(admin_url + "/admin/v1/reload", timeout=60,
                                       headers={"Authorization": f"Bearer {TOKEN}"})
                 assert reply.status_code == 200 and reply.json()["switched"]
+            _wait_serving(server, version)
             time.sleep(pause)
     return run
+
+
+def _wait_serving(server: LiveServer, version: str, timeout: float = 60.0) -> None:
+    """Until the server answers with ``version`` (a reload builds the new lookup first)."""
+    deadline = time.monotonic() + timeout
+    while requests.get(server.url + "/readyz", timeout=10).json()["index_version"] != version:
+        assert time.monotonic() < deadline, f"the server never switched to {version}"
+        time.sleep(0.05)
 
 
 def test_index_swaps_under_load_fail_no_request(swap_server: tuple[LiveServer, Path, str],
