@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,8 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
     """
     if not isinstance(obj, dict):
         raise WireError("an encoded matrix must be an object with dtype, shape and data")
-    dtype = DTYPES.get(obj.get("dtype"))  # type: ignore[arg-type]
+    name = obj.get("dtype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None  # a list or dict is unhashable
     if dtype is None:
         raise WireError(f"dtype must be one of {sorted(DTYPES)}")
     shape = _shape(obj.get("shape"))
@@ -66,9 +68,9 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise WireError(f"data is not valid base64: {exc}") from None
-    if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+    if len(raw) != math.prod(shape) * dtype.itemsize:
         raise WireError(f"data holds {len(raw)} bytes, shape {shape} of {dtype.name} needs "
-                        f"{int(np.prod(shape)) * dtype.itemsize}")
+                        f"{math.prod(shape) * dtype.itemsize}")
     if expect_dim is not None and (not shape or shape[-1] != expect_dim):
         raise WireError(f"expected vectors of dimension {expect_dim}, got shape {shape}")
     matrix = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
@@ -85,7 +87,7 @@ def _shape(shape: Any) -> list[int]:
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
         raise WireError("shape must be a list of one or two non-negative integers")
-    if int(np.prod(shape)) > MAX_ELEMENTS:
+    if math.prod(shape) > MAX_ELEMENTS:  # Python ints: numpy's int64 product can wrap to 0
         raise WireError(f"shape {shape} is too large")
     return shape
 

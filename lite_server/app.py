@@ -19,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 
 from edge_client import wire
 
+from .admission import Admission, install_admission
 from .config import ServerConfig
 from .errors import ApiError, register_error_handlers
 from .index import Index
@@ -69,6 +70,7 @@ def create_app(config: ServerConfig | None = None, index: Index | None = None, l
     app.register_blueprint(_routes())
     app.after_request(_no_identifiers)
     app.after_request(_gzip)
+    install_admission(app, Admission(config.threads, config.max_pending, config.queue_timeout, config.retry_after))
     return app
 
 

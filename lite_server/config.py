@@ -26,4 +26,9 @@ class ServerConfig:
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
     cell_min_spots: int = 8          # every public cell holds at least this many spots
     max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
-    admin_token: str = ""            # the admin API is off unless this is set
+    queue_timeout: float = 8.0       # seconds a queued request waits for a slot, then 503 (under the phone's 10 s read timeout)
+    retry_after: int = 1             # seconds a refused client is told to wait (Retry-After)
+    admin_token: str = ""            # the admin API is off unless this is set (16+ characters)
+    admin_host: str = "127.0.0.1"    # the admin API listens here, never on the lookup port
+    admin_port: int = 8081
+    model: str = ""                  # extractor for admin spot additions; "" = the prepared model
