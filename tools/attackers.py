@@ -211,3 +211,30 @@ def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray
     public = lookup.public()
     public["cells"] = {**public["cells"], "prototypes": lookup.encode(protos), "prototype_spot": owner.tolist()}
     return copy.copy(transform).fit(public)
+
+
+class ExplainAwayAttacker:
+    """For mixing: remove the public-pool components a query is made of, then recognise the rest.
+
+    Greedy orthogonal matching pursuit picks the ``atoms`` pool vectors that
+    explain most of the query, a least-squares fit removes them, and the
+    server's recognizer runs on the residual.
+    """
+
+    def __init__(self, pool: np.ndarray, lookup: Lookup, atoms: int = 3):
+        self.pool, self.lookup, self.atoms = pool, lookup, atoms
+
+    def scores(self, bodies: list[dict[str, Any]]) -> np.ndarray:
+        residuals = np.stack([self._residual(wire.decode(b["vector"]).reshape(-1)) for b in bodies])
+        index = self.lookup.index
+        return spot_scores(residuals, np.asarray(index.features, np.float32), index.photo_spot, len(index.spots))
+
+    def _residual(self, query: np.ndarray) -> np.ndarray:
+        chosen: list[int] = []
+        residual = query
+        for _ in range(self.atoms):
+            chosen.append(int(np.argmax(np.abs(self.pool @ residual))))
+            atoms = self.pool[chosen].T
+            coef, *_ = np.linalg.lstsq(atoms, query, rcond=None)
+            residual = query - atoms @ coef
+        return residual
