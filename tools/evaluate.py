@@ -85,7 +85,8 @@ class Env:
         return self._app
 
 
-def prepare(dataset: Path, server_url: str | None = None, tune: bool = False) -> Env:
+def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
+            config: ServerConfig | None = None) -> Env:
     """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
     alone, split again, so settings are chosen without ever seeing a query."""
     data = ds.load_dataset(dataset)
@@ -93,14 +94,14 @@ def prepare(dataset: Path, server_url: str | None = None, tune: bool = False) ->
     if tune:
         gallery, queries, _ = ds.split(data, rows=gallery, min_photos=1)
     extractor = Extractor(ClientConfig().model_path())
-    features = ds.features(data, extractor)
+    features = ds.features(data, extractor, cache)
     key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}".encode()).hexdigest()[:16]
-    index_dir = ds.CACHE / f"eval-index-{key}"
+    index_dir = cache / f"eval-index-{key}"
     try:
         index = Index.load(index_dir)
     except BadIndexError:
         index = ds.build_from_features(data, gallery, features, extractor, index_dir)
-    lookup = Lookup(index, load_config(ServerConfig))
+    lookup = Lookup(index, config or load_config(ServerConfig))
     return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
 
 
