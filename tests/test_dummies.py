@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_client import wire
 from edge_client.catalogue import Catalogue, haversine_km
 from edge_client.client import Client
 from edge_client.config import ClientConfig
@@ -60,11 +61,8 @@ def test_spots_catalogue_is_public_data_described_by_openapi(client: Any, app: A
     assert abs(sum(s["popularity"] for s in payload["spots"]) - 1) < 1e-3
     assert 0.3 < payload["spread"]["cos_median"] < 0.99
     # Nothing beyond what a candidates answer already carries for the same spot.
-    body = {"vector": payload["spots"][0]["features"] | {"shape": [index.dim], "data": ""}, "k": 1}
     first = np.asarray(index.features[index.photo_spot == 0][:1], np.float32)
-    from edge_client import wire
-
-    body["vector"] = wire.encode(first[0])
+    body = {"vector": wire.encode(first[0]), "k": 1}
     answer = client.post("/v1/candidates", json=body).get_json()["candidates"][0]
     assert answer["id"] == payload["spots"][0]["id"] and answer["features"] == payload["spots"][0]["features"]
 
@@ -226,8 +224,8 @@ def _environ() -> dict[str, str]:
 def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
     from tools import history
 
-    dataset = make_subset(tmp_path / "data", spots=24, per_spot=10)
-    args = Namespace(dataset=dataset, out=tmp_path / "out", users=8, train_fraction=0.5, dummies=2, window=6.0,
+    dataset = make_subset(tmp_path / "data", spots=24, per_spot=8)
+    args = Namespace(dataset=dataset, out=tmp_path / "out", users=6, train_fraction=0.5, dummies=2, window=6.0,
                      per_hour=120, transform="", strength=None, k=None, seed=0)
     assert history.main(args, "test") == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

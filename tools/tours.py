@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from edge_client.transforms import Transform
 from tools.evaluate import Env
 from tools.inprocess import mount
 
+log = logging.getLogger(__name__)
 DAY0 = 1_717_200_000.0  # 2024-06-01 00:00 UTC; simulated clocks run in UTC (utc_offset 0)
 
 
@@ -143,6 +145,8 @@ def simulate(env: Env, recorder: Recorder, tours: list[list[Shot]], catalogue: C
         for spot, future in futures:
             traffic.results.append((device, spot, future.result() if future.done() and not future.exception() else None))
         traffic.requests += mine
+        log.info("device %d: %d real and %d dummy requests", device, sum(r.real for r in mine),
+                 sum(not r.real for r in mine))
     traffic.bytes_real = sum(r.bytes for r in traffic.requests if r.real)
     traffic.bytes_dummy = sum(r.bytes for r in traffic.requests if not r.real)
     return traffic
