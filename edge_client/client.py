@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import requests
@@ -28,6 +28,9 @@ from .extractor import Extractor
 from .photo import Photo
 from .recognizer import Projector, Recognition, projector, rerank
 from .transforms import Transform, make_transform
+
+if TYPE_CHECKING:
+    from .catalogue import Catalogue
 
 log = logging.getLogger(__name__)
 USER_AGENT = "enfpire-client"
@@ -90,6 +93,13 @@ class Client:
             self._compare_dim = dim or int(info["dim"])
             self.transform.fit(public)
         return info
+
+    def catalogue(self) -> "Catalogue":
+        """The server's public spot catalogue (``/v1/spots``), for dummy requests."""
+        from .catalogue import Catalogue
+
+        payload, _, _ = self._request("GET", "/v1/spots")
+        return Catalogue.from_payload(payload, int(self.info()["dim"]))
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""

@@ -4,6 +4,7 @@
     GET  /readyz           index loaded, with its counts
     GET  /v1/info          what a client needs before it asks
     POST /v1/candidates    a transformed query in, candidate spots out
+    GET  /v1/spots         the public spot catalogue (for dummy requests)
     GET  /openapi.json     the description of all of the above
 """
 from __future__ import annotations
@@ -136,6 +137,12 @@ def _routes() -> Any:
             rows = lookup.nearest_spots(query["vector"][np.newaxis], query["k"])[0]
         return jsonify({"index_version": lookup.index.version,
                         "candidates": [lookup.candidate(int(r)) for r in rows]})
+
+    @api.get("/v1/spots")
+    def spots() -> Response:
+        from .catalogue import catalogue
+
+        return jsonify(catalogue(service().ready()))
 
     @api.get("/openapi.json")
     def openapi() -> Response:

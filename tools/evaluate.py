@@ -246,8 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune", action="store_true", help="gallery-only split: for choosing settings")
     p.add_argument("-v", "--verbose", action="store_true")
+    from tools import history
+
+    history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command == "dummies":
+        return history.main(args, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
     metrics = privacy(args)
     write_outputs(metrics, args.out, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
     print((args.out / "report.md").read_text())
