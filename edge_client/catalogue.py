@@ -39,12 +39,25 @@ class Catalogue:
         return haversine_km(self.lat[row], self.lon[row], self.lat, self.lon)
 
     @classmethod
-    def from_payload(cls, payload: Any, dim: int | None = None) -> "Catalogue":
-        """Parse ``/v1/spots``; spots without coordinates or features are left out (no one can walk there)."""
+    def from_payload(cls, payload: Any, dim: int | None = None, basis: np.ndarray | None = None) -> "Catalogue":
+        """Parse ``/v1/spots``; spots without coordinates or features are left out (no one can walk there).
+
+        Features published as codec codes are lifted back to feature space with
+        the codec's ``basis`` (rows = code dimensions), so dummies start from
+        the same kind of vector a photo gives.
+        """
+        def features(encoded: Any) -> np.ndarray:
+            matrix = wire.decode(encoded)
+            if basis is not None and matrix.shape[-1] == basis.shape[0]:
+                matrix = matrix @ basis
+            if dim is not None and matrix.shape[-1] != dim:
+                raise ValueError(f"expected vectors of dimension {dim}, got shape {list(matrix.shape)}")
+            return matrix
+
         try:
             spots = payload["spots"]
             rows = [(str(s["id"]), float(s["lat"]), float(s["lon"]), float(s["popularity"]),
-                     wire.decode(s["features"], expect_dim=dim)) for s in spots
+                     features(s["features"])) for s in spots
                     if s.get("lat") is not None and s.get("lon") is not None]
             spread = {str(k): float(v) for k, v in dict(payload["spread"]).items()}
         except (KeyError, TypeError, ValueError) as exc:

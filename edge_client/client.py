@@ -22,6 +22,7 @@ import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 
+from . import wire
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
@@ -99,7 +100,9 @@ class Client:
         from .catalogue import Catalogue
 
         payload, _, _ = self._request("GET", "/v1/spots")
-        return Catalogue.from_payload(payload, int(self.info()["dim"]))
+        codec = (self.info().get("transforms") or {}).get("codec") or {}
+        basis = wire.decode(codec["basis"]) if codec.get("kind") == "pca" else None
+        return Catalogue.from_payload(payload, int(self.info()["dim"]), basis)
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""
