@@ -192,15 +192,25 @@ class CellsBayesAttacker:
     def _posterior(self, message: tuple[int, ...]) -> np.ndarray:
         import itertools
 
-        subsets = list(itertools.combinations(message, min(self.r_, len(message))))
+        bit = {cell: 1 << i for i, cell in enumerate(message)}
+        full = (1 << len(message)) - 1
+        groups = [(sum(bit[c] for c in g), self.decoys_.get(g, 0.0))
+                  for g in itertools.combinations(message, min(self.r_, len(message)))]
+        # Distribution of the union of the d decoy groups over subsets of the message
+        # (a group outside the message has probability zero given what was sent).
+        unions = {0: 1.0}
+        for _ in range(self.d_):
+            grown: dict[int, float] = {}
+            for mask, p in unions.items():
+                for group, q in groups:
+                    if q:
+                        grown[mask | group] = grown.get(mask | group, 0.0) + p * q
+            unions = grown
         total = np.zeros_like(self.prior_)
-        for real in subsets:
-            weight = 0.0
-            for decoys in itertools.product(subsets, repeat=self.d_):
-                if set(real).union(*map(set, decoys)) == set(message):
-                    weight += float(np.prod([self.decoys_.get(t, 0.0) for t in decoys]))
+        for (real, _), cells in zip(groups, itertools.combinations(message, min(self.r_, len(message)))):
+            weight = sum(p for mask, p in unions.items() if mask | real == full)
             if weight:
-                total += self._likelihood(real) * weight
+                total += self._likelihood(cells) * weight
         return self.prior_ * total
 
 
