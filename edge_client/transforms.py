@@ -130,8 +130,8 @@ class Cells(Transform):
     """
 
     name = "cells"
-    default_strength = 1.0
-    default_k = 2          # r: real cells per query
+    default_strength = 2.0  # decoy groups per query
+    default_k = 2           # r: real cells per query
     decoy_noise = 0.0      # noise on a decoy's prototype before it picks cells
 
     def fit(self, public: Mapping[str, Any]) -> "Cells":
@@ -191,7 +191,7 @@ def pad(body: dict[str, Any], size: int) -> dict[str, Any]:
 
 
 TRANSFORMS: dict[str, type[Transform]] = {t.name: t for t in (Identity, Noise, Mix, Cells)}
-DEFAULT_TRANSFORM = "noise"
+DEFAULT_TRANSFORM = "cells"
 
 
 def make_transform(name: str = "", strength: float | None = None, k: int | None = None) -> Transform:

@@ -32,8 +32,9 @@ class Lookup:
         self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
         self.codec = PCACodec(config.codec_dim).fit(index.features) if config.codec_dim else None
         reps, rep_spot = public.prototypes(index.features, groups, config.features_per_spot)
-        self._reps = reps
-        self._rep_bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        # Encoded once at load: a request only assembles what is ready.
+        self._encoded = [self.encode(reps[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
         protos, self.prototype_spot = public.prototypes(index.features, groups, config.prototypes_per_spot)
         self.prototypes = protos
         self.spot_cell = public.balanced_cells(public.spot_means(index.features, groups), config.cell_min_spots) \
@@ -72,8 +73,7 @@ class Lookup:
 
     def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""
-        reps = self._reps[self._rep_bounds[spot_row]:self._rep_bounds[spot_row + 1]]
-        return {**self.index.spots[spot_row].public(), "features": self.encode(reps)}
+        return {**self.index.spots[spot_row].public(), "features": self._encoded[spot_row]}
 
     def public(self) -> dict[str, Any]:
         """The transforms' public parameters, for ``/v1/info``."""

@@ -16,14 +16,14 @@ from tests.conftest import LiveServer, make_subset
 from tools import attackers as atk
 from tools import evaluate as ev
 
-# 24 spots make 3 cells of 8: one real cell and one decoy group keep a crowd around the answer.
+# 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
 CELLS = {"strength": 1.0, "k": 1}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> ev.Env:
     root = make_subset(tmp_path_factory.mktemp("eval-data"))
-    return ev.prepare(root, cache=tmp_path_factory.mktemp("eval-cache"), config=ServerConfig())
+    return ev.prepare(root, cache=tmp_path_factory.mktemp("eval-cache"), config=ServerConfig(cell_min_spots=8))
 
 
 def _fitted(env: ev.Env, name: str, **settings: Any) -> Transform:
