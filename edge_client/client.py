@@ -90,9 +90,10 @@ class Client:
                 "both must run the same extractor")
         if self._project is None:
             public = info.get("transforms") or {}
-            self._project, dim = projector(public.get("codec") or {})
-            self._compare_dim = dim or int(info["dim"])
+            project, dim = projector(public.get("codec") or {})
             self.transform.fit(public)
+            # Only a complete fit counts: a failure above is retried on the next call.
+            self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
 
     def catalogue(self) -> "Catalogue":

@@ -153,7 +153,9 @@ def feature(extractor: Extractor, held_out: list[tuple[str, Path]]) -> np.ndarra
 
 
 def make_client(server: Misbehaving, extractor: Extractor, **settings: Any) -> Client:
-    settings = {"retries": 1, "backoff": 0.01, "read_timeout": 0.5, "connect_timeout": 0.5, "seed": 1, **settings}
+    # The misbehaving server publishes no cells, so the client asks with vectors.
+    settings = {"retries": 1, "backoff": 0.01, "read_timeout": 0.5, "connect_timeout": 0.5, "seed": 1,
+                "transform": "noise", **settings}
     return Client(ClientConfig(server=server.url, **settings), extractor=extractor)
 
 
@@ -238,7 +240,7 @@ def test_android_facade_never_raises(bad_server: Misbehaving, extractor: Extract
                                      held_out: list[tuple[str, Path]], tmp_path: Path) -> None:
     """Every fault reaches Kotlin as {"ok": false, "error": {type, message}}."""
     bad_server.on("/v1/info", info(extractor)).on("/v1/candidates", Reply(body=b"{nope"))
-    settings = json.dumps({"retries": 0, "read_timeout": 0.5})
+    settings = json.dumps({"retries": 0, "read_timeout": 0.5, "transform": "noise"})
     jpeg = held_out[0][1].read_bytes()
     answers = {
         "garbage": android.recognize_jpeg(jpeg, bad_server.url, settings),

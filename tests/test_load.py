@@ -128,7 +128,7 @@ def test_short_load_no_failures_flat_memory(live_server: LiveServer, bodies: lis
                                             capsys: pytest.CaptureFixture[str]) -> None:
     result = run_load(live_server, bodies, clients=8, seconds=5)
     assert not result.failures and len(result.latencies) > 50
-    assert_memory_flat(result, slack_mb=64)  # a coarse guard: 5 s still include allocator warm-up; see the soak
+    assert_memory_flat(result, slack_mb=160)  # a coarse guard: 5 s are mostly allocator and thread warm-up; the 60 s soak is the real check
     with capsys.disabled():
         print(f"\nLOAD (short): {result.summary(8, 5)}")
 

@@ -68,7 +68,8 @@ def test_bad_request_surfaces_the_servers_message(live_server: LiveServer, extra
 def test_android_functions_take_and_return_primitives(
         live_server: LiveServer, held_out: list[tuple[str, Path]]) -> None:
     jpeg = held_out[1][1].read_bytes()
-    answer = json.loads(android.recognize_jpeg(jpeg, live_server.url, json.dumps({"seed": 3, "k": 10})))
+    settings = {"seed": 3, "k": 10, "transform": "noise"}
+    answer = json.loads(android.recognize_jpeg(jpeg, live_server.url, json.dumps(settings)))
     assert answer["ok"] is True and answer["spot_id"] and len(answer["candidates"]) == 10
     bad = json.loads(android.recognize_jpeg(b"not a photo", live_server.url, "{}"))
     assert bad == {"ok": False, "error": {"type": "PhotoError", "message": bad["error"]["message"]}}
@@ -81,7 +82,7 @@ def test_android_functions_take_and_return_primitives(
 
 def test_cli_recognize_json(live_server: LiveServer, held_out: list[tuple[str, Path]]) -> None:
     out = subprocess.run([sys.executable, "-m", "edge_client.cli", "recognize", str(held_out[2][1]),
-                          "--server", live_server.url, "--json", "--seed", "5", "--k", "8"],
+                          "--server", live_server.url, "--json", "--seed", "5", "--k", "8", "--transform", "noise"],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert {"spot_id", "name", "score", "candidates", "bytes_sent", "bytes_received"} <= set(result)

@@ -56,7 +56,7 @@ class TrafficAttacker:
         self.lat = np.array([s.lat if s.lat is not None else np.nan for s in index.spots], np.float64)
         self.lon = np.array([s.lon if s.lon is not None else np.nan for s in index.spots], np.float64)
         self.log_popularity = np.log(atk.popularity(labels, len(index.spots)) + 1e-6)
-        self.simulated = atk.SimulationAttacker().fit(transform, self.gallery, labels, len(index.spots))
+        self.simulated = atk.SimulationAttacker().fit(transform, self.gallery, labels, len(index.spots), env.lookup.n_cells)
         self.row_of = {s.id: i for i, s in enumerate(index.spots)}
         self.window = window
         self.which = "linear"
