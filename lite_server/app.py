@@ -40,7 +40,8 @@ class Service:
             self.load(index or Index.load(config.index))
 
     def load(self, index: Index) -> Lookup:
-        lookup = Lookup(index, self.config.backend, self.config.features_per_spot, self.config.feature_dtype)
+        lookup = Lookup(index, self.config.backend, self.config.features_per_spot, self.config.feature_dtype,
+                        max_batch=self.config.max_batch)
         with self._lock:
             self.lookup = lookup
         log.info("serving index version %s (%d spots, %d photos)", index.version,

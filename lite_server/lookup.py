@@ -2,11 +2,14 @@
 each candidate carries back to the phone."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from edge_client import wire
 
-from .backends import Backend, make_backend
+from .backends import DEFAULT_BACKEND, Backend, make_backend, release_pages
+from .batching import BatchingBackend
 from .index import Index
 
 
@@ -33,12 +36,21 @@ def representatives(features: np.ndarray, m: int) -> np.ndarray:
 class Lookup:
     """Answers candidate queries over one loaded :class:`Index`."""
 
-    def __init__(self, index: Index, backend: str = "sklearn", features_per_spot: int = 8,
-                 feature_dtype: str = "float16"):
+    def __init__(self, index: Index, backend: str = DEFAULT_BACKEND, features_per_spot: int = 8,
+                 feature_dtype: str = "float16", max_batch: int = 0):
         self.index = index
         self.feature_dtype = feature_dtype
         self.backend: Backend = make_backend(backend).add(np.asarray(index.features))
+        # A backend that ranks spots itself answers in one pass, however many photos a spot has.
+        self._by_spot = hasattr(self.backend, "search_groups")
+        if self._by_spot:
+            self.backend.set_groups(index.photo_spot)  # type: ignore[attr-defined]
+        if max_batch > 1:  # concurrent requests share one scan of the gallery
+            self.backend = BatchingBackend(self.backend, max_batch)
         self._rep_offsets, self._rep_rows = self._representatives(features_per_spot)
+        release_pages(index.features)  # read once above: keep them out of the resident set
+        # Per instance (dies with this index version); ~27 kB a spot, so at most ~55 MB.
+        self._encoded = functools.lru_cache(maxsize=2048)(self._encode)
 
     def _representatives(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """CSR arrays: spot ``s`` shows photo rows ``rows[offsets[s]:offsets[s+1]]``."""
@@ -55,6 +67,8 @@ class Lookup:
     def nearest_spots(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """For each query, the rows of its ``k`` best spots (a spot scores its best photo)."""
         k = min(k, len(self.index.spots))
+        if self._by_spot:
+            return list(self.backend.search_groups(queries, k)[1])  # type: ignore[attr-defined]
         n = min(self.backend.size, 4 * k)
         _, rows = self.backend.search(queries, n)
         out = []
@@ -73,6 +87,10 @@ class Lookup:
 
     def candidate(self, spot_row: int) -> dict:
         """Everything the phone needs to compare and show one spot."""
+        return {**self.index.spots[spot_row].public(), "features": self._encoded(spot_row)}
+
+    def _encode(self, spot_row: int) -> dict:
+        """A spot's representatives on the wire: fixed per index version, so cached (see __init__)."""
         rows = self._rep_rows[self._rep_offsets[spot_row]:self._rep_offsets[spot_row + 1]]
         features = np.asarray(self.index.features[np.sort(rows)], dtype=np.float32)
-        return {**self.index.spots[spot_row].public(), "features": wire.encode(features, self.feature_dtype)}
+        return wire.encode(features, self.feature_dtype)
