@@ -105,8 +105,9 @@ def _routes() -> Any:
         lookup = svc.ready()
         query, k = parse_candidates(_json_body(), lookup.index.dim, svc.config.max_k)
         rows = lookup.nearest_spots(query[np.newaxis], k)[0]
-        return jsonify({"index_version": lookup.index.version,
-                        "candidates": [lookup.candidate(int(r)) for r in rows]})
+        # Assembled from per-spot cached JSON: encoding ~1 MB of base64 anew cost ~13 ms a request.
+        body = f'{{"index_version":{json.dumps(lookup.index.version)},"candidates":{lookup.candidates_json(rows)}}}'
+        return Response(body, mimetype="application/json")
 
     @api.get("/openapi.json")
     def openapi() -> Response:

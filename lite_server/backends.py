@@ -20,9 +20,11 @@ Exact backends break ties between equal scores by the lower row.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 8192     # rows quantised at a time by QuantizedBackend.add (bounded temporaries)
 SCAN_ROWS = 128  # rows widened to float32 per step: the block stays in L2 cache
+SCAN_THREADS = min(2, os.cpu_count() or 1)  # more only adds contention for memory bandwidth
 # Float32 rounding of a 1280-term dot product is far below this; it keeps the
 # exactness argument of QuantizedBackend safe against it.
 ROUNDING_SLACK = 1e-4
@@ -104,6 +107,11 @@ def _memmap_of(array: Any) -> np.memmap | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _scan_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="scan")
+
+
 class RowReader:
     """Reads chosen rows of a gallery matrix as float32.
 
@@ -160,20 +168,33 @@ class QuantizedBackend:
         self.err_[rows] = np.linalg.norm(block - (low[:, None] + scale[:, None] * codes), axis=1)
 
     def approximate(self, queries: np.ndarray) -> np.ndarray:
-        """The scan's scores [n_queries, size], each within ``|q| * err`` of the exact one."""
+        """The scan's scores [n_queries, size], each within ``|q| * err`` of the exact one.
+
+        The rows are split between ``SCAN_THREADS`` threads (numpy and BLAS release the GIL).
+        """
         out = np.empty((self.size, len(queries)), np.float32)  # row-major per block: measured fastest
-        step = SCAN_ROWS if len(queries) < 4 else 2 * SCAN_ROWS
-        buffer = np.empty((step, self.codes_.shape[1]), np.float32)
         transposed = np.ascontiguousarray(queries.T)
+        bounds = np.linspace(0, self.size, SCAN_THREADS + 1).astype(int)
         with single_threaded_blas():
-            for start in range(0, self.size, step):
-                codes = self.codes_[start:start + step]
-                block = buffer[:len(codes)]
-                np.copyto(block, codes, casting="unsafe")
-                np.matmul(block, transposed, out=out[start:start + len(codes)])
+            if SCAN_THREADS == 1 or self.size < 4 * CHUNK:
+                self._scan(0, self.size, transposed, out)
+            else:
+                list(_scan_pool().map(lambda i: self._scan(bounds[i], bounds[i + 1], transposed, out),
+                                      range(SCAN_THREADS)))
         out *= self.scale_[:, None]
-        out += np.outer(self.low_, queries.sum(axis=1))
+        if self.low_.any():  # non-negative features (ours) have every offset 0
+            out += np.outer(self.low_, queries.sum(axis=1))
         return out.T
+
+    def _scan(self, start: int, stop: int, transposed: np.ndarray, out: np.ndarray) -> None:
+        """``out[start:stop] = codes[start:stop] @ transposed``, widening a few rows at a time."""
+        step = SCAN_ROWS if transposed.shape[1] < 4 else 2 * SCAN_ROWS
+        buffer = np.empty((step, self.codes_.shape[1]), np.float32)
+        for row in range(start, stop, step):
+            codes = self.codes_[row:min(stop, row + step)]
+            block = buffer[:len(codes)]
+            np.copyto(block, codes, casting="unsafe")
+            np.matmul(block, transposed, out=out[row:row + len(codes)])
 
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.atleast_2d(np.asarray(queries, np.float32))
@@ -197,19 +218,21 @@ class QuantizedBackend:
         """Label every row with a group (a spot) for :meth:`search_groups`."""
         order = np.argsort(groups, kind="stable")
         ordered = np.asarray(groups)[order]
-        self.group_order_ = order
-        self.group_starts_ = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        changes = np.r_[False, ordered[1:] != ordered[:-1]]
+        self.group_order_, self.group_starts_ = order, np.flatnonzero(np.r_[True, changes[1:]])
         self.group_ids_ = ordered[self.group_starts_]
-        self.row_group_ = np.empty(len(order), np.int64)  # row -> position in group_ids_
-        self.row_group_[order] = np.cumsum(np.r_[False, ordered[1:] != ordered[:-1]])
+        self.group_err_ = np.maximum.reduceat(self.err_[order], self.group_starts_)  # worst row per group
+        self.row_group_ = np.empty(len(order), np.int32)  # row -> position in group_ids_
+        self.row_group_[order] = np.cumsum(changes)
         return self
 
     def search_groups(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, group ids) [n_queries, k] of the ``k`` groups with the best row, best first.
 
-        Exact like :meth:`search`: a group's score is bounded by its rows' scan
-        bounds, and only rows that can be the best of a group that can be in
-        the top ``k`` are re-scored. One scan whatever the number of rows per group.
+        Exact like :meth:`search`: a group's best scanned score, widened by its
+        worst row error, bounds its true best; only rows that can be the best of
+        a group that can be in the top ``k`` are re-scored. One scan, however
+        many rows a group has.
         """
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         k = min(k, len(self.group_ids_))
@@ -221,22 +244,23 @@ class QuantizedBackend:
         return scores, groups
 
     def _best_groups(self, approx: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        slack = self.err_ * np.float32(np.linalg.norm(query)) + np.float32(ROUNDING_SLACK)
-        upper, lower = approx + slack, approx - slack
-        group_lower = np.maximum.reduceat(lower[self.group_order_], self.group_starts_)
-        group_upper = np.maximum.reduceat(upper[self.group_order_], self.group_starts_)
-        floor = np.partition(group_lower, len(group_lower) - k)[len(group_lower) - k]
-        # A row matters if its group may reach the top k and the row may be its group's best.
-        rows = np.flatnonzero((group_upper >= floor)[self.row_group_] & (upper >= group_lower[self.row_group_]))
-        exact = self.rows_(rows) @ query
+        norm = np.float32(np.linalg.norm(query))
+        best = np.maximum.reduceat(approx[self.group_order_], self.group_starts_)
+        slack = self.group_err_ * norm + np.float32(ROUNDING_SLACK)
+        lower = best - slack  # the true best of each group is within these bounds
+        floor = np.partition(lower, len(lower) - k)[len(lower) - k]
+        rows = np.flatnonzero((best + slack >= floor)[self.row_group_])  # rows of groups that may be in the top k
         of = self.row_group_[rows]
+        rows = rows[approx[rows] + self.err_[rows] * norm + np.float32(ROUNDING_SLACK) >= lower[of]]
+        exact, of = self.rows_(rows) @ query, self.row_group_[rows]  # ...that may be their group's best
         order = np.lexsort((rows, -exact, of))  # each group's best row first
         first = order[np.r_[True, of[order][1:] != of[order][:-1]]]
         pick = first[np.lexsort((rows[first], -exact[first]))][:k]
         return exact[pick], self.group_ids_[of[pick]]
 
     def save(self, path: Path) -> None:
-        np.save(path, np.asarray(self.rows_.vectors))
+        with open(path, "wb") as handle:  # exactly ``path``: np.save would add ".npy"
+            np.save(handle, np.asarray(self.rows_.vectors))
 
     @property
     def size(self) -> int:
@@ -265,7 +289,8 @@ class SklearnBackend:
         return ((q2 + 1.0 - distances.astype(np.float32) ** 2) / 2.0).astype(np.float32), rows
 
     def save(self, path: Path) -> None:
-        np.save(path, self._vectors.astype(np.float16))
+        with open(path, "wb") as handle:  # exactly ``path``: np.save would add ".npy"
+            np.save(handle, self._vectors.astype(np.float16))
 
     @property
     def size(self) -> int:

@@ -3,6 +3,7 @@ each candidate carries back to the phone."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 
@@ -49,8 +50,9 @@ class Lookup:
             self.backend = BatchingBackend(self.backend, max_batch)
         self._rep_offsets, self._rep_rows = self._representatives(features_per_spot)
         release_pages(index.features)  # read once above: keep them out of the resident set
-        # Per instance (dies with this index version); ~27 kB a spot, so at most ~55 MB.
-        self._encoded = functools.lru_cache(maxsize=2048)(self._encode)
+        # A candidate's JSON text is fixed per index version and json.dumps of its ~27 kB of
+        # base64 costs more than the lookup's re-score: cached per instance, at most ~75 MB.
+        self._candidate_json = functools.lru_cache(maxsize=2048)(self._dump_candidate)
 
     def _representatives(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """CSR arrays: spot ``s`` shows photo rows ``rows[offsets[s]:offsets[s+1]]``."""
@@ -87,10 +89,13 @@ class Lookup:
 
     def candidate(self, spot_row: int) -> dict:
         """Everything the phone needs to compare and show one spot."""
-        return {**self.index.spots[spot_row].public(), "features": self._encoded(spot_row)}
-
-    def _encode(self, spot_row: int) -> dict:
-        """A spot's representatives on the wire: fixed per index version, so cached (see __init__)."""
         rows = self._rep_rows[self._rep_offsets[spot_row]:self._rep_offsets[spot_row + 1]]
         features = np.asarray(self.index.features[np.sort(rows)], dtype=np.float32)
-        return wire.encode(features, self.feature_dtype)
+        return {**self.index.spots[spot_row].public(), "features": wire.encode(features, self.feature_dtype)}
+
+    def candidates_json(self, spot_rows: np.ndarray) -> str:
+        """The JSON array of :meth:`candidate` for ``spot_rows``, from cached text (see __init__)."""
+        return "[" + ",".join(self._candidate_json(int(r)) for r in spot_rows) + "]"
+
+    def _dump_candidate(self, spot_row: int) -> str:
+        return json.dumps(self.candidate(spot_row), separators=(",", ":"))

@@ -66,12 +66,13 @@ class Plan:
     photos_12mp: int             # real photos made 12 MP for the cosine figure
     load_seconds: float          # the 16-client throughput run
     clients: int = 16
+    real_photos: int = 0         # 0 = every dataset photo; fewer skips extracting all 4,625 (smoke)
 
 
 PLANS = {
     "full": Plan((10_000, 100_000, 1_000_000), (10_000, 100_000, 1_000_000), 100_000, 25, 100_000, 16, 10.0),
     "quick": Plan((10_000, 100_000), (100_000,), 100_000, 5, 10_000, 3, 3.0),
-    "smoke": Plan((3_000,), (3_000,), 3_000, 3, 3_000, 1, 1.0, clients=4),
+    "smoke": Plan((3_000,), (3_000,), 3_000, 3, 3_000, 1, 1.0, clients=4, real_photos=300),
 }
 
 
@@ -147,6 +148,14 @@ def bench_extract_many(plan: Plan, extractor: Extractor, dataset: Dataset) -> di
 
 
 # ---------------------------------------------------------------- galleries
+
+def limited(dataset: Dataset, photos: int) -> Dataset:
+    """The first ``photos`` photos (0 = all) and only their spots."""
+    if not photos:
+        return dataset
+    kept = dataset.photos[:photos]
+    return Dataset(dataset.root, kept, {s: dataset.spots[s] for s in sorted({s for s, _ in kept})})
+
 
 def tiled(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` float16 unit rows: the real features, then jittered copies of them."""
@@ -346,7 +355,7 @@ def machine() -> dict[str, Any]:
 def run(plan: Plan, out: Path, work: Path) -> dict[str, Any]:
     """Every measurement of ``plan``; indexes are built under ``work``."""
     extractor = Extractor(default_model_path())
-    dataset = load_dataset()
+    dataset = limited(load_dataset(), plan.real_photos)
     real = features(dataset, extractor)
     qs = queries(real, 64)
     result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan),
