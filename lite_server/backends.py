@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import logging
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +32,6 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from edge_client.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 CHUNK = 8192     # rows quantised at a time by QuantizedBackend.add (bounded temporaries)
 SCAN_ROWS = 128  # rows widened to float32 per step: the block stays in L2 cache
@@ -74,13 +71,22 @@ def single_threaded_blas() -> Iterator[None]:
     busy 2-core machine they cost 10x more than they give. threadpoolctl comes
     with scikit-learn (the server extra); without it nothing is changed.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - the server extra installs it
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover - the server extra installs threadpoolctl
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    """Made once: finding the loaded BLAS libraries takes ~3 ms, a limit through it ~30 us."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        return None
+    return ThreadpoolController()
 
 
 def release_pages(array: np.ndarray) -> None:
