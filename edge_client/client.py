@@ -20,18 +20,20 @@ from typing import Any
 
 import numpy as np
 import requests
+from urllib3.exceptions import HTTPError as TransportError
 
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
 from .photo import Photo
-from .recognizer import Recognition, rerank
+from .recognizer import Projector, Recognition, projector, rerank
 from .transforms import Transform, make_transform
 
 log = logging.getLogger(__name__)
 USER_AGENT = "enfpire-client"
 RETRY_STATUSES = {429, 502, 503, 504}
 PROTOCOL = 1
+MAX_ANSWER = 32 << 20  # bytes; a full candidates answer is under 2 MB
 
 
 class Client:
@@ -48,7 +50,8 @@ class Client:
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
         self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self._info: dict[str, Any] | None = None
-        self._fitted = False
+        self._project: Projector | None = None  # set with the server's public parameters
+        self._compare_dim = 0
 
     def __enter__(self) -> "Client":
         return self
@@ -81,9 +84,11 @@ class Client:
             raise IncompatibleServerError(
                 f"the server uses model {str(info['model_sha256'])[:12]}..., this device {mine[:12]}...: "
                 "both must run the same extractor")
-        if not self._fitted:
-            self.transform.fit((info.get("transforms") or {}).get(self.transform.name, {}))
-            self._fitted = True
+        if self._project is None:
+            public = info.get("transforms") or {}
+            self._project, dim = projector(public.get("codec") or {})
+            self._compare_dim = dim or int(info["dim"])
+            self.transform.fit(public)
         return info
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
@@ -95,10 +100,10 @@ class Client:
 
     def ask(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
         """Transform, ask, rerank locally; also returns the body the server received."""
-        info = self.check_model()
+        self.check_model()
         body = self.transform.transform(feature, self.rng)
         candidates, sent, received = self.query(body)
-        result = rerank(feature, candidates, int(info["dim"]), self.config.threshold)
+        result = rerank(self._project(feature), candidates, self._compare_dim, self.config.threshold)  # type: ignore[misc]
         return body, replace(result, bytes_sent=sent, bytes_received=received)
 
     def recognize_feature(self, feature: np.ndarray) -> Recognition:
@@ -117,8 +122,9 @@ class Client:
         for attempt in range(self.config.retries + 1):
             last = attempt == self.config.retries
             try:
-                response = self.session.request(method, url, data=data, headers=headers,
+                response = self.session.request(method, url, data=data, headers=headers, stream=True,
                                                 timeout=(self.config.connect_timeout, self.config.read_timeout))
+                content = _read_answer(response, self.config.read_timeout)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if last:
                     raise ServerUnreachableError(f"{url} did not answer: {type(exc).__name__}") from None
@@ -127,7 +133,7 @@ class Client:
             if response.status_code in RETRY_STATUSES and not last:
                 self._wait(attempt, response.headers.get("Retry-After"))
                 continue
-            return self._decode(response), _sent_bytes(response), _received_bytes(response)
+            return self._decode(response, content), _sent_bytes(response), _received_bytes(response, content)
         raise AssertionError("unreachable")  # the loop always returns or raises
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
@@ -140,9 +146,9 @@ class Client:
         time.sleep(min(delay, self.config.max_retry_after))
 
     @staticmethod
-    def _decode(response: requests.Response) -> Any:
+    def _decode(response: requests.Response, content: bytes) -> Any:
         try:
-            payload = response.json()
+            payload = json.loads(content)
         except ValueError:
             payload = None
         if response.status_code >= 400:
@@ -157,6 +163,33 @@ class Client:
         return payload
 
 
+def _read_answer(response: requests.Response, budget: float) -> bytes:
+    """The whole body within ``budget`` seconds and :data:`MAX_ANSWER` bytes.
+
+    requests' read timeout bounds each socket read, not the answer: a server
+    dripping a byte at a time, or sending without end, would hold the device
+    forever. ``read1`` returns after one socket read, so the deadline is
+    checked as bytes arrive (urllib3 < 2 lacks it and falls back to ``read``).
+    """
+    deadline = time.monotonic() + budget
+    read = getattr(response.raw, "read1", None) or response.raw.read
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := read(1 << 16, decode_content=True):
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise BadResponseError(f"the server's answer is larger than {MAX_ANSWER} bytes")
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"the answer took longer than {budget} s")
+            chunks.append(chunk)
+    except TransportError as exc:
+        raise requests.ConnectionError(str(exc)) from None
+    finally:
+        response.close()
+    return b"".join(chunks)
+
+
 def _headers_size(headers: Any) -> int:
     return sum(len(k) + len(str(v)) + 4 for k, v in headers.items())
 
@@ -167,8 +200,11 @@ def _sent_bytes(response: requests.Response) -> int:
         len(request.path_url) + 12
 
 
-def _received_bytes(response: requests.Response) -> int:
-    return len(response.content) + _headers_size(response.headers) + 17
+def _received_bytes(response: requests.Response, content: bytes) -> int:
+    """Bytes on the wire: Content-Length is the compressed size when the answer was gzipped."""
+    length = response.headers.get("Content-Length", "")
+    body = int(length) if length.isdigit() else len(content)
+    return body + _headers_size(response.headers) + 17
 
 
 def recognize(photo: Photo, server: str | None = None, **settings: Any) -> Recognition:

@@ -3,12 +3,32 @@ the phone's own, untransformed feature, so the pick never leaves the phone."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import wire
 from .errors import BadResponseError
+from .extractor import l2_normalize
+
+Projector = Callable[[np.ndarray], np.ndarray]
+
+
+def projector(codec: Mapping[str, Any]) -> tuple[Projector, int | None]:
+    """The map into the space candidate features travel in, and that space's dimension.
+
+    With a PCA codec (``/v1/info`` ``transforms.codec``) the phone projects
+    its own feature on the published basis; otherwise features compare as they are.
+    """
+    if codec.get("kind") != "pca":
+        return (lambda feature: feature), None
+    try:
+        basis = wire.decode(codec["basis"])
+    except (KeyError, ValueError) as exc:
+        raise BadResponseError(f"the server's codec is malformed: {exc}") from None
+    if basis.ndim != 2:
+        raise BadResponseError("the server's codec basis must be a matrix")
+    return (lambda feature: l2_normalize(basis @ feature)), int(basis.shape[0])
 
 
 @dataclass(frozen=True)

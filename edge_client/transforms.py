@@ -2,12 +2,14 @@
 
 A transform turns the phone's L2-normalised feature into the body of a
 ``/v1/candidates`` request. It may need public parameters that the server
-publishes in ``/v1/info`` under ``transforms[<name>]`` (``fit`` takes them),
+publishes in ``/v1/info`` under ``transforms`` (``fit`` takes that object),
 and it draws all its randomness from the generator it is handed, so a seed
-fixes every query.
+fixes every query. Every request a transform makes has one size on the
+wire (``pad``), so the size says nothing about the query.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -15,6 +17,7 @@ import numpy as np
 from . import wire
 from .errors import ConfigError
 from .extractor import l2_normalize
+from .recognizer import projector
 
 
 class Transform:
@@ -37,7 +40,7 @@ class Transform:
         return int(self.k or self.default_k)
 
     def fit(self, public: Mapping[str, Any]) -> "Transform":
-        """Take the server's public parameters for this transform; returns self."""
+        """Take the server's public parameters (``/v1/info`` ``transforms``); returns self."""
         return self
 
     def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
@@ -75,7 +78,77 @@ class Noise(Transform):
         return {"vector": wire.encode(l2_normalize(noisy)), "k": self.k_}
 
 
-TRANSFORMS: dict[str, type[Transform]] = {t.name: t for t in (Identity, Noise)}
+class Cells(Transform):
+    """Coarse cells with decoys: the phone names cells, never a vector.
+
+    The server publishes a balanced clustering of its spots into cells (each
+    at least ``cell_min_spots`` spots), a few prototypes per spot and the
+    spots' popularity. The phone scores each cell by its best prototype
+    against its own feature (in the codec's space) and takes its ``r`` best
+    cells. ``strength`` decoy groups are then drawn *the same way from a
+    fictitious photo*: a spot picked by popularity, one of its prototypes with
+    noise, its ``r`` best cells. The query is the sorted union, so the server
+    sees several equally plausible groups and cannot say which one is real;
+    it answers with every spot of every named cell.
+    """
+
+    name = "cells"
+    default_strength = 1.0
+    default_k = 2          # r: real cells per query
+    decoy_noise = 0.0      # noise on a decoy's prototype before it picks cells
+
+    def fit(self, public: Mapping[str, Any]) -> "Cells":
+        cells = public.get("cells")
+        if not cells:
+            raise ConfigError("the server publishes no cells: it cannot answer the cells transform")
+        self.project_, _ = projector(public.get("codec") or {})
+        self.prototypes_ = wire.decode(cells["prototypes"])
+        self.prototype_spot_ = np.asarray(cells["prototype_spot"], dtype=np.int64)
+        spot_cell = np.asarray(cells["spot_cell"], dtype=np.int64)
+        self.prototype_cell_ = spot_cell[self.prototype_spot_]
+        self.n_cells_ = int(cells["n_cells"])
+        popularity = np.asarray(cells["popularity"], dtype=np.float64)
+        self.popularity_ = popularity / popularity.sum()
+        return self
+
+    def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        chosen = set(self._best_cells(self.project_(feature)))
+        for _ in range(int(round(self.strength_))):
+            chosen |= set(self._best_cells(self._decoy(rng)))
+        cells = sorted(int(c) for c in chosen)
+        return pad({"cells": cells}, self.max_body_size())
+
+    def _best_cells(self, vector: np.ndarray) -> np.ndarray:
+        scores = np.full(self.n_cells_, -np.inf)
+        np.maximum.at(scores, self.prototype_cell_, self.prototypes_ @ vector)
+        return np.argsort(-scores, kind="stable")[: self.k_]
+
+    def _decoy(self, rng: np.random.Generator) -> np.ndarray:
+        spot = rng.choice(len(self.popularity_), p=self.popularity_)
+        options = np.flatnonzero(self.prototype_spot_ == spot)
+        vector = self.prototypes_[rng.choice(options)]
+        if self.decoy_noise:
+            vector = vector + rng.standard_normal(vector.shape) * (self.decoy_noise / np.sqrt(vector.size))
+        return l2_normalize(vector)
+
+    def max_body_size(self) -> int:
+        """The longest body this setting can produce: every request is padded to it."""
+        most = min(self.n_cells_, self.k_ * (1 + int(round(self.strength_))))
+        widest = [self.n_cells_ - 1 - i for i in range(most)]
+        return len(_dumps({"cells": widest, "pad": ""}))
+
+
+def _dumps(body: Mapping[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def pad(body: dict[str, Any], size: int) -> dict[str, Any]:
+    """``body`` with a ``pad`` string that brings its compact JSON to ``size`` characters."""
+    short = size - len(_dumps({**body, "pad": ""}))
+    return {**body, "pad": "x" * max(0, short)}
+
+
+TRANSFORMS: dict[str, type[Transform]] = {t.name: t for t in (Identity, Noise, Cells)}
 DEFAULT_TRANSFORM = "noise"
 
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import threading
@@ -18,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 
 from edge_client import wire
 
+from .admission import Admission, install_admission
 from .config import ServerConfig
 from .errors import ApiError, register_error_handlers
 from .index import Index
@@ -26,22 +28,22 @@ from .openapi import spec
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1
+GZIP_MIN_BYTES = 1024
 EXTENSION = "enfpire"
 
 
 class Service:
     """The loaded index and its lookup; swapped whole, so a request sees one version."""
 
-    def __init__(self, config: ServerConfig, index: Index | None = None):
+    def __init__(self, config: ServerConfig, index: Index | None = None, lookup: Lookup | None = None):
         self.config = config
         self._lock = threading.Lock()
-        self.lookup: Lookup | None = None
-        if index is not None or config.index:
+        self.lookup: Lookup | None = lookup
+        if lookup is None and (index is not None or config.index):
             self.load(index or Index.load(config.index))
 
     def load(self, index: Index) -> Lookup:
-        lookup = Lookup(index, self.config.backend, self.config.features_per_spot, self.config.feature_dtype,
-                        max_batch=self.config.max_batch)
+        lookup = Lookup(index, self.config)
         with self._lock:
             self.lookup = lookup
         log.info("serving index version %s (%d spots, %d photos)", index.version,
@@ -55,15 +57,20 @@ class Service:
         return lookup
 
 
-def create_app(config: ServerConfig | None = None, index: Index | None = None) -> Flask:
-    """Build the app for ``config`` (default: :class:`ServerConfig` defaults), loading its index once."""
-    config = config or ServerConfig()
+def create_app(config: ServerConfig | None = None, index: Index | None = None, lookup: Lookup | None = None) -> Flask:
+    """Build the app for ``config`` (default: :class:`ServerConfig` defaults), loading its index once.
+
+    ``index`` or a ready ``lookup`` may be handed in (tools that already hold one).
+    """
+    config = config or (lookup.config if lookup else ServerConfig())
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, JSON_SORT_KEYS=False)
-    app.extensions[EXTENSION] = Service(config, index)
+    app.extensions[EXTENSION] = Service(config, index, lookup)
     register_error_handlers(app)
     app.register_blueprint(_routes())
     app.after_request(_no_identifiers)
+    app.after_request(_gzip)
+    install_admission(app, Admission(config.threads, config.max_pending, config.queue_timeout, config.retry_after))
     return app
 
 
@@ -77,6 +84,25 @@ def _no_identifiers(response: Response) -> Response:
     """Nothing that could link one request to the next: no cookies, no caching."""
     response.headers.pop("Set-Cookie", None)
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _gzip(response: Response) -> Response:
+    """Compress large JSON answers for clients that accept gzip.
+
+    Candidate features travel as base64, which gzip packs back to close to
+    their raw size, and the spots' info is text: together about a third of
+    the bytes a phone pays for on its data plan.
+    """
+    if (response.status_code != 200 or response.direct_passthrough or response.mimetype != "application/json"
+            or "gzip" not in request.headers.get("Accept-Encoding", "")):
+        return response
+    data = response.get_data()
+    if len(data) < GZIP_MIN_BYTES:
+        return response
+    response.set_data(gzip.compress(data, compresslevel=6, mtime=0))
+    response.headers["Content-Encoding"] = "gzip"
+    response.headers["Vary"] = "Accept-Encoding"
     return response
 
 
@@ -103,8 +129,11 @@ def _routes() -> Any:
     def candidates() -> Response:
         svc = service()
         lookup = svc.ready()
-        query, k = parse_candidates(_json_body(), lookup.index.dim, svc.config.max_k)
-        rows = lookup.nearest_spots(query[np.newaxis], k)[0]
+        query = parse_candidates(_json_body(), lookup.index.dim, svc.config.max_k, lookup.n_cells)
+        if "cells" in query:
+            rows = lookup.spots_in_cells(query["cells"])
+        else:
+            rows = lookup.nearest_spots(query["vector"][np.newaxis], query["k"])[0]
         # Assembled from per-spot cached JSON: encoding ~1 MB of base64 anew cost ~13 ms a request.
         body = f'{{"index_version":{json.dumps(lookup.index.version)},"candidates":{lookup.candidates_json(rows)}}}'
         return Response(body, mimetype="application/json")
@@ -126,8 +155,8 @@ def info_payload(svc: Service) -> dict[str, Any]:
         "index_version": index.version, "feature_dtype": config.feature_dtype,
         "limits": {"max_k": config.max_k, "max_body": config.max_body,
                    "features_per_spot": config.features_per_spot},
-        "query_kinds": ["vector"],
-        "transforms": {},
+        "query_kinds": ["vector", "cells"],
+        "transforms": lookup.public(),
     }
 
 
@@ -144,22 +173,36 @@ def _json_body() -> dict[str, Any]:
     return body
 
 
-def parse_candidates(body: dict[str, Any], dim: int, max_k: int) -> tuple[np.ndarray, int]:
-    """Validate a candidates request: a ``vector`` of ``dim`` finite values and ``1 <= k <= max_k``."""
-    unknown = set(body) - {"vector", "k"}
+def parse_candidates(body: dict[str, Any], dim: int, max_k: int, n_cells: int) -> dict[str, Any]:
+    """Validate a candidates request: either ``vector`` (``dim`` finite values) with
+    ``1 <= k <= max_k``, or ``cells`` (distinct cell ids). ``pad`` is ignored."""
+    unknown = set(body) - {"vector", "k", "cells", "pad"}
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    if not isinstance(body.get("pad", ""), str):
+        raise ApiError(400, "bad_pad", "pad must be a string")
+    if ("vector" in body) == ("cells" in body):
+        raise ApiError(400, "missing_field", "the query needs exactly one of 'vector' or 'cells'")
+    if "cells" in body:
+        return {"cells": _cells(body["cells"], n_cells)}
     k = body.get("k")
     if isinstance(k, bool) or not isinstance(k, int):
         raise ApiError(400, "bad_k", "k must be an integer")
     if not 1 <= k <= max_k:
         raise ApiError(400, "bad_k", f"k must be between 1 and {max_k}")
-    if "vector" not in body:
-        raise ApiError(400, "missing_field", "the query needs a 'vector'")
     try:
         vector = wire.decode(body["vector"], expect_dim=dim)
     except wire.WireError as exc:
         raise ApiError(400, "bad_vector", str(exc)) from None
     if vector.size != dim:
         raise ApiError(400, "bad_vector", f"send one vector of dimension {dim}")
-    return vector.reshape(dim), k
+    return {"vector": vector.reshape(dim), "k": k}
+
+
+def _cells(cells: Any, n_cells: int) -> list[int]:
+    if (not isinstance(cells, list) or not cells or len(cells) > n_cells
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n_cells for c in cells)):
+        raise ApiError(400, "bad_cells", f"cells must be a non-empty list of distinct cell ids in [0, {n_cells})")
+    if len(set(cells)) != len(cells):
+        raise ApiError(400, "bad_cells", "cells must be distinct")
+    return cells

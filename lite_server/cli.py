@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,9 @@ from edge_client.extractor import Extractor
 
 from .config import ServerConfig, load_config
 from .index import Index, build_index
+from .updates import add_spots, reload_service, remove_spots
+
+log = logging.getLogger(__name__)
 
 
 def _progress_bar(done: int, total: int) -> None:
@@ -36,22 +41,63 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add(args: argparse.Namespace) -> int:
+    model = Path(args.model) if args.model else ClientConfig().model_path()
+    index = add_spots(Path(args.index), Path(args.photos), Extractor(model, num_threads=args.threads or 0),
+                      Path(args.spots) if args.spots else None,
+                      progress=_progress_bar if sys.stderr.isatty() else None)
+    print(json.dumps(index.manifest, indent=2))
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    print(json.dumps(remove_spots(Path(args.index), args.ids).manifest, indent=2))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     print(json.dumps(Index.load(args.index).manifest, indent=2))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from waitress import serve
+    """Lookup on ``host:port``; the admin API (only with a token) on its own loopback listener.
 
-    from .app import create_app
+    Waitress gets ``threads + max_pending + HEADROOM`` threads: ``threads`` do
+    lookups, ``max_pending`` wait for one, the rest answer 503s and health
+    checks at once (see ``lite_server.admission``). SIGHUP reloads the index.
+    """
+    from waitress import create_server
+
+    from .admin import check_token, create_admin_app
+    from .admission import HEADROOM
+    from .app import EXTENSION, create_app
 
     config = load_config(ServerConfig, args.config, **_overrides(args))
+    check_token(config)
     app = create_app(config)
+    service = app.extensions[EXTENSION]
+    threads = config.threads + config.max_pending + HEADROOM
+    server = create_server(app, host=config.host, port=config.port, threads=threads, ident="enfpire",
+                           connection_limit=max(100, 2 * threads), clear_untrusted_proxy_headers=True)
+    if config.admin_token:
+        admin = create_server(create_admin_app(service), host=config.admin_host, port=config.admin_port,
+                              threads=2, ident="enfpire", clear_untrusted_proxy_headers=True)
+        threading.Thread(target=admin.run, name="admin", daemon=True).start()
+        print(f"admin API on http://{config.admin_host}:{config.admin_port}", flush=True)
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(service,)).start())
     print(f"serving {config.index} on http://{config.host}:{config.port} ({config.threads} threads)", flush=True)
-    serve(app, host=config.host, port=config.port, threads=config.threads, ident="enfpire",
-          connection_limit=max(100, config.max_pending), clear_untrusted_proxy_headers=True)
+    server.run()
     return 0
+
+
+def _reload(service: Any) -> None:
+    """SIGHUP: switch to the index directory's current version; a bad one keeps the old serving."""
+    try:
+        switched, version = reload_service(service)
+        log.warning("SIGHUP: %s index version %s", "switched to" if switched else "already serving", version)
+    except EnfPireError as exc:
+        log.error("SIGHUP: reload failed, still serving the old version: %s", exc)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="extractor .tflite (default: the prepared model)")
     p.add_argument("--threads", type=int, help="interpreter threads")
     p.set_defaults(func=_build)
+    p = index.add_parser("add", help="add spots or photos: a new version beside the old, swapped atomically")
+    p.add_argument("index", help="index directory")
+    p.add_argument("--photos", required=True, help="one sub-folder per spot; known spots gain photos")
+    p.add_argument("--spots", help="CSV of spot metadata (as for build)")
+    p.add_argument("--model", help="extractor .tflite (must be the index's model)")
+    p.add_argument("--threads", type=int, help="interpreter threads")
+    p.set_defaults(func=_add)
+    p = index.add_parser("remove", help="remove spots and their photos (new version, atomic swap)")
+    p.add_argument("index", help="index directory")
+    p.add_argument("ids", nargs="+", help="spot ids")
+    p.set_defaults(func=_remove)
     p = index.add_parser("info", help="print an index's manifest")
     p.add_argument("index")
     p.set_defaults(func=_info)
@@ -79,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--host"); p.add_argument("--port", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--backend", help="sklearn | numpy | faiss | faiss-ivf")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
     return parser
 

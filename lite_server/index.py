@@ -15,16 +15,19 @@ A build writes a new version into a temporary folder, renames it into
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -154,7 +157,17 @@ def build_index(
     Undecodable photos are skipped and counted in the manifest, never fatal.
     """
     catalogue = read_spots_csv(spots_csv) if spots_csv else {}
-    photos = scan_photos(photos_dir)
+    rows, matrix, skipped = extract_photos(scan_photos(photos_dir), photos_dir, extractor, progress)
+    spot_ids = sorted({spot_id for spot_id, _ in rows})
+    spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
+    return publish(out_dir, base_manifest(extractor, len(spots), len(rows), skipped), spots, rows, matrix)
+
+
+def extract_photos(photos: list[tuple[str, Path]], photos_dir: Path, extractor: Extractor,
+                   progress: Callable[[int, int], None] | None = None,
+                   ) -> tuple[list[tuple[str, str]], np.ndarray, int]:
+    """Features of (spot id, photo) pairs: (rows with paths relative to ``photos_dir``,
+    float16 matrix, number of undecodable photos skipped)."""
     skipped: list[str] = []
     rows: list[tuple[str, str]] = []
     features: list[np.ndarray] = []
@@ -167,10 +180,8 @@ def build_index(
             progress(done, len(photos))
     if skipped:
         log.warning("skipped %d undecodable photo(s)", len(skipped))
-    spot_ids = sorted({spot_id for spot_id, _ in rows})
-    spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
     matrix = np.stack(features).astype(np.float16) if features else np.zeros((0, extractor.dim), np.float16)
-    return publish(out_dir, base_manifest(extractor, len(spots), len(rows), len(skipped)), spots, rows, matrix)
+    return rows, matrix, len(skipped)
 
 
 def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: int = 0) -> dict[str, Any]:
@@ -182,6 +193,13 @@ def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: in
 def publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
             rows: Iterable[tuple[str, str]], features: np.ndarray) -> Index:
     """Write a complete version beside the others, then repoint ``current`` atomically."""
+    with index_lock(out_dir):
+        return _publish(out_dir, manifest, spots, rows, features)
+
+
+def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
+             rows: Iterable[tuple[str, str]], features: np.ndarray) -> Index:
+    _clear_leftovers(out_dir)
     version = new_version()
     versions = out_dir / "versions"
     versions.mkdir(parents=True, exist_ok=True)
@@ -262,8 +280,53 @@ def _point_current(out_dir: Path, version: str) -> None:
 
 
 def _prune_versions(out_dir: Path, keep: str) -> None:
-    """Keep the newest few versions (a server may still be reading the previous one)."""
-    versions = sorted(p for p in (out_dir / "versions").iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Keep the newest few versions (a server may still be reading the previous one).
+
+    Newest by the manifest's write time (names made in one second sort at random).
+    An old version is renamed to a dot-name before it is deleted, so a crash
+    mid-delete never leaves a half version under its real name.
+    """
+    versions = sorted((p for p in (out_dir / "versions").iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: (p / "manifest.json").stat().st_mtime_ns if (p / "manifest.json").exists() else 0)
     for old in versions[:-KEEP_VERSIONS]:
         if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(f".trash-{old.name}")
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+_held = threading.local()
+
+
+@contextmanager
+def index_lock(out_dir: Path) -> Iterator[None]:
+    """Exclusive writer lock on an index directory, across processes and threads.
+
+    ``flock`` on ``INDEX_DIR/.lock``: the kernel drops it when its holder dies,
+    even by ``kill -9``, so a crash never leaves the index locked. Re-entrant
+    within one thread (an update holds it around its read and its publish).
+    """
+    key = str(Path(out_dir).resolve())
+    held: set[str] = _held.__dict__.setdefault("dirs", set())
+    if key in held:
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
+def _clear_leftovers(out_dir: Path) -> None:
+    """Remove what an interrupted writer left: temporary versions, links and trash (lock held)."""
+    versions = out_dir / "versions"
+    for stale in (versions.glob(".tmp-*") if versions.is_dir() else ()):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (versions.glob(".trash-*") if versions.is_dir() else ()):
+        shutil.rmtree(stale, ignore_errors=True)
+    for link in out_dir.glob(".current-*"):
+        link.unlink(missing_ok=True)

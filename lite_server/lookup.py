@@ -1,70 +1,60 @@
-"""From a query to a candidate set: spot scores from photo neighbours, and what
-each candidate carries back to the phone."""
+"""From a query to a candidate set: spot scores from photo neighbours, cells,
+and what each candidate carries back to the phone."""
 from __future__ import annotations
 
 import functools
 import json
+from typing import Any
 
 import numpy as np
 
-from edge_client import wire
-
-from .backends import DEFAULT_BACKEND, Backend, make_backend, release_pages
+from . import cells as public
+from .backends import Backend, make_backend, release_pages
 from .batching import BatchingBackend
+from .codec import PCACodec
+from .config import ServerConfig
 from .index import Index
-
-
-def representatives(features: np.ndarray, m: int) -> np.ndarray:
-    """Up to ``m`` rows of one spot's photos that cover its looks.
-
-    Farthest-point sampling: start from the photo closest to the spot's mean,
-    then repeatedly add the photo least similar to those already chosen.
-    Deterministic, and a spot with ``m`` photos or fewer keeps them all.
-    """
-    n = len(features)
-    if n <= m:
-        return np.arange(n)
-    vectors = features.astype(np.float32)
-    chosen = [int(np.argmax(vectors @ vectors.mean(axis=0)))]
-    nearest = vectors @ vectors[chosen[0]]
-    while len(chosen) < m:
-        nxt = int(np.argmin(nearest))
-        chosen.append(nxt)
-        nearest = np.maximum(nearest, vectors @ vectors[nxt])
-    return np.array(sorted(chosen))
+from edge_client import wire
 
 
 class Lookup:
-    """Answers candidate queries over one loaded :class:`Index`."""
+    """Answers candidate queries over one loaded :class:`Index`.
 
-    def __init__(self, index: Index, backend: str = DEFAULT_BACKEND, features_per_spot: int = 8,
-                 feature_dtype: str = "float16", max_batch: int = 0):
+    At load it also derives the public structure the transforms need (spot
+    prototypes, balanced cells, the PCA codec); all of it is a deterministic
+    function of the index, so every replica publishes the same parameters.
+    """
+
+    def __init__(self, index: Index, config: ServerConfig | None = None):
+        config = config or ServerConfig()
         self.index = index
-        self.feature_dtype = feature_dtype
-        self.backend: Backend = make_backend(backend).add(np.asarray(index.features))
+        self.config = config
+        self.backend: Backend = make_backend(config.backend).add(np.asarray(index.features))
         # A backend that ranks spots itself answers in one pass, however many photos a spot has.
         self._by_spot = hasattr(self.backend, "search_groups")
         if self._by_spot:
             self.backend.set_groups(index.photo_spot)  # type: ignore[attr-defined]
-        if max_batch > 1:  # concurrent requests share one scan of the gallery
-            self.backend = BatchingBackend(self.backend, max_batch)
-        self._rep_offsets, self._rep_rows = self._representatives(features_per_spot)
+        if config.max_batch > 1:  # concurrent requests share one scan of the gallery
+            self.backend = BatchingBackend(self.backend, config.max_batch)
+        n_spots = len(index.spots)
+        groups = public.spot_groups(index.photo_spot, n_spots)
+        self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
+        self.codec = PCACodec(config.codec_dim).fit(index.features) if config.codec_dim else None
+        reps, rep_spot = public.prototypes(index.features, groups, config.features_per_spot)
+        self._reps = reps
+        self._rep_bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        protos, self.prototype_spot = public.prototypes(index.features, groups, config.prototypes_per_spot)
+        self.prototypes = protos
+        self.spot_cell = public.balanced_cells(public.spot_means(index.features, groups), config.cell_min_spots) \
+            if n_spots else np.zeros(0, np.int64)
         release_pages(index.features)  # read once above: keep them out of the resident set
         # A candidate's JSON text is fixed per index version and json.dumps of its ~27 kB of
         # base64 costs more than the lookup's re-score: cached per instance, at most ~75 MB.
         self._candidate_json = functools.lru_cache(maxsize=2048)(self._dump_candidate)
 
-    def _representatives(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """CSR arrays: spot ``s`` shows photo rows ``rows[offsets[s]:offsets[s+1]]``."""
-        order = np.argsort(self.index.photo_spot, kind="stable")
-        bounds = np.searchsorted(self.index.photo_spot[order], np.arange(len(self.index.spots) + 1))
-        rows, offsets = [], [0]
-        for s in range(len(self.index.spots)):
-            members = order[bounds[s]:bounds[s + 1]]
-            picked = members[representatives(np.asarray(self.index.features[members]), m)]
-            rows.append(picked)
-            offsets.append(offsets[-1] + len(picked))
-        return np.array(offsets), (np.concatenate(rows) if rows else np.zeros(0, np.int64))
+    @property
+    def n_cells(self) -> int:
+        return int(self.spot_cell.max()) + 1 if len(self.spot_cell) else 0
 
     def nearest_spots(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """For each query, the rows of its ``k`` best spots (a spot scores its best photo)."""
@@ -87,11 +77,18 @@ class Lookup:
         _, first = np.unique(spots, return_index=True)
         return spots[np.sort(first)][:k]
 
-    def candidate(self, spot_row: int) -> dict:
+    def spots_in_cells(self, cells: list[int]) -> np.ndarray:
+        """Rows of every spot in ``cells``, in spot order (the order leaks nothing)."""
+        return np.flatnonzero(np.isin(self.spot_cell, np.asarray(cells, dtype=np.int64)))
+
+    def encode(self, vectors: np.ndarray) -> dict[str, Any]:
+        """Features as they travel: PCA int8 codes, or float16 without a codec."""
+        return self.codec.encode(vectors) if self.codec else wire.encode(vectors, self.config.feature_dtype)
+
+    def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""
-        rows = self._rep_rows[self._rep_offsets[spot_row]:self._rep_offsets[spot_row + 1]]
-        features = np.asarray(self.index.features[np.sort(rows)], dtype=np.float32)
-        return {**self.index.spots[spot_row].public(), "features": wire.encode(features, self.feature_dtype)}
+        reps = self._reps[self._rep_bounds[spot_row]:self._rep_bounds[spot_row + 1]]
+        return {**self.index.spots[spot_row].public(), "features": self.encode(reps)}
 
     def candidates_json(self, spot_rows: np.ndarray) -> str:
         """The JSON array of :meth:`candidate` for ``spot_rows``, from cached text (see __init__)."""
@@ -99,3 +96,14 @@ class Lookup:
 
     def _dump_candidate(self, spot_row: int) -> str:
         return json.dumps(self.candidate(spot_row), separators=(",", ":"))
+
+    def public(self) -> dict[str, Any]:
+        """The transforms' public parameters, for ``/v1/info``."""
+        out: dict[str, Any] = {"codec": self.codec.public() if self.codec else {"kind": "none"}}
+        if self.n_cells:
+            out["cells"] = {
+                "n_cells": self.n_cells, "spot_cell": self.spot_cell.tolist(),
+                "popularity": [round(float(p), 6) for p in self.popularity],
+                "prototypes": self.encode(self.prototypes), "prototype_spot": self.prototype_spot.tolist(),
+            }
+        return out

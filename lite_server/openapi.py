@@ -10,10 +10,12 @@ from typing import Any
 MATRIX = {
     "type": "object", "required": ["dtype", "shape", "data"],
     "properties": {
-        "dtype": {"enum": ["float16", "float32", "uint8"]},
+        "dtype": {"enum": ["float16", "float32", "uint8", "int8"]},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
         "data": {"type": "string", "description": "base64 of the little-endian values"},
-        "scale": {"type": "number", "exclusiveMinimum": 0, "description": "uint8 only: value = q * scale"},
+        "scale": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
+                            {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}}],
+                  "description": "uint8: one scale, value = q * scale; int8: one scale per row"},
     },
 }
 ERROR = {

@@ -56,10 +56,11 @@ def photos() -> list[Path]:
 SUBSET_SPOTS = 24
 
 
-def make_subset(dest: Path, spots: int = SUBSET_SPOTS, per_spot: int = 1000, skip_first: int = 0) -> Path:
-    """A small dataset folder (symlinks to real photos) with its spots CSV."""
+def make_subset(dest: Path, spots: int = SUBSET_SPOTS, per_spot: int = 1000, skip_first: int = 0,
+                first: int = 0) -> Path:
+    """A small dataset folder (symlinks to real photos) with its spots CSV; spots from ``first`` on."""
     images = dest / "images"
-    folders = sorted(p for p in (DATASET / "images").iterdir() if p.is_dir())[:spots]
+    folders = sorted(p for p in (DATASET / "images").iterdir() if p.is_dir())[first:first + spots]
     for folder in folders:
         (images / folder.name).mkdir(parents=True)
         for photo in sorted(folder.glob("*.jpg"))[skip_first:skip_first + per_spot]:
@@ -92,7 +93,16 @@ def index_dir(subset: Path, extractor: Extractor, tmp_path_factory: pytest.TempP
     return out
 
 
-@pytest.fixture()
+def copy_index(index_dir: Path, parent: Path) -> Path:
+    """A private copy of an index directory (``current`` stays a relative link) for tests that change it."""
+    import shutil
+
+    copy = parent / "index"
+    shutil.copytree(index_dir, copy, symlinks=True)
+    return copy
+
+
+@pytest.fixture(scope="session")
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
     from lite_server.app import create_app
     from lite_server.config import ServerConfig

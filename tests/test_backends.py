@@ -16,6 +16,7 @@ from edge_client.extractor import l2_normalize
 from lite_server.backends import (BACKENDS, FaissBackend, QuantizedBackend, best_first, load_backend, make_backend,
                                   release_pages)
 from lite_server.batching import BatchingBackend
+from lite_server.config import ServerConfig
 from lite_server.index import Index
 from lite_server.lookup import Lookup
 
@@ -183,6 +184,7 @@ def test_a_failing_batch_fails_every_caller_and_the_next_one_runs(gallery: tuple
 
 def test_lookup_spots_agree_across_backends_and_batching(index_dir: Path, queries: np.ndarray) -> None:
     index = Index.load(index_dir)
-    reference = Lookup(index, "faiss").nearest_spots(queries[:1], 10)[0]
-    for backend, batch in (("numpy", 0), ("numpy", 8), ("sklearn", 8)):
-        assert np.array_equal(Lookup(index, backend, max_batch=batch).nearest_spots(queries[:1], 10)[0], reference)
+    reference = Lookup(index, ServerConfig(backend="faiss", max_batch=1)).nearest_spots(queries[:1], 10)[0]
+    for backend, batch in (("numpy", 1), ("numpy", 8), ("sklearn", 8)):
+        lookup = Lookup(index, ServerConfig(backend=backend, max_batch=batch))
+        assert np.array_equal(lookup.nearest_spots(queries[:1], 10)[0], reference)

@@ -29,7 +29,8 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     assert 0.7 < result["extract_ratio_224"] < 10 and 0.7 < result["extract_ratio_12mp"] < 30
     assert result["extract_cosine_fast_vs_careful_min"] > 0.95
     assert result["same_rows_as_faiss_3k"] > 0.95  # the default is exact: ties aside, FAISS's rows
-    assert result["response_bytes_k40_3k"] > 40 * 1280 * 2  # 40 candidates carry their features
-    assert result["private_bytes_received"] > 10 * result["plain_bytes_received"]
+    # 40 candidates carry their features (in whatever wire encoding), one plain candidate far less.
+    assert result["response_bytes_k40_3k"] > 40 * 256
+    assert result["private_bytes_received"] > 5 * result["plain_bytes_received"]
     assert result["throughput_rps_4"] > 0 and 50 < result["rss_mb_3k"] < 1000
     assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed

@@ -51,7 +51,7 @@ def test_candidates_answer_matches_the_document_and_ranks_the_spot_first(
     assert len(body["candidates"]) == 5 and body["candidates"][0]["id"] == held_out[0][0]
     first = body["candidates"][0]
     assert first["name"] and first["lat"] is not None and isinstance(first["info"], dict)
-    assert wire.decode(first["features"], expect_dim=1280).shape[0] <= 8
+    assert wire.decode(first["features"], expect_dim=128).shape[0] <= 6  # PCA int8 codes
     assert "Set-Cookie" not in response.headers
 
 
@@ -131,3 +131,14 @@ def test_unknown_route_and_method_are_json(client: Any) -> None:
     response = client.get("/v1/candidates")
     assert response.status_code == 405 and "POST" in response.headers["Allow"]
     _validate(response.get_json(), "Error")
+
+
+def test_large_answers_are_gzipped_for_clients_that_accept_it(client: Any, query: np.ndarray) -> None:
+    import gzip
+
+    body = {"vector": _vector(query), "k": 10}
+    plain = client.post("/v1/candidates", json=body)
+    packed = client.post("/v1/candidates", json=body, headers={"Accept-Encoding": "gzip, deflate"})
+    assert "Content-Encoding" not in plain.headers and packed.headers["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(packed.data)) == plain.get_json()
+    assert len(packed.data) < 0.85 * len(plain.data)

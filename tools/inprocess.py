@@ -8,6 +8,7 @@ a sweep of thousands of queries takes seconds.
 """
 from __future__ import annotations
 
+import gzip
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +32,9 @@ class WSGIAdapter(BaseAdapter):
         response.status_code = answer.status_code
         response.reason = answer.status.split(" ", 1)[-1]
         response.headers = CaseInsensitiveDict(dict(answer.headers))
-        response._content = answer.get_data()
+        body = answer.get_data()
+        # requests un-gzips what it reads from a socket; do the same here.
+        response._content = gzip.decompress(body) if answer.headers.get("Content-Encoding") == "gzip" else body
         response.url = request.url or ""
         response.request = request
         return response
