@@ -233,9 +233,13 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(port),
              "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
 
-    def _wait_ready(self, timeout: float = 600.0) -> None:
+    def _wait_ready(self, timeout: float = 1800.0) -> None:
         import requests
 
         deadline = time.monotonic() + timeout
