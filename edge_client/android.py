@@ -17,8 +17,10 @@ from .client import Client
 from .config import ClientConfig, load_config
 from .errors import EnfPireError
 from .extractor import Extractor
+from .scheduler import DummyScheduler
 
 _clients: dict[str, Client] = {}
+_schedulers: dict[int, DummyScheduler] = {}
 _lock = threading.Lock()
 
 
@@ -42,9 +44,31 @@ def _answer(call: Callable[[], dict[str, Any]]) -> str:
         return json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}})
 
 
+def _scheduler(client: Client) -> DummyScheduler:
+    """One running dummy scheduler per client: its personas live as long as the app."""
+    with _lock:
+        if id(client) not in _schedulers:
+            _schedulers[id(client)] = DummyScheduler(client).start()
+        return _schedulers[id(client)]
+
+
 def recognize_jpeg(jpeg_bytes: bytes, server_url: str, config_json: str = "{}") -> str:
-    """Recognize a photo (JPEG or any image bytes); the JSON of a Recognition."""
-    return _answer(lambda: _client(server_url, config_json).recognize(bytes(jpeg_bytes)).to_dict())
+    """Recognize a photo (JPEG or any image bytes); the JSON of a Recognition.
+
+    With ``dummies`` > 0 in the configuration (the default) the request leaves
+    among dummy requests through the client's background scheduler; this call
+    blocks until the real answer is in (at most the dummy window longer)."""
+    def run() -> dict[str, Any]:
+        client = _client(server_url, config_json)
+        if client.config.dummies > 0:
+            return _scheduler(client).recognize(bytes(jpeg_bytes)).to_dict()
+        return client.recognize(bytes(jpeg_bytes)).to_dict()
+    return _answer(run)
+
+
+def dummy_stats(server_url: str, config_json: str = "{}") -> str:
+    """How many real and dummy requests this client's scheduler sent, failed or left out for the cap."""
+    return _answer(lambda: {"counts": dict(_scheduler(_client(server_url, config_json)).counts)})
 
 
 def extract_jpeg(jpeg_bytes: bytes, config_json: str = "{}") -> str:
@@ -62,7 +86,12 @@ def server_info(server_url: str, config_json: str = "{}") -> str:
 
 
 def close_all() -> str:
-    """Close every cached client (call from the app's onDestroy)."""
+    """Stop the dummy schedulers and close every cached client (call from the app's onDestroy)."""
+    with _lock:
+        schedulers = list(_schedulers.values())
+        _schedulers.clear()
+    for scheduler in schedulers:
+        scheduler.stop(drain=True, timeout=60)  # let started bursts finish, whole
     with _lock:
         for client in _clients.values():
             client.close()

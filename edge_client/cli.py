@@ -11,6 +11,7 @@ from .config import ClientConfig, load_config
 from .client import Client
 from .errors import ConfigError, EnfPireError
 from .extractor import Extractor
+from .scheduler import DummyScheduler
 
 
 def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
@@ -38,9 +39,15 @@ def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
     else:
         raise ConfigError("give a PHOTO or --camera")
     with Client(config) as client:
-        result = client.recognize(photo)  # type: ignore[arg-type]
+        if config.dummies > 0:
+            # The burst must go out whole before exiting: a cut-short burst shows which request came last.
+            with DummyScheduler(client) as scheduler:
+                result = scheduler.recognize(photo)  # type: ignore[arg-type]
+        else:
+            result = client.recognize(photo)  # type: ignore[arg-type]
+    dummies_sent = scheduler.counts["dummy"] if config.dummies > 0 else 0
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "dummies_sent": dummies_sent}))
     elif result.spot_id is None:
         print(f"unknown spot (best score {result.score:.3f} below the threshold)")
     else:
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float)
     p.add_argument("--threshold", type=float, help="below this score answer 'unknown'")
     p.add_argument("--seed", type=int)
+    p.add_argument("--dummies", type=int, metavar="N", help="dummy requests around the real one (default 2)")
+    p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("info", help="print the server's /v1/info")
     p.add_argument("--server")

@@ -16,18 +16,22 @@ import logging
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 
+from . import wire
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
 from .photo import Photo
 from .recognizer import Projector, Recognition, projector, rerank
 from .transforms import Transform, make_transform
+
+if TYPE_CHECKING:
+    from .catalogue import Catalogue
 
 log = logging.getLogger(__name__)
 USER_AGENT = "enfpire-client"
@@ -90,6 +94,15 @@ class Client:
             self._compare_dim = dim or int(info["dim"])
             self.transform.fit(public)
         return info
+
+    def catalogue(self) -> "Catalogue":
+        """The server's public spot catalogue (``/v1/spots``), for dummy requests."""
+        from .catalogue import Catalogue
+
+        payload, _, _ = self._request("GET", "/v1/spots")
+        codec = (self.info().get("transforms") or {}).get("codec") or {}
+        basis = wire.decode(codec["basis"]) if codec.get("kind") == "pca" else None
+        return Catalogue.from_payload(payload, int(self.info()["dim"]), basis)
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""

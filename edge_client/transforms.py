@@ -78,6 +78,43 @@ class Noise(Transform):
         return {"vector": wire.encode(l2_normalize(noisy)), "k": self.k_}
 
 
+class Mix(Transform):
+    """Decoy mixing: the query blends the true feature with decoys from a public pool.
+
+    The pool is the server's published prototypes lifted back to feature
+    space, each decoy perturbed; the decoys' spots follow popularity and the
+    weights are random. ``strength`` is the decoys' expected share of the
+    blend (0 = the raw feature). A server that knows the pool can explain the
+    decoys away (see ``tools/attackers.py``), which is why this family loses
+    to cells; it is here as the comparison the paper's idea invites.
+    """
+
+    name = "mix"
+    default_strength = 0.6
+    default_k = 40
+    decoys = 3
+    decoy_noise = 0.5
+
+    def fit(self, public: Mapping[str, Any]) -> "Mix":
+        cells = public.get("cells") or {}
+        codec = public.get("codec") or {}
+        if not cells or codec.get("kind") != "pca":
+            raise ConfigError("the mix transform needs the server's published prototypes and codec")
+        basis = wire.decode(codec["basis"])
+        self.pool_ = l2_normalize(wire.decode(cells["prototypes"]) @ basis)
+        popularity = np.asarray(cells["popularity"], dtype=np.float64)[np.asarray(cells["prototype_spot"])]
+        self.weights_ = popularity / popularity.sum()
+        return self
+
+    def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        share = float(np.clip(self.strength_ * rng.uniform(0.75, 1.25), 0.0, 0.95))
+        picks = rng.choice(len(self.pool_), size=self.decoys, p=self.weights_)
+        noise = rng.standard_normal((self.decoys, feature.size)) * (self.decoy_noise / np.sqrt(feature.size))
+        decoys = l2_normalize(self.pool_[picks] + noise.astype(np.float32))
+        blend = (1 - share) * feature + share * (rng.dirichlet(np.ones(self.decoys)) @ decoys)
+        return {"vector": wire.encode(l2_normalize(blend)), "k": self.k_}
+
+
 class Cells(Transform):
     """Coarse cells with decoys: the phone names cells, never a vector.
 
@@ -93,8 +130,8 @@ class Cells(Transform):
     """
 
     name = "cells"
-    default_strength = 1.0
-    default_k = 2          # r: real cells per query
+    default_strength = 2.0  # decoy groups per query
+    default_k = 2           # r: real cells per query
     decoy_noise = 0.0      # noise on a decoy's prototype before it picks cells
 
     def fit(self, public: Mapping[str, Any]) -> "Cells":
@@ -105,8 +142,14 @@ class Cells(Transform):
         self.prototypes_ = wire.decode(cells["prototypes"])
         self.prototype_spot_ = np.asarray(cells["prototype_spot"], dtype=np.int64)
         spot_cell = np.asarray(cells["spot_cell"], dtype=np.int64)
-        self.prototype_cell_ = spot_cell[self.prototype_spot_]
         self.n_cells_ = int(cells["n_cells"])
+        # Prototypes grouped by cell, so a cell's best score is one reduceat.
+        cell_of = spot_cell[self.prototype_spot_]
+        order = np.argsort(cell_of, kind="stable")
+        self.by_cell_ = self.prototypes_[order]
+        self.cell_starts_ = np.searchsorted(cell_of[order], np.arange(self.n_cells_))
+        if len(np.unique(cell_of)) != self.n_cells_:
+            raise ConfigError("every published cell must hold at least one prototype")
         popularity = np.asarray(cells["popularity"], dtype=np.float64)
         self.popularity_ = popularity / popularity.sum()
         return self
@@ -119,8 +162,7 @@ class Cells(Transform):
         return pad({"cells": cells}, self.max_body_size())
 
     def _best_cells(self, vector: np.ndarray) -> np.ndarray:
-        scores = np.full(self.n_cells_, -np.inf)
-        np.maximum.at(scores, self.prototype_cell_, self.prototypes_ @ vector)
+        scores = np.maximum.reduceat(self.by_cell_ @ vector, self.cell_starts_)
         return np.argsort(-scores, kind="stable")[: self.k_]
 
     def _decoy(self, rng: np.random.Generator) -> np.ndarray:
@@ -148,8 +190,8 @@ def pad(body: dict[str, Any], size: int) -> dict[str, Any]:
     return {**body, "pad": "x" * max(0, short)}
 
 
-TRANSFORMS: dict[str, type[Transform]] = {t.name: t for t in (Identity, Noise, Cells)}
-DEFAULT_TRANSFORM = "noise"
+TRANSFORMS: dict[str, type[Transform]] = {t.name: t for t in (Identity, Noise, Mix, Cells)}
+DEFAULT_TRANSFORM = "cells"
 
 
 def make_transform(name: str = "", strength: float | None = None, k: int | None = None) -> Transform:

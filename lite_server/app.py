@@ -4,6 +4,7 @@
     GET  /readyz           index loaded, with its counts
     GET  /v1/info          what a client needs before it asks
     POST /v1/candidates    a transformed query in, candidate spots out
+    GET  /v1/spots         the public spot catalogue (for dummy requests)
     GET  /openapi.json     the description of all of the above
 """
 from __future__ import annotations
@@ -137,6 +138,12 @@ def _routes() -> Any:
         # Assembled from per-spot cached JSON: encoding ~1 MB of base64 anew cost ~13 ms a request.
         body = f'{{"index_version":{json.dumps(lookup.index.version)},"candidates":{lookup.candidates_json(rows)}}}'
         return Response(body, mimetype="application/json")
+
+    @api.get("/v1/spots")
+    def spots() -> Response:
+        from .catalogue import catalogue
+
+        return jsonify(catalogue(service().ready()))
 
     @api.get("/openapi.json")
     def openapi() -> Response:

@@ -67,9 +67,9 @@ def _plus_plus(vectors: np.ndarray, m: int, rng: np.random.Generator) -> np.ndar
 def _lloyd(vectors: np.ndarray, centres: np.ndarray, iterations: int) -> np.ndarray:
     for _ in range(iterations):
         labels = np.argmax(vectors @ centres.T, axis=1)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, labels, vectors)
-        empty = ~np.bincount(labels, minlength=len(centres)).astype(bool)
+        members = labels == np.arange(len(centres))[:, None]  # one-hot: a product beats ufunc.at
+        sums = members.astype(vectors.dtype) @ vectors
+        empty = ~members.any(axis=1)
         sums[empty] = centres[empty]  # an emptied centre stays where it was
         centres = l2_normalize(sums)
     return centres

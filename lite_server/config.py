@@ -21,11 +21,11 @@ class ServerConfig:
     max_batch: int = 32              # concurrent queries scored in one pass; 1 = no batching
     max_k: int = 64                  # most candidate spots one request may ask for
     max_body: int = 64 * 1024        # bytes; larger requests get 413
-    features_per_spot: int = 6       # representative features (k-means centres) returned per candidate
+    features_per_spot: int = 8       # representative features (k-means centres) returned per candidate
     feature_dtype: str = "float16"   # wire encoding of candidate features when codec_dim is 0
     codec_dim: int = 128             # PCA dimensions of candidate features (int8 codes); 0 = full float16
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
-    cell_min_spots: int = 8          # every public cell holds at least this many spots
+    cell_min_spots: int = 10         # every public cell holds at least this many spots
     max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
     queue_timeout: float = 8.0       # seconds a queued request waits for a slot, then 503 (under the phone's 10 s read timeout)
     retry_after: int = 1             # seconds a refused client is told to wait (Retry-After)

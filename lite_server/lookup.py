@@ -41,8 +41,9 @@ class Lookup:
         self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
         self.codec = PCACodec(config.codec_dim).fit(index.features) if config.codec_dim else None
         reps, rep_spot = public.prototypes(index.features, groups, config.features_per_spot)
-        self._reps = reps
-        self._rep_bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        # Encoded once at load: a request only assembles what is ready.
+        self._encoded = [self.encode(reps[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
         protos, self.prototype_spot = public.prototypes(index.features, groups, config.prototypes_per_spot)
         self.prototypes = protos
         self.spot_cell = public.balanced_cells(public.spot_means(index.features, groups), config.cell_min_spots) \
@@ -87,8 +88,7 @@ class Lookup:
 
     def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""
-        reps = self._reps[self._rep_bounds[spot_row]:self._rep_bounds[spot_row + 1]]
-        return {**self.index.spots[spot_row].public(), "features": self.encode(reps)}
+        return {**self.index.spots[spot_row].public(), "features": self._encoded[spot_row]}
 
     def candidates_json(self, spot_rows: np.ndarray) -> str:
         """The JSON array of :meth:`candidate` for ``spot_rows``, from cached text (see __init__)."""

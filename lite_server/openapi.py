@@ -62,6 +62,21 @@ SCHEMAS: dict[str, Any] = {
             "transforms": {"type": "object", "description": "public parameters of the privacy transforms"},
         },
     },
+    "Catalogue": {
+        "type": "object", "required": ["index_version", "dim", "spots", "spread"],
+        "properties": {
+            "index_version": {"type": "string"}, "dim": {"type": "integer"},
+            "spots": {"type": "array", "items": {"allOf": [
+                {"$ref": "#/components/schemas/Candidate"},
+                {"type": "object", "required": ["popularity"],
+                 "properties": {"popularity": {"type": "number", "minimum": 0,
+                                               "description": "share of the gallery's photos"}}}]}},
+            "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
+                       "description": "leave-one-out spread of photos around their spot's mean",
+                       "properties": {"cos_median": {"type": "number"}, "log_tan_sigma": {"type": "number"},
+                                      "n": {"type": "integer"}}},
+        },
+    },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "Ready": {"type": "object", "required": ["status", "index_version", "n_spots", "n_photos"]},
 }
@@ -89,6 +104,7 @@ def spec() -> dict[str, Any]:
             "/readyz": {"get": _op("Readiness: index loaded", "Ready", (503,))},
             "/v1/info": {"get": _op("Model, index, limits and public transform parameters", "Info", (503,))},
             "/v1/candidates": {"post": candidates},
+            "/v1/spots": {"get": _op("Public spot catalogue for dummy requests", "Catalogue", (503,))},
         },
         "components": {"schemas": SCHEMAS},
     }

@@ -192,15 +192,25 @@ class CellsBayesAttacker:
     def _posterior(self, message: tuple[int, ...]) -> np.ndarray:
         import itertools
 
-        subsets = list(itertools.combinations(message, min(self.r_, len(message))))
+        bit = {cell: 1 << i for i, cell in enumerate(message)}
+        full = (1 << len(message)) - 1
+        groups = [(sum(bit[c] for c in g), self.decoys_.get(g, 0.0))
+                  for g in itertools.combinations(message, min(self.r_, len(message)))]
+        # Distribution of the union of the d decoy groups over subsets of the message
+        # (a group outside the message has probability zero given what was sent).
+        unions = {0: 1.0}
+        for _ in range(self.d_):
+            grown: dict[int, float] = {}
+            for mask, p in unions.items():
+                for group, q in groups:
+                    if q:
+                        grown[mask | group] = grown.get(mask | group, 0.0) + p * q
+            unions = grown
         total = np.zeros_like(self.prior_)
-        for real in subsets:
-            weight = 0.0
-            for decoys in itertools.product(subsets, repeat=self.d_):
-                if set(real).union(*map(set, decoys)) == set(message):
-                    weight += float(np.prod([self.decoys_.get(t, 0.0) for t in decoys]))
+        for (real, _), cells in zip(groups, itertools.combinations(message, min(self.r_, len(message)))):
+            weight = sum(p for mask, p in unions.items() if mask | real == full)
             if weight:
-                total += self._likelihood(real) * weight
+                total += self._likelihood(cells) * weight
         return self.prior_ * total
 
 
@@ -211,3 +221,30 @@ def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray
     public = lookup.public()
     public["cells"] = {**public["cells"], "prototypes": lookup.encode(protos), "prototype_spot": owner.tolist()}
     return copy.copy(transform).fit(public)
+
+
+class ExplainAwayAttacker:
+    """For mixing: remove the public-pool components a query is made of, then recognise the rest.
+
+    Greedy orthogonal matching pursuit picks the ``atoms`` pool vectors that
+    explain most of the query, a least-squares fit removes them, and the
+    server's recognizer runs on the residual.
+    """
+
+    def __init__(self, pool: np.ndarray, lookup: Lookup, atoms: int = 3):
+        self.pool, self.lookup, self.atoms = pool, lookup, atoms
+
+    def scores(self, bodies: list[dict[str, Any]]) -> np.ndarray:
+        residuals = np.stack([self._residual(wire.decode(b["vector"]).reshape(-1)) for b in bodies])
+        index = self.lookup.index
+        return spot_scores(residuals, np.asarray(index.features, np.float32), index.photo_spot, len(index.spots))
+
+    def _residual(self, query: np.ndarray) -> np.ndarray:
+        chosen: list[int] = []
+        residual = query
+        for _ in range(self.atoms):
+            chosen.append(int(np.argmax(np.abs(self.pool @ residual))))
+            atoms = self.pool[chosen].T
+            coef, *_ = np.linalg.lstsq(atoms, query, rcond=None)
+            residual = query - atoms @ coef
+        return residual

@@ -47,13 +47,15 @@ def _rank_key(path: Path) -> str:
     return hashlib.sha1(path.name.encode()).hexdigest()
 
 
-def split(dataset: Dataset, query_fraction: float = 0.2, min_photos: int = 5) -> tuple[np.ndarray, np.ndarray, int]:
+def split(dataset: Dataset, query_fraction: float = 0.2, min_photos: int = 5,
+          rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(gallery rows, query rows, spots left out): per spot, the ``query_fraction``
     of photos first by sha1 of the file name (at least one) are queries; spots with
-    fewer than ``min_photos`` are left out entirely."""
+    fewer than ``min_photos`` are left out entirely. ``rows`` restricts the split
+    to those photos (splitting a gallery again gives a tuning split)."""
     by_spot: dict[str, list[int]] = {}
-    for row, (spot, _) in enumerate(dataset.photos):
-        by_spot.setdefault(spot, []).append(row)
+    for row in (range(len(dataset.photos)) if rows is None else rows):
+        by_spot.setdefault(dataset.photos[row][0], []).append(int(row))
     gallery, queries, left_out = [], [], 0
     for rows in by_spot.values():
         if len(rows) < min_photos:

@@ -8,13 +8,14 @@ a sweep of thousands of queries takes seconds.
 """
 from __future__ import annotations
 
-import gzip
+import io
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
+from urllib3 import HTTPResponse
 
 
 class WSGIAdapter(BaseAdapter):
@@ -32,9 +33,10 @@ class WSGIAdapter(BaseAdapter):
         response.status_code = answer.status_code
         response.reason = answer.status.split(" ", 1)[-1]
         response.headers = CaseInsensitiveDict(dict(answer.headers))
-        body = answer.get_data()
-        # requests un-gzips what it reads from a socket; do the same here.
-        response._content = gzip.decompress(body) if answer.headers.get("Content-Encoding") == "gzip" else body
+        # A urllib3 response over the bytes: the client streams and un-gzips it
+        # exactly as it would from a socket.
+        response.raw = HTTPResponse(body=io.BytesIO(answer.get_data()), headers=dict(answer.headers),
+                                    status=answer.status_code, preload_content=False, decode_content=True)
         response.url = request.url or ""
         response.request = request
         return response

@@ -1,0 +1,237 @@
+"""Dummy requests: the catalogue, personas, synthetic photos, the scheduler and the evaluation.
+
+Real model, real photos, the real server code (in-process through the WSGI
+adapter, or waitress for the CLI); the scheduler runs on a manual clock.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_client import wire
+from edge_client.catalogue import Catalogue, haversine_km
+from edge_client.client import Client
+from edge_client.config import ClientConfig
+from edge_client.dummies import NaiveGenerator, PersonaGenerator, SyntheticPhotos
+from edge_client.errors import ServerUnreachableError
+from edge_client.extractor import Extractor
+from edge_client.personas import Movement, Persona
+from edge_client.scheduler import DummyScheduler, ManualClock, Sent
+from lite_server.index import Index
+from tests.conftest import LiveServer, free_port, make_subset
+from tools.inprocess import mount
+
+DAY0 = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC
+
+
+def _client(app: Any, extractor: Extractor, **settings: Any) -> Client:
+    client = Client(ClientConfig(seed=3, **settings), extractor)
+    client.config = ClientConfig(server=mount(client.session, app), seed=3, **settings)
+    return client
+
+
+@pytest.fixture(scope="module")
+def real_features(extractor: Extractor, held_out: list[tuple[str, Path]]) -> list[tuple[str, np.ndarray]]:
+    return [(spot, extractor.extract(photo)) for spot, photo in held_out[:6]]
+
+
+@pytest.fixture()
+def catalogue(app: Any, extractor: Extractor) -> Catalogue:
+    with _client(app, extractor) as client:
+        return client.catalogue()
+
+
+def test_spots_catalogue_is_public_data_described_by_openapi(client: Any, app: Any, index_dir: Path) -> None:
+    import jsonschema
+
+    from lite_server.openapi import spec
+
+    payload = client.get("/v1/spots").get_json()
+    document = spec()
+    jsonschema.validate(payload, {"$ref": "#/components/schemas/Catalogue", "components": document["components"]})
+    index = Index.load(index_dir)
+    assert len(payload["spots"]) == len(index.spots)
+    assert abs(sum(s["popularity"] for s in payload["spots"]) - 1) < 1e-3
+    assert 0.3 < payload["spread"]["cos_median"] < 0.99
+    # Nothing beyond what a candidates answer already carries for the same spot.
+    first = np.asarray(index.features[index.photo_spot == 0][:1], np.float32)
+    body = {"vector": wire.encode(first[0]), "k": 1}
+    answer = client.post("/v1/candidates", json=body).get_json()["candidates"][0]
+    assert answer["id"] == payload["spots"][0]["id"] and answer["features"] == payload["spots"][0]["features"]
+
+
+def test_synthetic_photos_are_never_gallery_features(catalogue: Catalogue, index_dir: Path) -> None:
+    gallery = np.asarray(Index.load(index_dir).features, np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    photos, rng = SyntheticPhotos(catalogue), np.random.default_rng(0)
+    made = np.stack([photos.feature(row, rng) for row in range(len(catalogue)) for _ in range(20)])
+    assert np.allclose(np.linalg.norm(made, axis=1), 1, atol=1e-5)
+    assert (made @ gallery.T).max() < 0.995  # never a copy, nor a near-copy, of a gallery photo
+    own = np.array([(catalogue.features[row] @ made[i]).max() for i, row in
+                    enumerate(np.repeat(np.arange(len(catalogue)), 20))])
+    # ... yet each looks like its own spot: closest to it as real photos are (leave-one-out median).
+    assert np.median(own) > 0.6
+
+
+def test_persona_routes_obey_speed_and_hours(catalogue: Catalogue) -> None:
+    movement = Movement(utc_offset_s=0.0, dwell_median_s=600)
+    rng = np.random.default_rng(1)
+    persona = Persona(catalogue, movement, rng, DAY0)
+    times = DAY0 + np.cumsum(rng.exponential(1200, size=300))  # ~4 days of photos, day and night
+    spots = [persona.where(float(t)) for t in times]
+    moves = list(persona.moves)
+    assert len(moves) > 10 and len(set(spots)) > 5
+    for move in moves:
+        km = float(haversine_km(catalogue.lat[move.src], catalogue.lon[move.src],
+                                catalogue.lat[move.dst], catalogue.lon[move.dst]))
+        assert move.arrive - move.depart >= 3600 * km / movement.max_kmh - 1e-6
+        assert 8 <= (move.depart % 86400) / 3600 < 20
+    for (t1, a), (t2, b) in zip(zip(times, spots), zip(times[1:], spots[1:])):
+        hops = [m for m in moves if t1 <= m.depart and m.arrive <= t2]  # trips made between two photos
+        if a != b:  # a change of spot only ever through trips that started after the last photo there
+            assert hops and hops[0].src == a and hops[-1].dst == b
+        else:
+            assert not hops or hops[-1].dst == b
+
+
+def test_scheduler_sends_each_real_request_among_its_dummies(
+        app: Any, extractor: Extractor, catalogue: Catalogue, real_features: list[tuple[str, np.ndarray]]) -> None:
+    clock, sent = ManualClock(DAY0), []
+    generator = PersonaGenerator(catalogue, 2, Movement(utc_offset_s=0.0), seed=5)
+    with _client(app, extractor, transform="noise", k=12) as client:
+        scheduler = DummyScheduler(client, generator, dummies=2, per_hour=1000, window=6.0, clock=clock,
+                                   on_sent=sent.append)
+        futures = []
+        for i, (_, feature) in enumerate(real_features):
+            scheduler.run_until(DAY0 + 300 * i, clock.sleep)
+            futures.append(scheduler.submit(feature))
+        scheduler.run_until(DAY0 + 300 * len(real_features), clock.sleep)
+    assert scheduler.pending() == 0
+    assert scheduler.counts["real"] == len(real_features) and scheduler.counts["dummy"] == 2 * len(real_features)
+    assert [s.time for s in sent] == sorted(s.time for s in sent)
+    for i in range(len(real_features)):  # each burst: one real, two dummies, inside its window
+        burst = [s for s in sent if DAY0 + 300 * i <= s.time <= DAY0 + 300 * i + 6.0]
+        assert sorted(s.kind for s in burst) == ["dummy", "dummy", "real"]
+        assert {s.persona for s in burst if s.kind == "dummy"} == {0, 1}
+    results = [f.result(timeout=0) for f in futures]
+    right = sum(r.spot_id == spot for r, (spot, _) in zip(results, real_features))
+    assert right >= len(real_features) - 2 and all(len(r.candidates) == 12 for r in results)
+
+
+def test_dummy_answers_never_reach_the_caller(
+        app: Any, extractor: Extractor, catalogue: Catalogue, real_features: list[tuple[str, np.ndarray]]) -> None:
+    """Exact queries (no transform) of other spots as dummies: any leak would show a wrong spot."""
+    clock = ManualClock(DAY0)
+    for spot, feature in real_features[:3]:
+        keep = [i for i, s in enumerate(catalogue.ids) if s != spot]
+        others = Catalogue([catalogue.ids[i] for i in keep], catalogue.lat[keep], catalogue.lon[keep],
+                           catalogue.popularity[keep] / catalogue.popularity[keep].sum(),
+                           [catalogue.features[i] for i in keep], catalogue.spread)
+        with _client(app, extractor, transform="none") as client:
+            scheduler = DummyScheduler(client, NaiveGenerator(others, seed=1, spread_s=5.0), dummies=2,
+                                       per_hour=100, window=6.0, clock=clock)
+            future = scheduler.submit(feature)
+            scheduler.run_until(clock() + 10, clock.sleep)
+            assert scheduler.counts == {**scheduler.counts, "real": 1, "dummy": 2}
+            assert future.result(timeout=0).spot_id == spot
+
+
+def test_budget_caps_dummies_per_hour(app: Any, extractor: Extractor, catalogue: Catalogue,
+                                      real_features: list[tuple[str, np.ndarray]]) -> None:
+    clock, sent = ManualClock(DAY0), []
+    with _client(app, extractor) as client:
+        scheduler = DummyScheduler(client, PersonaGenerator(catalogue, 2, seed=2), dummies=2, per_hour=3,
+                                   window=1.0, clock=clock, on_sent=sent.append)
+        for i in range(4):  # four real requests in ten minutes: only three dummies allowed
+            scheduler.run_until(DAY0 + 150 * i, clock.sleep)
+            scheduler.submit(real_features[i][1])
+        scheduler.run_until(DAY0 + 3700, clock.sleep)  # an hour later the budget is back
+        scheduler.submit(real_features[4][1])
+        scheduler.run_until(DAY0 + 3710, clock.sleep)
+    kinds = [s.kind for s in sent]
+    assert kinds.count("real") == 5 and kinds.count("dummy") == 3 + 2
+    assert scheduler.counts["dummy_capped"] == 5
+
+
+def test_scheduler_survives_server_errors_and_keeps_its_budget(
+        extractor: Extractor, catalogue: Catalogue, real_features: list[tuple[str, np.ndarray]]) -> None:
+    config = ClientConfig(server=f"http://127.0.0.1:{free_port()}", retries=0, connect_timeout=0.5, seed=1)
+    clock = ManualClock(DAY0)
+    with Client(config, extractor) as client:
+        client._info = {"protocol": 1, "model_sha256": extractor.sha256, "dim": extractor.dim}  # as if fetched earlier
+        client._fitted = True
+        scheduler = DummyScheduler(client, PersonaGenerator(catalogue, 2, seed=3), dummies=2, per_hour=100,
+                                   window=2.0, clock=clock)
+        futures = [scheduler.submit(real_features[0][1])]
+        scheduler.run_until(DAY0 + 60, clock.sleep)
+        futures.append(scheduler.submit(real_features[1][1]))
+        scheduler.run_until(DAY0 + 120, clock.sleep)
+    assert scheduler.counts["real_failed"] == 2 and scheduler.counts["dummy_failed"] == 4
+    assert scheduler.counts["dummy"] == 4  # a failure is not a refund: the same budget as success
+    for future in futures:
+        with pytest.raises(ServerUnreachableError):
+            future.result(timeout=0)
+
+
+def test_background_thread_answers_and_stops(app: Any, extractor: Extractor, catalogue: Catalogue,
+                                             real_features: list[tuple[str, np.ndarray]]) -> None:
+    sent: list[Sent] = []
+    with _client(app, extractor) as client:
+        scheduler = DummyScheduler(client, PersonaGenerator(catalogue, 2, seed=4), dummies=2, window=0.2,
+                                   on_sent=sent.append)
+        with scheduler:
+            result = scheduler.recognize_feature(real_features[0][1], timeout=30)
+            late = scheduler.submit(real_features[1][1])
+        # stop() drained the second burst on schedule before returning
+        assert late.result(timeout=0).candidates and result.candidates
+        assert [s.kind for s in sent].count("dummy") == 4 and scheduler.pending() == 0
+        with pytest.raises(RuntimeError):
+            scheduler.submit(real_features[0][1])
+        scheduler = DummyScheduler(client, PersonaGenerator(catalogue, 2, seed=4), dummies=2, window=3600).start()
+        pending = scheduler.submit(real_features[0][1])
+        scheduler.stop(drain=False, timeout=10)
+        assert pending.cancelled() and scheduler.pending() == 0
+        assert scheduler._thread is not None and not scheduler._thread.is_alive()
+
+
+def test_cli_recognize_sends_dummies_by_default(live_server: LiveServer, held_out: list[tuple[str, Path]]) -> None:
+    spot, photo = held_out[2]
+    env = {"ENFPIRE_DUMMY_WINDOW": "0.3"}
+    runs = {flag: subprocess.run([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server",
+                                  live_server.url, "--json", "--seed", "1", *flag.split()],
+                                 capture_output=True, text=True, timeout=120, env={**_environ(), **env})
+            for flag in ("", "--no-dummies", "--dummies 1")}
+    for flag, run in runs.items():
+        assert run.returncode == 0, run.stderr
+        answer = json.loads(run.stdout)
+        assert answer["spot_id"] == spot
+        assert answer["dummies_sent"] == {"": 2, "--no-dummies": 0, "--dummies 1": 1}[flag]
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
+    from tools import history
+
+    dataset = make_subset(tmp_path / "data", spots=24, per_spot=8)
+    args = Namespace(dataset=dataset, out=tmp_path / "out", users=6, train_fraction=0.5, dummies=2, window=6.0,
+                     per_hour=120, transform="", strength=None, k=None, seed=0)
+    assert history.main(args, "test") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    fields = ["dummy_ratio", "traffic_overhead", "detector_auc", "history_precision", "history_recall", "user_top1"]
+    for block in (metrics, metrics["naive"]):
+        assert all(0 <= block[f] <= 3 for f in fields), block
+        assert 1.5 <= block["dummy_ratio"] <= 2.0
+    assert (tmp_path / "out" / "trajectories.png").stat().st_size > 10_000
+    assert "detector AUC" in (tmp_path / "out" / "report.md").read_text()

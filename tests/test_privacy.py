@@ -1,0 +1,116 @@
+"""Transforms, attackers and the privacy evaluation, on real features of real photos."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_client import wire
+from edge_client.extractor import Extractor
+from edge_client.transforms import TRANSFORMS, Transform, make_transform
+from lite_server.config import ServerConfig
+from tests.conftest import LiveServer, make_subset
+from tools import attackers as atk
+from tools import evaluate as ev
+
+# 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
+CELLS = {"strength": 1.0, "k": 1}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> ev.Env:
+    root = make_subset(tmp_path_factory.mktemp("eval-data"))
+    return ev.prepare(root, cache=tmp_path_factory.mktemp("eval-cache"), config=ServerConfig(cell_min_spots=8))
+
+
+def _fitted(env: ev.Env, name: str, **settings: Any) -> Transform:
+    transform = make_transform(name, settings.get("strength"), settings.get("k"))
+    return transform.fit(env.lookup.public())
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transform_bodies_are_seeded_and_well_formed(env: ev.Env, name: str) -> None:
+    transform = _fitted(env, name, **(CELLS if name == "cells" else {}))
+    feature = env.features[env.queries[0]]
+    first = transform.transform(feature, np.random.default_rng(1))
+    assert first == transform.transform(feature, np.random.default_rng(1))
+    if "cells" in first:
+        assert first["cells"] == sorted(set(first["cells"])) and all(0 <= c < env.lookup.n_cells for c in first["cells"])
+    else:
+        vector = wire.decode(first["vector"], expect_dim=1280)
+        assert vector.shape == (1280,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-2
+        if name != "none":
+            assert first != transform.transform(feature, np.random.default_rng(2))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_phone_rerank_finds_the_spot_when_it_is_a_candidate(env: ev.Env, name: str) -> None:
+    """A gallery photo's own spot comes back first whenever the server returned it."""
+    transform = _fitted(env, name, **(CELLS if name == "cells" else {}))
+    index = env.index
+    rows = np.arange(0, len(index.photo_spot), 7)[:20]
+    with env.client(transform, seed=3) as client:
+        for row in rows:
+            spot = index.spots[index.photo_spot[row]].id
+            _, result = client.ask(np.asarray(index.features[row], np.float32))
+            if any(c.id == spot for c in result.candidates):
+                assert result.spot_id == spot
+
+
+def _aware_top1(env: ev.Env, transform: Transform, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    bodies = [transform.transform(env.features[q], rng) for q in env.queries]
+    return float(ev.attack(env, transform, bodies)["server_top1_aware"])
+
+
+def test_aware_attacker_reaches_the_baseline_when_nothing_is_hidden(env: ev.Env) -> None:
+    leaky = _fitted(env, "noise", strength=0.0)
+    assert _aware_top1(env, leaky) >= ev.baseline(env) - 0.02
+
+
+class RandomQuery(Transform):
+    """Leaks nothing: a random unit vector, whatever the photo."""
+
+    name = "random"
+
+    def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        vector = rng.standard_normal(feature.size).astype(np.float32)
+        return {"vector": wire.encode(vector / np.linalg.norm(vector)), "k": 5}
+
+
+def test_aware_attacker_falls_to_chance_on_a_query_that_leaks_nothing(env: ev.Env) -> None:
+    top1 = _aware_top1(env, RandomQuery())
+    popular = float(atk.popularity(env.index.photo_spot, len(env.index.spots)).max())
+    # Chance is guessing the most popular spot; allow sampling noise on ~100 queries.
+    assert top1 <= popular + 0.1
+
+
+def test_cells_hide_the_answer_better_than_the_naive_server_sees(env: ev.Env) -> None:
+    result = ev.run_setting(env, "cells", CELLS["strength"], CELLS["k"])
+    base = ev.baseline(env)
+    assert 0 <= result["server_top1_aware"] <= 0.6 * base
+    assert result["user_top1"] >= 0.75 * base and result["candidate_recall"] >= 0.8
+    assert result["strongest_attacker"] in result["attackers"] and "bayes" in result["attackers"]
+
+
+def test_evaluation_metrics_and_http_equal_in_process(env: ev.Env, tmp_path: Path) -> None:
+    local = ev.run_setting(env, "cells", CELLS["strength"], CELLS["k"], seed=5)
+    server = LiveServer(env.index.path.parent.parent)
+    try:
+        remote_env = dataclasses.replace(env, server_url=server.url)
+        remote = ev.run_setting(remote_env, "cells", CELLS["strength"], CELLS["k"], seed=5)
+    finally:
+        server.stop()
+    for key in ("user_top1", "candidate_recall", "mean_candidates", "server_top1_naive", "server_top1_aware",
+                "server_top5_aware"):
+        assert local[key] == remote[key], key
+        assert 0.0 <= local[key] <= (1.0 if key != "mean_candidates" else len(env.index.spots))
+    assert abs(local["bytes_per_query"] - remote["bytes_per_query"]) < 0.05 * local["bytes_per_query"]
+    metrics = {"dataset": "subset", "n_spots": len(env.index.spots), "n_queries": len(env.queries),
+               "n_gallery": len(env.gallery), "spots_left_out": env.left_out, "baseline_top1": ev.baseline(env),
+               "default": local}
+    ev.write_outputs(metrics, tmp_path, "test")
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and "| cells |" in (tmp_path / "report.md").read_text()
