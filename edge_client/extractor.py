@@ -64,7 +64,8 @@ class Extractor:
         self.sha256 = file_sha256(path)
         self.max_pixels = max_pixels
         self.mean, self.std = mean, std
-        self._interpreter, self.runtime = tfl.make_interpreter(str(path), num_threads)
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_size = tfl.input_size(self._input)

@@ -135,8 +135,9 @@ def _routes() -> Any:
             rows = lookup.spots_in_cells(query["cells"])
         else:
             rows = lookup.nearest_spots(query["vector"][np.newaxis], query["k"])[0]
-        return jsonify({"index_version": lookup.index.version,
-                        "candidates": [lookup.candidate(int(r)) for r in rows]})
+        # Assembled from per-spot cached JSON: encoding ~1 MB of base64 anew cost ~13 ms a request.
+        body = f'{{"index_version":{json.dumps(lookup.index.version)},"candidates":{lookup.candidates_json(rows)}}}'
+        return Response(body, mimetype="application/json")
 
     @api.get("/v1/spots")
     def spots() -> Response:

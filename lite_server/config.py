@@ -17,7 +17,8 @@ class ServerConfig:
     host: str = "127.0.0.1"          # loopback unless told otherwise
     port: int = 8080
     threads: int = 4                 # waitress worker threads
-    backend: str = "sklearn"         # nearest-neighbour backend: sklearn | numpy | faiss | faiss-ivf
+    backend: str = "numpy"           # nearest-neighbour backend: numpy | sklearn | faiss | faiss-ivf
+    max_batch: int = 32              # concurrent queries scored in one pass; 1 = no batching
     max_k: int = 64                  # most candidate spots one request may ask for
     max_body: int = 64 * 1024        # bytes; larger requests get 413
     features_per_spot: int = 8       # representative features (k-means centres) returned per candidate

@@ -2,12 +2,15 @@
 and what each candidate carries back to the phone."""
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 import numpy as np
 
 from . import cells as public
-from .backends import Backend, make_backend
+from .backends import Backend, make_backend, release_pages
+from .batching import BatchingBackend
 from .codec import PCACodec
 from .config import ServerConfig
 from .index import Index
@@ -27,6 +30,12 @@ class Lookup:
         self.index = index
         self.config = config
         self.backend: Backend = make_backend(config.backend).add(np.asarray(index.features))
+        # A backend that ranks spots itself answers in one pass, however many photos a spot has.
+        self._by_spot = hasattr(self.backend, "search_groups")
+        if self._by_spot:
+            self.backend.set_groups(index.photo_spot)  # type: ignore[attr-defined]
+        if config.max_batch > 1:  # concurrent requests share one scan of the gallery
+            self.backend = BatchingBackend(self.backend, config.max_batch)
         n_spots = len(index.spots)
         groups = public.spot_groups(index.photo_spot, n_spots)
         self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
@@ -39,6 +48,10 @@ class Lookup:
         self.prototypes = protos
         self.spot_cell = public.balanced_cells(public.spot_means(index.features, groups), config.cell_min_spots) \
             if n_spots else np.zeros(0, np.int64)
+        release_pages(index.features)  # read once above: keep them out of the resident set
+        # A candidate's JSON text is fixed per index version and json.dumps of its ~27 kB of
+        # base64 costs more than the lookup's re-score: cached per instance, at most ~75 MB.
+        self._candidate_json = functools.lru_cache(maxsize=2048)(self._dump_candidate)
 
     @property
     def n_cells(self) -> int:
@@ -47,6 +60,8 @@ class Lookup:
     def nearest_spots(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """For each query, the rows of its ``k`` best spots (a spot scores its best photo)."""
         k = min(k, len(self.index.spots))
+        if self._by_spot:
+            return list(self.backend.search_groups(queries, k)[1])  # type: ignore[attr-defined]
         n = min(self.backend.size, 4 * k)
         _, rows = self.backend.search(queries, n)
         out = []
@@ -74,6 +89,13 @@ class Lookup:
     def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""
         return {**self.index.spots[spot_row].public(), "features": self._encoded[spot_row]}
+
+    def candidates_json(self, spot_rows: np.ndarray) -> str:
+        """The JSON array of :meth:`candidate` for ``spot_rows``, from cached text (see __init__)."""
+        return "[" + ",".join(self._candidate_json(int(r)) for r in spot_rows) + "]"
+
+    def _dump_candidate(self, spot_row: int) -> str:
+        return json.dumps(self.candidate(spot_row), separators=(",", ":"))
 
     def public(self) -> dict[str, Any]:
         """The transforms' public parameters, for ``/v1/info``."""

@@ -1,0 +1,36 @@
+"""The benchmark tool runs end to end (its tiny --smoke plan) and reports every figure.
+
+Speed targets are not asserted here (a busy test machine says nothing about
+them): ``make bench`` measures them. This checks the tool measures what it says.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tools.bench import TARGETS
+
+
+def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "tools.bench", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["targets"]) == set(TARGETS)
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiled" in result["gallery"] and result["plan"]["sizes"] == [3000]
+    for key in ("extract_bare_ms", "extract_224_ms", "extract_12mp_ms", "lookup_ms_3k", "faiss_flat_ms_3k",
+                "http_p50_ms_3k", "private_ms", "plain_ms"):
+        assert 0 < result[key] < 10_000, key
+    # Timing noise can put a ratio a little under 1; far under would mean the peer was mismeasured.
+    assert 0.7 < result["extract_ratio_224"] < 10 and 0.7 < result["extract_ratio_12mp"] < 30
+    assert result["extract_cosine_fast_vs_careful_min"] > 0.95
+    assert result["same_rows_as_faiss_3k"] > 0.95  # the default is exact: ties aside, FAISS's rows
+    # 40 candidates carry their features (in whatever wire encoding), one plain candidate far less.
+    assert result["response_bytes_k40_3k"] > 40 * 256
+    assert result["private_bytes_received"] > 5 * result["plain_bytes_received"]
+    assert result["throughput_rps_4"] > 0 and 50 < result["rss_mb_3k"] < 1000
+    assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed

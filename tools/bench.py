@@ -1,0 +1,467 @@
+"""``python -m tools.bench --out OUT [--quick | --smoke]``: phone and server speed,
+each figure beside its peer measured in the same run.
+
+- Phone: extraction of a 224x224 photo and of a 12-megapixel JPEG against the
+  bare ``invoke()`` of the same model, and the cosine between the fast decode
+  and the careful one (full-size decode, Lanczos) on real photos made 12 MP.
+- Server: the default exact lookup against FAISS ``IndexFlatIP`` (and the old
+  scikit-learn default) in-process; the real server (waitress, loopback) for
+  ``/v1/candidates`` latency, throughput under 16 concurrent clients, resident
+  memory, and a whole private query against a plain one.
+
+Galleries of 10k, 100k and 1M features are the 4,625 real wa-landmarks
+features tiled with a small per-coordinate jitter (log-normal, sigma 0.1,
+which keeps them non-negative) and re-normalised; the JSON says so. Every
+figure is a median over repeats after a warm-up, peers interleaved with the
+subject so a busy machine slows both alike. Writes ``OUT/bench.json``,
+``OUT/bench.md`` (the table) and ``OUT/scaling.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from edge_client import interpreter as tfl
+from edge_client.client import Client
+from edge_client.config import ClientConfig, default_model_path
+from edge_client.extractor import Extractor, l2_normalize
+from edge_client.transforms import make_transform
+from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
+from lite_server.index import Index, base_manifest, publish
+from tools.dataset import Dataset, features, load_dataset
+
+JITTER = 0.1
+K_PRIVATE = 40
+TARGETS = {  # key: (limit, "max" = at most / "min" = at least)
+    "extract_ratio_224": 1.3, "extract_ratio_12mp": 3.0, "lookup_ratio_vs_faiss_100k": 1.5,
+    "http_p50_ms_100k": 30.0, "rss_mb_1m": 1500.0, "private_vs_plain_ratio": 1.5,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: gallery sizes, which get a server, repeats."""
+
+    sizes: tuple[int, ...]
+    served: tuple[int, ...]      # sizes measured through a real server (memory, HTTP)
+    target: int                  # the size of the HTTP, throughput and private-query figures
+    repeats: int
+    sklearn_up_to: int           # the old default is slow: only up to this size
+    photos_12mp: int             # real photos made 12 MP for the cosine figure
+    load_seconds: float          # the 16-client throughput run
+    clients: int = 16
+    real_photos: int = 0         # 0 = every dataset photo; fewer skips extracting all 4,625 (smoke)
+
+
+PLANS = {
+    "full": Plan((10_000, 100_000, 1_000_000), (10_000, 100_000, 1_000_000), 100_000, 25, 100_000, 16, 10.0),
+    # Under a minute: the 100k lookup in-process, the server only at 10k.
+    "quick": Plan((10_000, 100_000), (10_000,), 10_000, 5, 10_000, 3, 3.0),
+    "smoke": Plan((3_000,), (3_000,), 3_000, 3, 3_000, 1, 1.0, clients=4, real_photos=300),
+}
+
+
+def label(n: int) -> str:
+    """10000 -> "10k", 1000000 -> "1m"."""
+    for unit, name in ((1_000_000, "m"), (1_000, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{name}"
+    return str(n)
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(float(np.median(samples)) * 1e3, 3)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` rounds of all of them in turn, after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------- phone side
+
+def twelve_megapixel(photo: Path) -> bytes:
+    """A real photo upscaled to 4000x3000 and saved as a JPEG, like a phone's."""
+    big = Image.open(photo).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def bench_extraction(plan: Plan, extractor: Extractor, dataset: Dataset) -> dict[str, Any]:
+    """Extraction against bare ``invoke()`` of a second interpreter of the same model."""
+    photo = dataset.photos[0][1]
+    jpeg = twelve_megapixel(photo)
+    bare, _ = tfl.make_interpreter(str(extractor.model_path), extractor.num_threads)
+    details = bare.get_input_details()[0]
+    bare.set_tensor(details["index"], tfl.quantize_input(extractor.preprocess(photo), details, 128.0, 128.0))
+    times = interleaved({"bare": bare.invoke, "224": lambda: extractor.extract(photo),
+                         "12mp": lambda: extractor.extract(jpeg)}, plan.repeats * 2)
+    cosines = [float(extractor.extract(big) @ extractor.extract(big, fast=False)) for big in
+               (twelve_megapixel(p) for _, p in dataset.photos[::max(1, len(dataset.photos) // plan.photos_12mp)]
+                [:plan.photos_12mp])]
+    out = {"extract_threads": extractor.num_threads, "extract_bare_ms": median_ms(times["bare"]),
+           "extract_224_ms": median_ms(times["224"]), "extract_12mp_ms": median_ms(times["12mp"]),
+           "extract_12mp_jpeg_bytes": len(jpeg),
+           "extract_cosine_fast_vs_careful_min": round(min(cosines), 5),
+           "extract_cosine_fast_vs_careful_median": round(float(np.median(cosines)), 5),
+           "extract_cosine_photos": len(cosines)}
+    out["extract_ratio_224"] = round(out["extract_224_ms"] / out["extract_bare_ms"], 3)
+    out["extract_ratio_12mp"] = round(out["extract_12mp_ms"] / out["extract_bare_ms"], 3)
+    return {**out, **bench_extract_many(plan, extractor, dataset)}
+
+
+def bench_extract_many(plan: Plan, extractor: Extractor, dataset: Dataset) -> dict[str, Any]:
+    """Index-build throughput: decode-ahead ``extract_many`` against one photo after another."""
+    photos = [p for _, p in dataset.photos[:10 * plan.repeats]]
+    start = time.perf_counter()
+    for p in photos:
+        extractor.extract(p)
+    sequential = len(photos) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    list(extractor.extract_many(photos))
+    overlapped = len(photos) / (time.perf_counter() - start)
+    return {"extract_sequential_photos_per_s": round(sequential, 1),
+            "extract_many_photos_per_s": round(overlapped, 1)}
+
+
+# ---------------------------------------------------------------- galleries
+
+def limited(dataset: Dataset, photos: int) -> Dataset:
+    """The first ``photos`` photos (0 = all) and only their spots."""
+    if not photos:
+        return dataset
+    kept = dataset.photos[:photos]
+    return Dataset(dataset.root, kept, {s: dataset.spots[s] for s in sorted({s for s, _ in kept})})
+
+
+def tiled(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` float16 unit rows: the real features, then jittered copies of them."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, real.shape[1]), np.float16)
+    for start in range(0, n, 50_000):
+        rows = np.arange(start, min(n, start + 50_000))
+        block = real[rows % len(real)]
+        copies = rows >= len(real)
+        block[copies] *= np.exp(JITTER * rng.standard_normal((int(copies.sum()), real.shape[1]), np.float32))
+        out[rows] = l2_normalize(block)
+    return out
+
+
+def publish_gallery(dataset: Dataset, real: np.ndarray, n: int, extractor: Extractor, out: Path) -> Index:
+    """An index directory the real server can load, of ``n`` tiled features."""
+    spot_ids = sorted(dataset.spots)
+    photo_rows = np.arange(n) % len(real)
+    rows = ((dataset.photos[r][0], f"{dataset.photos[r][1].name}#{i}") for i, r in enumerate(photo_rows))
+    manifest = {**base_manifest(extractor, len(spot_ids), n), "bench": f"tiled x{n / len(real):.1f}"}
+    return publish(out, manifest, [dataset.spots[s] for s in spot_ids], rows, tiled(real, n))
+
+
+def queries(real: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    """Jittered real features: near, never equal to, gallery rows."""
+    rng = np.random.default_rng(seed)
+    usable = np.flatnonzero(np.linalg.norm(real, axis=1) > 0)  # undecodable photos have zero rows
+    picked = real[rng.choice(usable, count, replace=False)]
+    return l2_normalize(picked * np.exp(JITTER * rng.standard_normal(picked.shape, np.float32)))
+
+
+# ---------------------------------------------------------------- in-process lookup
+
+def bench_lookup(plan: Plan, index: Index, qs: np.ndarray) -> dict[str, Any]:
+    """Single-query top-160 (k=40 spots) of the default against FAISS flat IP (and sklearn)."""
+    n, tag = len(index.features), label(len(index.features))
+    ours = QuantizedBackend().add(np.asarray(index.features))
+    peers: dict[str, Any] = {"faiss_flat": FaissBackend().add(np.asarray(index.features, np.float32))}
+    if n <= plan.sklearn_up_to:
+        peers["sklearn"] = SklearnBackend().add(np.asarray(index.features, np.float32))
+    cycle = iter(range(10**9))
+    one = lambda: qs[next(cycle) % len(qs)][None]  # noqa: E731 - a fresh query each call
+    fns = {"ours": lambda: ours.search(one(), 4 * K_PRIVATE)}
+    fns.update({name: (lambda b=b: b.search(one(), 4 * K_PRIVATE)) for name, b in peers.items()})
+    times = interleaved(fns, plan.repeats if n < 1_000_000 else max(3, plan.repeats // 5))
+    same = np.mean(ours.search(qs[:8], 4 * K_PRIVATE)[1] == peers["faiss_flat"].search(qs[:8], 4 * K_PRIVATE)[1])
+    out = {f"lookup_ms_{tag}": median_ms(times["ours"]), f"faiss_flat_ms_{tag}": median_ms(times["faiss_flat"]),
+           f"same_rows_as_faiss_{tag}": round(float(same), 4),
+           f"rescored_rows_{tag}": int(np.median([len(ours._candidates(ours.approximate(q[None])[0], 1.0, 160))
+                                                 for q in qs[:8]]))}
+    if "sklearn" in times:
+        out[f"sklearn_ms_{tag}"] = median_ms(times["sklearn"])
+    out[f"lookup_ratio_vs_faiss_{tag}"] = round(out[f"lookup_ms_{tag}"] / out[f"faiss_flat_ms_{tag}"], 3)
+    return {**out, **bench_batch(ours, qs, tag, times["ours"])}
+
+
+def bench_batch(ours: QuantizedBackend, qs: np.ndarray, tag: str, single: list[float]) -> dict[str, Any]:
+    """16 queries in one search against 16 single searches."""
+    times = interleaved({"batch": lambda: ours.search(qs[:16], 4 * K_PRIVATE)}, 3, warmup=1)
+    return {f"lookup_batch16_ms_{tag}": median_ms(times["batch"]),
+            f"lookup_batch16_speedup_{tag}": round(16 * float(np.median(single)) / float(np.median(times["batch"])), 2)}
+
+
+# ---------------------------------------------------------------- the real server
+
+class Server:
+    """``enfpire-server serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, index: Path, threads: int = 4):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(port),
+             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
+
+    def _wait_ready(self, timeout: float = 1800.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become ready")
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(resident now, peak resident) of the server process, MB."""
+        import psutil
+
+        rss = psutil.Process(self.process.pid).memory_info().rss / 2**20
+        status = Path(f"/proc/{self.process.pid}/status")
+        peak = next((int(line.split()[1]) / 1024 for line in status.read_text().splitlines()
+                     if line.startswith("VmHWM")), rss) if status.is_file() else rss
+        return round(rss, 1), round(peak, 1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def post(session: Any, url: str, body: bytes) -> int:
+    """One candidates round trip; the response's bytes."""
+    response = session.post(url + "/v1/candidates", data=body, headers={"Content-Type": "application/json"})
+    response.raise_for_status()
+    return len(response.content)
+
+
+def private_bodies(qs: np.ndarray, k: int = K_PRIVATE) -> list[bytes]:
+    """Noise-transformed query bodies (the default transform), as the phone sends them."""
+    transform, rng = make_transform("noise", k=k), np.random.default_rng(2)
+    return [json.dumps(transform.transform(q, rng), separators=(",", ":")).encode() for q in qs]
+
+
+def bench_http(plan: Plan, server: Server, qs: np.ndarray, tag: str) -> dict[str, Any]:
+    """Sequential round trips of private (k=40) queries, then memory."""
+    import requests
+
+    bodies = private_bodies(qs)
+    with requests.Session() as session:
+        sizes = [post(session, server.url, b) for b in bodies[:2]]
+        times = interleaved({"post": lambda: sizes.append(post(session, server.url, bodies[len(sizes) % len(bodies)]))},
+                            plan.repeats * 2, warmup=0)
+    rss, peak = server.memory_mb()
+    return {f"http_p50_ms_{tag}": median_ms(times["post"]),
+            f"http_p95_ms_{tag}": round(float(np.percentile(times["post"], 95)) * 1e3, 3),
+            f"response_bytes_k40_{tag}": int(np.median(sizes)), f"request_bytes_{tag}": len(bodies[0]),
+            f"rss_mb_{tag}": rss, f"rss_peak_mb_{tag}": peak}
+
+
+def bench_throughput(plan: Plan, server: Server, qs: np.ndarray) -> dict[str, Any]:
+    """``plan.clients`` clients posting private queries back to back for ``plan.load_seconds``."""
+    import requests
+
+    bodies = private_bodies(qs)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + plan.load_seconds
+
+    def client(i: int) -> None:
+        with requests.Session() as session:
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                post(session, server.url, bodies[i % len(bodies)])
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                i += plan.clients
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(plan.clients) as pool:
+        list(pool.map(client, range(plan.clients)))
+    elapsed = time.perf_counter() - start
+    return {f"throughput_rps_{plan.clients}": round(len(latencies) / elapsed, 1),
+            f"http_p50_ms_under_load_{plan.clients}": median_ms(latencies),
+            f"http_p95_ms_under_load_{plan.clients}": round(float(np.percentile(latencies, 95)) * 1e3, 1)}
+
+
+def bench_private(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray) -> dict[str, Any]:
+    """The whole private query (noise transform, k=40, request, response, local rerank)
+    against a plain one (raw feature, k=1), both through the real client."""
+    clients = {name: Client(ClientConfig(server=server.url, transform=name, seed=3), extractor=extractor)
+               for name in ("noise", "none")}
+    cycle = iter(range(10**9))
+    times = interleaved({name: (lambda c=c: c.ask(qs[next(cycle) % len(qs)])) for name, c in clients.items()},
+                        plan.repeats * 2)
+    body, result = clients["noise"].ask(qs[0])
+    plain = clients["none"].ask(qs[0])[1]
+    for c in clients.values():
+        c.close()
+    out = {"private_ms": median_ms(times["noise"]), "plain_ms": median_ms(times["none"]),
+           "private_bytes_received": result.bytes_received, "plain_bytes_received": plain.bytes_received,
+           "private_candidates": len(result.candidates), "private_k": body["k"]}
+    out["private_vs_plain_ratio"] = round(out["private_ms"] / out["plain_ms"], 3)
+    return out
+
+
+# ---------------------------------------------------------------- run, report
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def run(plan: Plan, out: Path, work: Path) -> dict[str, Any]:
+    """Every measurement of ``plan``; indexes are built under ``work``."""
+    extractor = Extractor(default_model_path())
+    dataset = limited(load_dataset(), plan.real_photos)
+    real = features(dataset, extractor)
+    qs = queries(real, 64)
+    result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan),
+                              "gallery": f"{len(real)} real wa-landmarks features (MobileNetV2 1280-d), tiled "
+                                         f"beyond that with per-coordinate log-normal jitter sigma {JITTER}, "
+                                         "re-normalised; queries: jittered real features"}
+    result.update(bench_extraction(plan, extractor, dataset))
+    for n in plan.sizes:
+        result.update(bench_size(plan, n, dataset, real, extractor, qs, work))
+    result["targets"] = verdicts(result)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
+def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor: Extractor,
+               qs: np.ndarray, work: Path) -> dict[str, Any]:
+    """The in-process lookup at size ``n``, and the server figures where the plan serves it."""
+    folder = work / f"index-{label(n)}"
+    index = publish_gallery(dataset, real, n, extractor, folder)
+    result = bench_lookup(plan, index, qs)
+    del index
+    if n in plan.served:
+        server = Server(folder)
+        try:
+            result.update(bench_http(plan, server, qs, label(n)))
+            if n == plan.target:
+                result.update(bench_throughput(plan, server, qs))
+                result.update(bench_private(plan, server, extractor, qs))
+        finally:
+            server.stop()
+    return result
+
+
+def verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """Each issue target: its measured value, the limit, whether it is met (None: not measured)."""
+    return {key: {"value": result.get(key), "limit": limit,
+                  "met": None if result.get(key) is None else bool(result[key] <= limit)}
+            for key, limit in TARGETS.items()}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table of targets for BENCHMARKS.md."""
+    lines = ["| figure | measured | target | met |", "| --- | --- | --- | --- |"]
+    for key, verdict in result["targets"].items():
+        met = {True: "yes", False: "**no**", None: "not measured"}[verdict["met"]]
+        lines.append(f"| `{key}` | {verdict['value']} | <= {verdict['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Lookup time and memory against gallery size, log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["plan"]["sizes"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, name in (("lookup_ms", "default (uint8 scan + exact re-score)"), ("faiss_flat_ms", "FAISS IndexFlatIP"),
+                      ("sklearn_ms", "scikit-learn brute (old default)"), ("http_p50_ms", "HTTP /v1/candidates k=40")):
+        points = [(n, result[f"{key}_{label(n)}"]) for n in sizes if f"{key}_{label(n)}" in result]
+        if points:
+            left.plot(*zip(*points), marker="o", label=name)
+    left.set(xscale="log", yscale="log", xlabel="gallery size (features)", ylabel="ms per single query",
+             title="Lookup time")
+    points = [(n, result[f"rss_mb_{label(n)}"]) for n in sizes if f"rss_mb_{label(n)}" in result]
+    if points:
+        right.plot(*zip(*points), marker="o", label="server RSS (measured)")
+    right.plot(sizes, [n * 1280 * 4 / 2**20 for n in sizes], "--", label="float32 matrix (FAISS flat)")
+    right.plot(sizes, [n * 1280 / 2**20 for n in sizes], ":", label="uint8 codes")
+    right.axhline(1500, color="red", linewidth=0.8, label="1.5 GB target")
+    right.set(xscale="log", yscale="log", xlabel="gallery size (features)", ylabel="MB", title="Memory")
+    for axes in (left, right):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="lookup at 10k and 100k, the server at 10k, few repeats: under a minute")
+    mode.add_argument("--smoke", action="store_true", help="one tiny gallery: checks the tool itself")
+    args = parser.parse_args(argv)
+    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="enfpire-bench-") as work:
+        result = run(plan, args.out, Path(work))
+    result["seconds"] = round(time.monotonic() - started, 1)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "bench.md").write_text(table(result))
+    plot(result, args.out / "scaling.png")
+    print(table(result))
+    print(f"wrote {args.out / 'bench.json'}, bench.md and scaling.png in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
