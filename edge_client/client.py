@@ -214,7 +214,7 @@ def _sent_bytes(response: requests.Response) -> int:
         len(request.path_url) + 12
 
 
-def _received_bytes(response: requests.Response, content: bytes) -> int:
+def _received_bytes(response: requests.Response, content: bytes = b"") -> int:
     """Bytes on the wire: Content-Length is the compressed size when the answer was gzipped."""
     length = response.headers.get("Content-Length", "")
     body = int(length) if length.isdigit() else len(content)
