@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import requests
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor
+from edge_client.recognizer import Recognition
 from lite_server.index import BadIndexError, Index
 from tools import dataset as ds
 
@@ -81,7 +83,8 @@ def run(dataset_root: Path, show: int) -> int:
     try:
         with Client(ClientConfig(server=url, seed=0), extractor=extractor) as client:
             print(f"server: {url}  transform: {client.transform!r}\n")
-            rows = [_ask(client, data, row) for row in queries]
+            popular = Counter(data.photos[r][0] for r in gallery)  # what the server knows of demand
+            rows = [_ask(client, data, row, popular) for row in queries]
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -89,18 +92,20 @@ def run(dataset_root: Path, show: int) -> int:
     return 0
 
 
-def _ask(client: Client, data: ds.Dataset, row: int) -> dict[str, object]:
+def _ask(client: Client, data: ds.Dataset, row: int, popular: Counter[str]) -> dict[str, object]:
     spot, photo = data.photos[row]
     body, result = client.ask(client.extractor.extract(photo))  # type: ignore[union-attr]
     return {"spot": data.spots[spot].name, "found": result.name or "unknown", "ok": result.spot_id == spot,
-            "n": len(result.candidates), "server": _server_guess(client, body) == spot,
+            "n": len(result.candidates), "server": _server_guess(client, body, result, popular) == spot,
             "bytes": result.bytes_sent + result.bytes_received}
 
 
-def _server_guess(client: Client, body: dict[str, object]) -> str | None:
-    """What a server would answer if it recognised the received query itself (k = 1)."""
+def _server_guess(client: Client, body: dict[str, object], result: Recognition, popular: Counter[str]) -> str | None:
+    """The server's own best guess from what it received: for a vector, its recognizer's
+    top-1 (asked again with k = 1); for cells, the most popular spot it sent back
+    (the full transform-aware attack is in tools/evaluate.py)."""
     if "vector" not in body:
-        return None
+        return max((c.id for c in result.candidates), key=lambda i: popular[i], default=None)
     candidates, _, _ = client.query({**body, "k": 1})
     return str(candidates[0]["id"]) if candidates else None
 
