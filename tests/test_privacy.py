@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edge_client import wire
-from edge_client.extractor import Extractor
 from edge_client.transforms import TRANSFORMS, Transform, make_transform
 from lite_server.config import ServerConfig
 from tests.conftest import LiveServer, make_subset

@@ -15,7 +15,7 @@ parameters, never the phone's random draws or its photo.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +129,6 @@ def summarize(ranks: np.ndarray) -> dict[str, float]:
             "median_rank": float(np.median(ranks))}
 
 
-AttackerFactory = Callable[[], SimulationAttacker]
 
 
 class CellsBayesAttacker:
