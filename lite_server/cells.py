@@ -6,12 +6,21 @@
 - Cells: a balanced clustering of the spots' mean features. Every cell holds
   at least ``min_spots`` spots, so a query naming a cell points at a crowd of
   look-alike spots rather than one.
+
+Both are computed from at most ``SAMPLE_PER_SPOT`` photos of a spot (a fixed
+random subset), so deriving them costs the same for a 1M-photo gallery as
+for a 100k one; no spot of the real dataset has that many photos, so there
+they use every photo.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edge_client.extractor import l2_normalize
+
+from .backends import release_pages
+
+SAMPLE_PER_SPOT = 512
 
 
 def spot_groups(photo_spot: np.ndarray, n_spots: int) -> list[np.ndarray]:
@@ -21,6 +30,19 @@ def spot_groups(photo_spot: np.ndarray, n_spots: int) -> list[np.ndarray]:
     return [order[bounds[s]:bounds[s + 1]] for s in range(n_spots)]
 
 
+def sample_groups(groups: list[np.ndarray], cap: int = SAMPLE_PER_SPOT, seed: int = 0) -> list[np.ndarray]:
+    """Each group's rows, or a fixed random ``cap`` of them in increasing order."""
+    rng = np.random.default_rng(seed)
+    return [rows if len(rows) <= cap else np.sort(rng.choice(rows, cap, replace=False)) for rows in groups]
+
+
+def spot_photos(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``features[rows]`` as float32; pages of a mapped gallery leave the resident set again."""
+    photos = np.asarray(features[rows], np.float32)
+    release_pages(features)
+    return photos
+
+
 def prototypes(features: np.ndarray, groups: list[np.ndarray], m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(unit vectors [P, dim], owning spot [P]): up to ``m`` k-means centres per spot.
 
@@ -28,7 +50,7 @@ def prototypes(features: np.ndarray, groups: list[np.ndarray], m: int, seed: int
     """
     vectors, owners = [], []
     for spot, rows in enumerate(groups):
-        photos = l2_normalize(np.asarray(features[rows], np.float32))
+        photos = l2_normalize(spot_photos(features, rows))
         chosen = spherical_kmeans(photos, m) if len(photos) > m else photos
         vectors.append(chosen)
         owners.append(np.full(len(chosen), spot))
@@ -76,7 +98,8 @@ def _lloyd(vectors: np.ndarray, centres: np.ndarray, iterations: int) -> np.ndar
 
 
 def spot_means(features: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    return l2_normalize(np.stack([np.asarray(features[rows], np.float32).mean(axis=0) for rows in groups]))
+    """The normalised mean of every spot's (unit) photos."""
+    return l2_normalize(np.stack([spot_photos(features, rows).mean(axis=0) for rows in groups]))
 
 
 def balanced_cells(means: np.ndarray, min_spots: int, seed: int = 0, iterations: int = 20) -> np.ndarray:

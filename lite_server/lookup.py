@@ -40,13 +40,14 @@ class Lookup:
         groups = public.spot_groups(index.photo_spot, n_spots)
         self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
         self.codec = PCACodec(config.codec_dim).fit(index.features) if config.codec_dim else None
-        reps, rep_spot = public.prototypes(index.features, groups, config.features_per_spot)
+        looks = public.sample_groups(groups)  # bounded work per spot, however large the gallery
+        reps, rep_spot = public.prototypes(index.features, looks, config.features_per_spot)
         bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
         self._encoded = [self.encode(reps[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
-        protos, self.prototype_spot = public.prototypes(index.features, groups, config.prototypes_per_spot)
+        protos, self.prototype_spot = public.prototypes(index.features, looks, config.prototypes_per_spot)
         self.prototypes = protos
-        self.spot_cell = public.balanced_cells(public.spot_means(index.features, groups), config.cell_min_spots) \
+        self.spot_cell = public.balanced_cells(public.spot_means(index.features, looks), config.cell_min_spots) \
             if n_spots else np.zeros(0, np.int64)
         release_pages(index.features)  # read once above: keep them out of the resident set
         # A candidate's JSON text is fixed per index version and json.dumps of its ~27 kB of
