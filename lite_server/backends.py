@@ -144,6 +144,8 @@ class RowReader:
     Rows of a memory-mapped matrix are copied out and their pages dropped from
     the resident set again (:func:`release_pages`): they stay in the page
     cache, but not in the server's memory, however many queries it answers.
+    (Counting pages and dropping them less often does not work: the kernel's
+    fault-around maps 64 kB about every row read, whatever ``madvise`` says.)
     """
 
     def __init__(self, vectors: np.ndarray):
@@ -272,18 +274,31 @@ class QuantizedBackend:
 
     def _best_groups(self, approx: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         norm = np.float32(np.linalg.norm(query))
+        row_slack = self.err_ * norm + np.float32(ROUNDING_SLACK)
         best = np.maximum.reduceat(approx[self.group_order_], self.group_starts_)
         slack = self.group_err_ * norm + np.float32(ROUNDING_SLACK)
         lower = best - slack  # the true best of each group is within these bounds
-        floor = np.partition(lower, len(lower) - k)[len(lower) - k]
-        rows = np.flatnonzero((best + slack >= floor)[self.row_group_])  # rows of groups that may be in the top k
+        # First re-score only the scan's best row of each group that may be in the top k:
+        # its exact score is a much tighter lower bound than ``lower``, which prunes the
+        # group's other rows (near-duplicates of a popular spot can number hundreds).
+        leaders = np.flatnonzero((approx == best[self.row_group_]) & self._may_rank(best + slack, lower, k))
+        leader_exact = self.rows_(leaders) @ query
+        np.maximum.at(lower, self.row_group_[leaders], leader_exact)
+        of = self.row_group_
+        rest = np.flatnonzero(self._may_rank(best + slack, lower, k) & (approx + row_slack >= lower[of])
+                              & (approx != best[of]))
+        rows = np.concatenate([leaders, rest])
+        exact = np.concatenate([leader_exact, self.rows_(rest) @ query])
         of = self.row_group_[rows]
-        rows = rows[approx[rows] + self.err_[rows] * norm + np.float32(ROUNDING_SLACK) >= lower[of]]
-        exact, of = self.rows_(rows) @ query, self.row_group_[rows]  # ...that may be their group's best
         order = np.lexsort((rows, -exact, of))  # each group's best row first
         first = order[np.r_[True, of[order][1:] != of[order][:-1]]]
         pick = first[np.lexsort((rows[first], -exact[first]))][:k]
         return exact[pick], self.group_ids_[of[pick]]
+
+    def _may_rank(self, upper: np.ndarray, lower: np.ndarray, k: int) -> np.ndarray:
+        """Per row: may its group be among the ``k`` best, given bounds on every group's best."""
+        floor = np.partition(lower, len(lower) - k)[len(lower) - k]
+        return (upper >= floor)[self.row_group_]
 
     def save(self, path: Path) -> None:
         with open(path, "wb") as handle:  # exactly ``path``: np.save would add ".npy"
