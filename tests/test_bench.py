@@ -23,7 +23,8 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiled" in result["gallery"] and result["plan"]["sizes"] == [3000]
     for key in ("extract_bare_ms", "extract_224_ms", "extract_12mp_ms", "lookup_ms_3k", "faiss_flat_ms_3k",
-                "http_p50_ms_3k", "private_ms", "plain_ms"):
+                "http_p50_ms_3k", "http_p50_ms_cells_3k", "http_p50_ms_faiss_ivf_3k", "private_ms", "private_noise_ms",
+                "plain_ms"):
         assert 0 < result[key] < 10_000, key
     # Timing noise can put a ratio a little under 1; far under would mean the peer was mismeasured.
     assert 0.7 < result["extract_ratio_224"] < 10 and 0.7 < result["extract_ratio_12mp"] < 30
@@ -32,5 +33,8 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     # 40 candidates carry their features (in whatever wire encoding), one plain candidate far less.
     assert result["response_bytes_k40_3k"] > 40 * 256
     assert result["private_bytes_received"] > 5 * result["plain_bytes_received"]
+    # The default (cells) query names at least one cell of >= 10 spots, each sent back.
+    assert result["private_candidates"] >= 10 and result["response_bytes_cells_3k"] > 10 * 128
+    assert 0 < result["faiss_ivf_spot_recall_3k"] <= 1.0  # approximate: a share of the exact spots
     assert result["throughput_rps_4"] > 0 and 50 < result["rss_mb_3k"] < 1000
     assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed

@@ -225,14 +225,15 @@ def bench_batch(ours: QuantizedBackend, qs: np.ndarray, tag: str, single: list[f
 class Server:
     """``enfpire-server serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, index: Path, threads: int = 4):
+    def __init__(self, index: Path, threads: int = 4, backend: str | None = None):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(port),
-             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--threads", str(threads), *(["--backend", backend] if backend else [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             self._wait_ready()
         except BaseException:
@@ -281,24 +282,35 @@ def post(session: Any, url: str, body: bytes) -> int:
 
 
 def private_bodies(qs: np.ndarray, k: int = K_PRIVATE) -> list[bytes]:
-    """Noise-transformed query bodies (the default transform), as the phone sends them."""
+    """Noise-transformed query bodies: a vector query, the one that makes the server scan."""
     transform, rng = make_transform("noise", k=k), np.random.default_rng(2)
     return [json.dumps(transform.transform(q, rng), separators=(",", ":")).encode() for q in qs]
 
 
-def bench_http(plan: Plan, server: Server, qs: np.ndarray, tag: str) -> dict[str, Any]:
-    """Sequential round trips of private (k=40) queries, then memory."""
+def cells_bodies(server: Server, extractor: Extractor, qs: np.ndarray) -> list[bytes]:
+    """Bodies of the default transform (cells), fitted to the server's public parameters."""
+    with Client(ClientConfig(server=server.url, transform="cells", seed=2), extractor=extractor) as client:
+        client.check_model()
+        return [json.dumps(client.transform.transform(q, client.rng), separators=(",", ":")).encode() for q in qs]
+
+
+def bench_http(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray, tag: str) -> dict[str, Any]:
+    """Sequential round trips of vector (noise, k=40) and of cells queries, then memory."""
     import requests
 
-    bodies = private_bodies(qs)
+    bodies = {"vector": private_bodies(qs), "cells": cells_bodies(server, extractor, qs)}
+    sizes: dict[str, list[int]] = {name: [] for name in bodies}
     with requests.Session() as session:
-        sizes = [post(session, server.url, b) for b in bodies[:2]]
-        times = interleaved({"post": lambda: sizes.append(post(session, server.url, bodies[len(sizes) % len(bodies)]))},
-                            plan.repeats * 2, warmup=0)
+        def one(name: str) -> None:
+            sizes[name].append(post(session, server.url, bodies[name][len(sizes[name]) % len(qs)]))
+
+        times = interleaved({name: (lambda n=name: one(n)) for name in bodies}, plan.repeats * 2)
     rss, peak = server.memory_mb()
-    return {f"http_p50_ms_{tag}": median_ms(times["post"]),
-            f"http_p95_ms_{tag}": round(float(np.percentile(times["post"], 95)) * 1e3, 3),
-            f"response_bytes_k40_{tag}": int(np.median(sizes)), f"request_bytes_{tag}": len(bodies[0]),
+    return {f"http_p50_ms_{tag}": median_ms(times["vector"]),
+            f"http_p95_ms_{tag}": round(float(np.percentile(times["vector"], 95)) * 1e3, 3),
+            f"http_p50_ms_cells_{tag}": median_ms(times["cells"]),
+            f"response_bytes_k40_{tag}": int(np.median(sizes["vector"])), f"request_bytes_{tag}": len(bodies["vector"][0]),
+            f"response_bytes_cells_{tag}": int(np.median(sizes["cells"])),
             f"rss_mb_{tag}": rss, f"rss_peak_mb_{tag}": peak}
 
 
@@ -330,21 +342,24 @@ def bench_throughput(plan: Plan, server: Server, qs: np.ndarray) -> dict[str, An
 
 
 def bench_private(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray) -> dict[str, Any]:
-    """The whole private query (noise transform, k=40, request, response, local rerank)
-    against a plain one (raw feature, k=1), both through the real client."""
+    """The whole private query (transform, request, response, local rerank; no dummies) of the
+    default transform (cells) and of a vector one (noise, k=40), against a plain one (raw
+    feature, k=1), all through the real client."""
     clients = {name: Client(ClientConfig(server=server.url, transform=name, seed=3), extractor=extractor)
-               for name in ("noise", "none")}
+               for name in ("cells", "noise", "none")}
     cycle = iter(range(10**9))
     times = interleaved({name: (lambda c=c: c.ask(qs[next(cycle) % len(qs)])) for name, c in clients.items()},
                         plan.repeats * 2)
-    body, result = clients["noise"].ask(qs[0])
-    plain = clients["none"].ask(qs[0])[1]
+    answers = {name: c.ask(qs[0]) for name, c in clients.items()}
     for c in clients.values():
         c.close()
-    out = {"private_ms": median_ms(times["noise"]), "plain_ms": median_ms(times["none"]),
-           "private_bytes_received": result.bytes_received, "plain_bytes_received": plain.bytes_received,
-           "private_candidates": len(result.candidates), "private_k": body["k"]}
-    out["private_vs_plain_ratio"] = round(out["private_ms"] / out["plain_ms"], 3)
+    out: dict[str, Any] = {"plain_ms": median_ms(times["none"]),
+                           "plain_bytes_received": answers["none"][1].bytes_received}
+    for name, key in (("cells", "private"), ("noise", "private_noise")):
+        body, result = answers[name]
+        out.update({f"{key}_ms": median_ms(times[name]), f"{key}_bytes_received": result.bytes_received,
+                    f"{key}_candidates": len(result.candidates), f"{key}_k": body.get("k")})
+        out[f"{key}_vs_plain_ratio"] = round(out[f"{key}_ms"] / out["plain_ms"], 3)
     return out
 
 
@@ -385,13 +400,46 @@ def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor
     if n in plan.served:
         server = Server(folder)
         try:
-            result.update(bench_http(plan, server, qs, label(n)))
+            result.update(bench_http(plan, server, extractor, qs, label(n)))
             if n == plan.target:
                 result.update(bench_throughput(plan, server, qs))
                 result.update(bench_private(plan, server, extractor, qs))
+                exact = spots_answered(server, qs)
         finally:
             server.stop()
+        if n == plan.target:
+            result.update(bench_ivf_server(plan, folder, qs, exact, label(n)))
     return result
+
+
+def spots_answered(server: Server, qs: np.ndarray) -> list[list[str]]:
+    """The candidate spot ids the server returns for each vector (noise, k=40) query."""
+    import requests
+
+    with requests.Session() as session:
+        answers = [session.post(server.url + "/v1/candidates", data=body, headers={"Content-Type": "application/json"})
+                   for body in private_bodies(qs)]
+    return [[c["id"] for c in answer.json()["candidates"]] for answer in answers]
+
+
+def bench_ivf_server(plan: Plan, folder: Path, qs: np.ndarray, exact: list[list[str]], tag: str) -> dict[str, Any]:
+    """The same vector queries against a server on the approximate ``faiss-ivf`` backend:
+    its latency, and how many of the exact default's candidate spots it still returns."""
+    import requests
+
+    bodies = private_bodies(qs)
+    server = Server(folder, backend="faiss-ivf")
+    try:
+        cycle = iter(range(10**9))
+        with requests.Session() as session:
+            times = interleaved({"post": lambda: post(session, server.url, bodies[next(cycle) % len(bodies)])},
+                                plan.repeats * 2)
+        answered = spots_answered(server, qs)
+    finally:
+        server.stop()
+    recall = np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(answered, exact)])
+    return {f"http_p50_ms_faiss_ivf_{tag}": median_ms(times["post"]),
+            f"faiss_ivf_spot_recall_{tag}": round(float(recall), 4)}
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +468,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     sizes = result["plan"]["sizes"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, name in (("lookup_ms", "default (uint8 scan + exact re-score)"), ("faiss_flat_ms", "FAISS IndexFlatIP"),
-                      ("sklearn_ms", "scikit-learn brute (old default)"), ("http_p50_ms", "HTTP /v1/candidates k=40")):
+                      ("sklearn_ms", "scikit-learn brute (old default)"),
+                      ("http_p50_ms", "HTTP /v1/candidates, vector k=40"),
+                      ("http_p50_ms_cells", "HTTP /v1/candidates, cells (default)")):
         points = [(n, result[f"{key}_{label(n)}"]) for n in sizes if f"{key}_{label(n)}" in result]
         if points:
             left.plot(*zip(*points), marker="o", label=name)
