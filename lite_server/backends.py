@@ -281,12 +281,12 @@ class QuantizedBackend:
         # First re-score only the scan's best row of each group that may be in the top k:
         # its exact score is a much tighter lower bound than ``lower``, which prunes the
         # group's other rows (near-duplicates of a popular spot can number hundreds).
-        leaders = np.flatnonzero((approx == best[self.row_group_]) & self._may_rank(best + slack, lower, k))
+        leading = approx == best[self.row_group_]
+        leaders = np.flatnonzero(leading & self._may_rank(best + slack, lower, k))
         leader_exact = self.rows_(leaders) @ query
         np.maximum.at(lower, self.row_group_[leaders], leader_exact)
-        of = self.row_group_
-        rest = np.flatnonzero(self._may_rank(best + slack, lower, k) & (approx + row_slack >= lower[of])
-                              & (approx != best[of]))
+        rest = np.flatnonzero(self._may_rank(best + slack, lower, k) & ~leading
+                              & (approx + row_slack >= lower[self.row_group_]))
         rows = np.concatenate([leaders, rest])
         exact = np.concatenate([leader_exact, self.rows_(rest) @ query])
         of = self.row_group_[rows]
