@@ -7,6 +7,7 @@ import pytest
 
 from edge_client.config import default_model_path
 from edge_client.extractor import Extractor
+from tools.live import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -113,55 +114,6 @@ def app(index_dir: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def client(app):  # type: ignore[no-untyped-def]
     return app.test_client()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class LiveServer:
-    """``enfpire-server serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, index: Path, *extra: str, env: dict[str, str] | None = None):
-        import os
-        import subprocess
-        import sys
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(self.port), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import time
-
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()}")  # type: ignore[union-attr]
-            try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> str:
-        self.process.terminate()
-        try:
-            out, _ = self.process.communicate(timeout=10)
-        except Exception:  # noqa: BLE001
-            self.process.kill()
-            out, _ = self.process.communicate()
-        return out.decode(errors="replace")
 
 
 @pytest.fixture(scope="session")

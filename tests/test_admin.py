@@ -19,7 +19,8 @@ from edge_client.extractor import Extractor
 from lite_server import admin
 from lite_server.app import EXTENSION, create_app
 from lite_server.config import ServerConfig
-from tests.conftest import LiveServer, copy_index, free_port, make_subset
+from tests.conftest import copy_index, make_subset
+from tools.live import LiveServer, free_port
 
 TOKEN = "admin-test-token-9f8e7d6c5b4a"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -25,7 +25,8 @@ import requests
 from lite_server.backends import make_backend
 from lite_server.index import Index
 from lite_server.updates import photo_rows, remove_spots
-from tests.conftest import LiveServer, copy_index, make_subset
+from tests.conftest import copy_index, make_subset
+from tools.live import LiveServer
 
 CHURN = "import sys; from tests.test_crash import churn; churn(*sys.argv[1:])"
 

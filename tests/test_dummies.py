@@ -25,7 +25,8 @@ from edge_client.extractor import Extractor
 from edge_client.personas import Movement, Persona
 from edge_client.scheduler import DummyScheduler, ManualClock, Sent
 from lite_server.index import Index
-from tests.conftest import LiveServer, free_port, make_subset
+from tests.conftest import make_subset
+from tools.live import LiveServer, free_port
 from tools.inprocess import mount
 
 DAY0 = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC

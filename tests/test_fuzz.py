@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_client import wire
-from tests.conftest import LiveServer, copy_index
+from tests.conftest import copy_index
+from tools.live import LiveServer
 
 SHORT, LONG = 150, 5000
 TOKEN = "fuzz-admin-token-0123456789"

@@ -18,7 +18,7 @@ from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor
 from edge_client.transforms import TRANSFORMS
-from tests.conftest import LiveServer
+from tools.live import LiveServer
 
 #: Every header a lookup answer may carry; anything else could be an identifier.
 ALLOWED_HEADERS = {"content-type", "content-length", "cache-control", "date", "server", "allow",

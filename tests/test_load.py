@@ -23,7 +23,8 @@ from lite_server.app import create_app
 from lite_server.config import ServerConfig
 from lite_server.index import Index, publish
 from lite_server.updates import photo_rows, remove_spots
-from tests.conftest import LiveServer, copy_index, free_port
+from tests.conftest import copy_index
+from tools.live import LiveServer, free_port
 
 HEADERS = {"Content-Type": "application/json"}
 TOKEN = "load-test-admin-token-0123"

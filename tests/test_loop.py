@@ -14,7 +14,8 @@ from edge_client.client import Client, recognize
 from edge_client.config import ClientConfig
 from edge_client.errors import IncompatibleServerError, ServerError, ServerUnreachableError
 from edge_client.extractor import Extractor
-from tests.conftest import CLASSIFIER, LiveServer, free_port
+from tests.conftest import CLASSIFIER
+from tools.live import LiveServer, free_port
 
 
 def _client(live_server: LiveServer, extractor: Extractor, **settings: object) -> Client:

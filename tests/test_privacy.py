@@ -11,7 +11,8 @@ import pytest
 from edge_client import wire
 from edge_client.transforms import TRANSFORMS, Transform, make_transform
 from lite_server.config import ServerConfig
-from tests.conftest import LiveServer, make_subset
+from tests.conftest import make_subset
+from tools.live import LiveServer
 from tools import attackers as atk
 from tools import evaluate as ev
 

@@ -23,8 +23,6 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +43,7 @@ from edge_client.transforms import make_transform
 from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
 from lite_server.index import Index, base_manifest, publish
 from tools.dataset import Dataset, features, load_dataset
+from tools.live import LiveServer
 
 JITTER = 0.1
 K_PRIVATE = 40
@@ -222,56 +221,9 @@ def bench_batch(ours: QuantizedBackend, qs: np.ndarray, tag: str, single: list[f
 
 # ---------------------------------------------------------------- the real server
 
-class Server:
-    """``enfpire-server serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, index: Path, threads: int = 4, backend: str | None = None):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(port),
-             "--threads", str(threads), *(["--backend", backend] if backend else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()  # never leave a server behind
-            raise
-
-    def _wait_ready(self, timeout: float = 1800.0) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
-            try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
-
-    def memory_mb(self) -> tuple[float, float]:
-        """(resident now, peak resident) of the server process, MB."""
-        import psutil
-
-        rss = psutil.Process(self.process.pid).memory_info().rss / 2**20
-        status = Path(f"/proc/{self.process.pid}/status")
-        peak = next((int(line.split()[1]) / 1024 for line in status.read_text().splitlines()
-                     if line.startswith("VmHWM")), rss) if status.is_file() else rss
-        return round(rss, 1), round(peak, 1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def serve(index: Path, backend: str | None = None) -> LiveServer:
+    """The real server on ``index`` with 4 threads; a 1M index may take minutes to load."""
+    return LiveServer(index, "--threads", "4", *(["--backend", backend] if backend else []), ready_timeout=1800.0)
 
 
 def post(session: Any, url: str, body: bytes) -> int:
@@ -287,14 +239,14 @@ def private_bodies(qs: np.ndarray, k: int = K_PRIVATE) -> list[bytes]:
     return [json.dumps(transform.transform(q, rng), separators=(",", ":")).encode() for q in qs]
 
 
-def cells_bodies(server: Server, extractor: Extractor, qs: np.ndarray) -> list[bytes]:
+def cells_bodies(server: LiveServer, extractor: Extractor, qs: np.ndarray) -> list[bytes]:
     """Bodies of the default transform (cells), fitted to the server's public parameters."""
     with Client(ClientConfig(server=server.url, transform="cells", seed=2), extractor=extractor) as client:
         client.check_model()
         return [json.dumps(client.transform.transform(q, client.rng), separators=(",", ":")).encode() for q in qs]
 
 
-def bench_http(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray, tag: str) -> dict[str, Any]:
+def bench_http(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.ndarray, tag: str) -> dict[str, Any]:
     """Sequential round trips of vector (noise, k=40) and of cells queries, then memory."""
     import requests
 
@@ -314,7 +266,7 @@ def bench_http(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray,
             f"rss_mb_{tag}": rss, f"rss_peak_mb_{tag}": peak}
 
 
-def bench_throughput(plan: Plan, server: Server, qs: np.ndarray) -> dict[str, Any]:
+def bench_throughput(plan: Plan, server: LiveServer, qs: np.ndarray) -> dict[str, Any]:
     """``plan.clients`` clients posting private queries back to back for ``plan.load_seconds``."""
     import requests
 
@@ -341,7 +293,7 @@ def bench_throughput(plan: Plan, server: Server, qs: np.ndarray) -> dict[str, An
             f"http_p95_ms_under_load_{plan.clients}": round(float(np.percentile(latencies, 95)) * 1e3, 1)}
 
 
-def bench_private(plan: Plan, server: Server, extractor: Extractor, qs: np.ndarray) -> dict[str, Any]:
+def bench_private(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.ndarray) -> dict[str, Any]:
     """The whole private query (transform, request, response, local rerank; no dummies) of the
     default transform (cells) and of a vector one (noise, k=40), against a plain one (raw
     feature, k=1), all through the real client."""
@@ -398,7 +350,7 @@ def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor
     result = bench_lookup(plan, index, qs)
     del index
     if n in plan.served:
-        server = Server(folder)
+        server = serve(folder)
         try:
             result.update(bench_http(plan, server, extractor, qs, label(n)))
             if n == plan.target:
@@ -412,7 +364,7 @@ def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor
     return result
 
 
-def spots_answered(server: Server, qs: np.ndarray) -> list[list[str]]:
+def spots_answered(server: LiveServer, qs: np.ndarray) -> list[list[str]]:
     """The candidate spot ids the server returns for each vector (noise, k=40) query."""
     import requests
 
@@ -428,7 +380,7 @@ def bench_ivf_server(plan: Plan, folder: Path, qs: np.ndarray, exact: list[list[
     import requests
 
     bodies = private_bodies(qs)
-    server = Server(folder, backend="faiss-ivf")
+    server = serve(folder, backend="faiss-ivf")
     try:
         cycle = iter(range(10**9))
         with requests.Session() as session:

@@ -1,0 +1,84 @@
+"""A real ``enfpire-server serve`` in a subprocess on a free loopback port.
+
+One helper for everything that needs the production server rather than the
+Flask test client: the test suite's live-server fixtures and ``tools.bench``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The server on ``index`` with extra ``serve`` flags; ready when constructed.
+
+    Its output (stdout and stderr together) goes to a temporary file, not a
+    pipe, so a chatty server under a long load run can never block on a full
+    pipe; :meth:`stop` returns it.
+    """
+
+    def __init__(self, index: Path, *extra: str, env: dict[str, str] | None = None,
+                 ready_timeout: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._output = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(self.port), *extra],
+            stdout=self._output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(resident now, peak resident) of the server process, MiB."""
+        import psutil
+
+        rss = psutil.Process(self.process.pid).memory_info().rss / 2**20
+        status = Path(f"/proc/{self.process.pid}/status")
+        peak = next((int(line.split()[1]) / 1024 for line in status.read_text().splitlines()
+                     if line.startswith("VmHWM")), rss) if status.is_file() else rss
+        return round(rss, 1), round(peak, 1)
+
+    def output(self) -> str:
+        """Everything the server has printed so far."""
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")
+
+    def stop(self) -> str:
+        """Terminate (kill if it lingers) and return what the server printed."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.output()
