@@ -85,6 +85,15 @@ def server_info(server_url: str, config_json: str = "{}") -> str:
     return _answer(lambda: {"info": _client(server_url, config_json).info(refresh=True)})
 
 
+def clear_cache(server_url: str, config_json: str = "{}") -> str:
+    """Forget the answers and server info kept for ``server_url`` (a privacy setting's "clear" button)."""
+    def run() -> dict[str, Any]:
+        client = _client(server_url, config_json)
+        client.clear_cache()
+        return {"cleared": True}
+    return _answer(run)
+
+
 def close_all() -> str:
     """Stop the dummy schedulers and close every cached client (call from the app's onDestroy)."""
     with _lock:

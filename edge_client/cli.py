@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable
 
 from .config import ClientConfig, load_config
-from .client import Client
+from .client import Client, clear_caches
 from .errors import ConfigError, EnfPireError
 from .extractor import Extractor
 from .scheduler import DummyScheduler
@@ -63,8 +63,14 @@ def _info(args: argparse.Namespace, config: ClientConfig) -> int:
     return 0
 
 
+def _clear_cache(args: argparse.Namespace, config: ClientConfig) -> int:
+    removed = clear_caches(config, every_server=not args.server)
+    print(f"removed {removed} cache file(s) from {config.state_path() / 'cache'}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, ClientConfig], int]] = {
-    "extract": _extract, "recognize": _recognize, "info": _info}
+    "extract": _extract, "recognize": _recognize, "info": _info, "clear-cache": _clear_cache}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,15 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--dummies", type=int, metavar="N", help="dummy requests around the real one (default 2)")
     p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
+    p.add_argument("--no-cache", action="store_false", dest="cache", default=None,
+                   help="always ask the server: neither read nor keep answers on this device")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("info", help="print the server's /v1/info")
     p.add_argument("--server")
+    p = sub.add_parser("clear-cache", help="forget the answers and server info this device kept")
+    p.add_argument("--server", help="only this server's (default: every server's)")
     return parser
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
-    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed")
+    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed", "cache")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

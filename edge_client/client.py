@@ -11,11 +11,13 @@ cookies kept, the same headers on every request.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,11 +25,13 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 
 from . import wire
+from .cache import AnswerCache
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
 from .photo import Photo
 from .recognizer import Projector, Recognition, projector, rerank
+from .state import decoy_seed, device_secret
 from .transforms import Transform, make_transform
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ class Client:
     """A device's connection to one server, with its extractor and transform."""
 
     def __init__(self, config: ClientConfig | None = None, extractor: Extractor | None = None,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, cache: AnswerCache | None = None):
         self.config = config or ClientConfig()
         self.extractor = extractor
         self.transform = transform or make_transform(self.config.transform, self.config.strength,
@@ -56,6 +60,8 @@ class Client:
         self._info: dict[str, Any] | None = None
         self._project: Projector | None = None  # set with the server's public parameters
         self._compare_dim = 0
+        self.cache = cache if cache is not None else self._default_cache()
+        self._secret: bytes | None = None
 
     def __enter__(self) -> "Client":
         return self
@@ -71,12 +77,23 @@ class Client:
             self.extractor = Extractor(self.config.model_path(), self.config.num_threads, self.config.max_pixels)
         return self.extractor
 
+    def _default_cache(self) -> AnswerCache | None:
+        if not self.config.cache:
+            return None
+        return AnswerCache(cache_path(self.config), self.config.cache_entries, self.config.cache_max_age)
+
     def info(self, refresh: bool = False) -> dict[str, Any]:
-        """The server's ``/v1/info``, checked against this device's model."""
+        """The server's ``/v1/info``, checked against this device's model (kept in the answer cache)."""
         if self._info is None or refresh:
+            kept = None if refresh or self.cache is None else self.cache.info()
+            if kept is not None and _is_info(kept):
+                self._info = kept
+                return kept
             info, _, _ = self._request("GET", "/v1/info")
-            if not isinstance(info, dict) or info.get("protocol") != PROTOCOL or "model_sha256" not in info:
+            if not _is_info(info):
                 raise BadResponseError("the server's /v1/info is not an EnfPire protocol 1 answer")
+            if self.cache is not None:
+                self.cache.store_info(info)
             self._info = info
         return self._info
 
@@ -107,18 +124,68 @@ class Client:
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""
+        answer, sent, received = self._post(body)
+        return answer["candidates"], sent, received
+
+    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
         answer, sent, received = self._request("POST", "/v1/candidates", body)
         if not isinstance(answer, dict) or not isinstance(answer.get("candidates"), list):
             raise BadResponseError("the server's candidates answer has no candidate list")
-        return answer["candidates"], sent, received
+        return answer, sent, received
 
-    def ask(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
-        """Transform, ask, rerank locally; also returns the body the server received."""
+    def _keep(self, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Put a real cells answer in the cache (a dummy's never comes here)."""
+        if self.cache is None or "cells" not in body:
+            return
+        version = self.info()["index_version"]
+        if answer.get("index_version") == version:
+            self.cache.store(body["cells"], str(version), answer["candidates"])
+        else:  # the server moved to another index and its cells changed: refit before the next query
+            self._info, self._project = None, None
+
+    def body(self, feature: np.ndarray, real: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """The request body for ``feature`` (call :meth:`check_model` first).
+
+        With ``stable_decoys`` a cells query draws its decoys from a generator
+        keyed on its real cells, the day and the device secret: the same cells
+        asked again make the same message, so a repeat tells the server nothing new.
+        """
+        real = self.transform.real_cells(feature) if real is None else real
+        if real is None:
+            return self.transform.transform(feature, self.rng)
+        rng = np.random.default_rng(decoy_seed(self._device_secret(), real)) if self.config.stable_decoys else self.rng
+        return self.transform.query(real, rng)
+
+    def ask(self, feature: np.ndarray) -> tuple[dict[str, Any] | None, Recognition]:
+        """Transform, ask, rerank locally; also returns the body the server received
+        (None when the answer cache held the photo's cells and nothing was sent)."""
         self.check_model()
-        body = self.transform.transform(feature, self.rng)
-        candidates, sent, received = self.query(body)
-        result = rerank(self._project(feature), candidates, self._compare_dim, self.config.threshold)  # type: ignore[misc]
+        project = self._project
+        real = self.transform.real_cells(feature)
+        if real is not None and self.cache is not None:
+            kept = self.cache.answer(real, str(self.info()["index_version"]))
+            if kept is not None:
+                log.debug("answered from the cache: no request")
+                return None, rerank(project(feature), kept, self._compare_dim, self.config.threshold)  # type: ignore[misc]
+        body = self.body(feature, real)
+        answer, sent, received = self._post(body)
+        self._keep(body, answer)
+        result = rerank(project(feature), answer["candidates"], self._compare_dim, self.config.threshold)  # type: ignore[misc]
         return body, replace(result, bytes_sent=sent, bytes_received=received)
+
+    def clear_cache(self) -> None:
+        """Forget every kept answer and the kept ``/v1/info`` of this server."""
+        if self.cache is not None:
+            self.cache.clear()
+        self._info = None
+
+    def _device_secret(self) -> bytes:
+        if self._secret is None:
+            if self.config.seed is not None:  # a seed fixes every draw: tests and the evaluation
+                self._secret = hashlib.sha256(f"enfpire-seed-{self.config.seed}".encode()).digest()
+            else:
+                self._secret = device_secret(self.config.state_path(), self.config.secret_days)
+        return self._secret
 
     def recognize_feature(self, feature: np.ndarray) -> Recognition:
         """Transform, ask, rerank locally."""
@@ -175,6 +242,30 @@ class Client:
         if payload is None:
             raise BadResponseError(f"the server's answer to {response.request.path_url} is not JSON")
         return payload
+
+
+def cache_path(config: ClientConfig) -> Path:
+    """The answer cache file of ``config.server`` (one per server, under the state folder)."""
+    name = hashlib.sha256(config.server.rstrip("/").encode()).hexdigest()[:16]
+    return config.state_path() / "cache" / f"{name}.json.gz"
+
+
+def clear_caches(config: ClientConfig, every_server: bool = False) -> int:
+    """Delete the answer cache of ``config.server`` (``every_server``: all of them); how many files went."""
+    files = sorted((config.state_path() / "cache").glob("*.json.gz")) if every_server else [cache_path(config)]
+    removed = 0
+    for path in files:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _is_info(info: Any) -> bool:
+    return isinstance(info, dict) and info.get("protocol") == PROTOCOL and "model_sha256" in info \
+        and "index_version" in info
 
 
 def _read_answer(response: requests.Response, budget: float) -> bytes:

@@ -58,10 +58,19 @@ class ClientConfig:
     dummy_window: float = 6.0       # seconds: a real request and its dummies leave at i.i.d. offsets in it
     dummy_day_start: int = 8        # personas only set off between these local hours
     dummy_day_end: int = 20
-    seed: int | None = None         # fixes every random draw (tests, evaluation)
+    cache: bool = True              # answer a photo of cells fetched recently on the device, with no request
+    cache_entries: int = 32         # answers kept (the oldest go first)
+    cache_max_age: float = 21600.0  # seconds an answer (and the server's /v1/info) is kept: 6 h
+    stable_decoys: bool = True      # decoys keyed on the real cells and a device secret: a repeat says nothing new
+    secret_days: float = 7.0        # the device secret that keys the decoys is replaced this often
+    state_dir: str = ""             # cache and secret; "" = ~/.enfpire (Chaquopy: under the app's files)
+    seed: int | None = None         # fixes every random draw, the device secret's too (tests, evaluation)
 
     def model_path(self) -> Path:
         return Path(self.model).expanduser() if self.model else default_model_path()
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".enfpire"
 
 
 def load_config(

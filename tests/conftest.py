@@ -18,6 +18,15 @@ V1_EXTRACTOR = SHARED_MODELS / "mobilenet_v1_1.0_224_quant_embedding_extractor.t
 FEATURE_TENSOR = "MobilenetV2/Logits/AvgPool"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A private home for the whole run: clients keep their answer cache and device secret
+    under ``~/.enfpire``, and a test must never read or leave the user's."""
+    import os
+    import tempfile
+
+    os.environ["HOME"] = tempfile.mkdtemp(prefix="enfpire-home-")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-soak", action="store_true", help="run the long soak tests")
 

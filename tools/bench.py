@@ -241,7 +241,7 @@ def private_bodies(qs: np.ndarray, k: int = K_PRIVATE) -> list[bytes]:
 
 def cells_bodies(server: LiveServer, extractor: Extractor, qs: np.ndarray) -> list[bytes]:
     """Bodies of the default transform (cells), fitted to the server's public parameters."""
-    with Client(ClientConfig(server=server.url, transform="cells", seed=2), extractor=extractor) as client:
+    with Client(ClientConfig(server=server.url, transform="cells", seed=2, cache=False), extractor=extractor) as client:
         client.check_model()
         return [json.dumps(client.transform.transform(q, client.rng), separators=(",", ":")).encode() for q in qs]
 
@@ -297,7 +297,7 @@ def bench_private(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.n
     """The whole private query (transform, request, response, local rerank; no dummies) of the
     default transform (cells) and of a vector one (noise, k=40), against a plain one (raw
     feature, k=1), all through the real client."""
-    clients = {name: Client(ClientConfig(server=server.url, transform=name, seed=3), extractor=extractor)
+    clients = {name: Client(ClientConfig(server=server.url, transform=name, seed=3, cache=False), extractor=extractor)
                for name in ("cells", "noise", "none")}
     cycle = iter(range(10**9))
     times = interleaved({name: (lambda c=c: c.ask(qs[next(cycle) % len(qs)])) for name, c in clients.items()},
