@@ -1,7 +1,7 @@
 """Measure privacy and utility of the transforms on a real dataset.
 
     python -m tools.evaluate privacy --dataset DIR --out OUT [--transform NAME --strength S --k K]
-                                     [--sweep] [--server URL] [--seed N]
+                                     [--sweep] [--server URL] [--seed N] [--links 1,2,3,5]
 
 Split: per spot, about 20% of its photos (at least one, chosen by a hash of
 the file name) are queries and never in the gallery; spots with fewer than 5
@@ -10,33 +10,30 @@ dataset and model) and every query goes through the real client code
 (transform, request, JSON, rerank) against the real server code: in-process
 through a WSGI adapter by default, over HTTP with ``--server``.
 
-Writes OUT/metrics.json, OUT/report.md and OUT/curves.png.
+For the cells default it also measures linked photos (``tools.linked``): m
+photos of one spot from one phone, with and without the phone's defences.
+
+Writes OUT/metrics.json, OUT/report.md, OUT/curves.png and OUT/linked.png.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_client.client import Client
-from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
 from edge_client.transforms import DEFAULT_TRANSFORM, Transform, make_transform
-from lite_server.app import create_app
-from lite_server.config import ServerConfig, load_config
-from lite_server.index import BadIndexError, Index
-from lite_server.lookup import Lookup
 from tools import attackers as atk
 from tools import dataset as ds
-from tools.inprocess import mount
+from tools import history, linked
+from tools.testbed import Env, baseline, prepare
+
+__all__ = ["Env", "attack", "baseline", "prepare", "privacy", "run_setting"]
 
 log = logging.getLogger(__name__)
 
@@ -48,61 +45,6 @@ SWEEPS: dict[str, list[tuple[float, int]]] = {
 }
 #: EnfPire's published point, as fractions of its non-private accuracy (99.8%).
 PAPER = {"user": 0.869 / 0.998, "server": 0.414 / 0.998}
-
-
-@dataclass
-class Env:
-    """Everything one evaluation run shares: data, split, features, the served index."""
-
-    data: ds.Dataset
-    gallery: np.ndarray
-    queries: np.ndarray
-    left_out: int
-    features: np.ndarray
-    extractor: Extractor
-    index: Index
-    lookup: Lookup
-    server_url: str | None = None
-
-    @property
-    def truth(self) -> np.ndarray:
-        """Each query's spot as a row of ``index.spots``."""
-        rows = {s.id: i for i, s in enumerate(self.index.spots)}
-        return np.array([rows[self.data.photos[q][0]] for q in self.queries])
-
-    def client(self, transform: Transform, seed: int) -> Client:
-        if self.server_url:
-            return Client(ClientConfig(server=self.server_url, seed=seed), self.extractor, transform)
-        client = Client(ClientConfig(seed=seed), self.extractor, transform)
-        url = mount(client.session, self.app)
-        client.config = ClientConfig(server=url, seed=seed)
-        return client
-
-    @property
-    def app(self) -> Any:
-        if not hasattr(self, "_app"):
-            self._app = create_app(lookup=self.lookup)
-        return self._app
-
-
-def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
-            config: ServerConfig | None = None) -> Env:
-    """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
-    alone, split again, so settings are chosen without ever seeing a query."""
-    data = ds.load_dataset(dataset)
-    gallery, queries, left_out = ds.split(data)
-    if tune:
-        gallery, queries, _ = ds.split(data, rows=gallery, min_photos=1)
-    extractor = Extractor(ClientConfig().model_path())
-    features = ds.features(data, extractor, cache)
-    key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}".encode()).hexdigest()[:16]
-    index_dir = cache / f"eval-index-{key}"
-    try:
-        index = Index.load(index_dir)
-    except BadIndexError:
-        index = ds.build_from_features(data, gallery, features, extractor, index_dir)
-    lookup = Lookup(index, config or load_config(ServerConfig))
-    return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
 
 
 def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed: int = 0) -> dict[str, Any]:
@@ -151,13 +93,6 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]]) -> dict
             "strongest_attacker": strongest, "attackers": results}
 
 
-def baseline(env: Env) -> float:
-    """The non-private server: its own top-1 on the raw feature."""
-    bodies = [make_transform("none").transform(env.features[q], np.random.default_rng(0)) for q in env.queries]
-    scores = atk.NaiveAttacker(env.lookup).scores(bodies)
-    return atk.summarize(atk.rank_of_truth(scores, env.truth))["top1"]
-
-
 def privacy(args: argparse.Namespace) -> dict[str, Any]:
     env = prepare(args.dataset, args.server, args.tune)
     base = baseline(env)
@@ -167,6 +102,11 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed, "split": "tuning (gallery only)" if args.tune else "queries",
         "default": run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed),
     }
+    if metrics["default"]["transform"] == "cells" and args.links:
+        transform = make_transform(DEFAULT_TRANSFORM if not args.transform else args.transform, args.strength, args.k)
+        result = linked.evaluate(env, transform, args.seed, tuple(args.links))
+        metrics["default"]["linked"] = result["defended"]
+        metrics["default"]["linked_undefended"] = result["undefended"]
     if args.sweep:
         metrics["sweep"] = [run_setting(env, name, s, k, args.seed) for name, values in SWEEPS.items()
                             for s, k in values]
@@ -178,6 +118,8 @@ def write_outputs(metrics: dict[str, Any], out: Path, command: str) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(report(metrics, command))
     plot(metrics, out / "curves.png")
+    if "linked" in metrics["default"]:
+        plot_linked(metrics, out / "linked.png")
 
 
 def _row(run: dict[str, Any], base: float) -> str:
@@ -199,7 +141,26 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{metrics['n_queries']} queries ({metrics['spots_left_out']} spots with < 5 photos left out).",
         f"Non-private baseline (server top-1 on the raw feature): {base:.3f}.", "",
         "Target: user >= 0.95x baseline, transform-aware server <= 0.25x baseline, <= 64 KiB a query.", "",
-        "First row: the default setting.", "", head, *(_row(r, base) for r in runs), ""])
+        "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
+        *linked_report(metrics["default"], base)])
+
+
+def linked_report(run: dict[str, Any], base: float) -> list[str]:
+    """The linked-photo table: m photos of one spot from one phone, with and without its defences."""
+    if "linked" not in run:
+        return []
+    rows = []
+    for m, d in run["linked"].items():
+        u = run["linked_undefended"][m]
+        rows.append(f"| {m} | {d['top1']:.3f} ({d['top1'] / base:.2f}x) | {d['top5']:.3f} | {d['median_rank']:.0f} | "
+                    f"{d['attacker']} | {d['requests_per_photo']:.2f} | {d['user_top1']:.3f} | "
+                    f"{u['top1']:.3f} ({u['top1'] / base:.2f}x) | {u['top5']:.3f} | {u['median_rank']:.0f} |")
+    return ["## Linked photos", "",
+            "m photos of one spot from one phone, linked by the server; the default phone (answer cache, "
+            "stable decoys) against one without those defences. Target: server top-1 <= 0.25x baseline and "
+            "top-5 <= 0.50 at m = 5.", "",
+            "| m | server top-1 | top-5 | median rank | strongest | requests/photo | user top-1 | "
+            "undefended top-1 | undefended top-5 | undefended median rank |", "|" + "---|" * 10, *rows, ""]
 
 
 def plot(metrics: dict[str, Any], path: Path) -> None:
@@ -232,6 +193,37 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_linked(metrics: dict[str, Any], path: Path) -> None:
+    """Server top-1 and top-5 against the number of linked photos, with and without the phone's defences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = metrics["baseline_top1"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, label, style in (("linked", "default phone", "-"), ("linked_undefended", "no cache, fresh decoys", ":")):
+        runs = metrics["default"][key]
+        ms = [int(m) for m in runs]
+        ax.plot(ms, [runs[str(m)]["top1"] / base for m in ms], style, marker="o", c="C0", label=f"top-1 / baseline, {label}")
+        ax.plot(ms, [runs[str(m)]["top5"] for m in ms], style, marker="s", c="C1", label=f"top-5, {label}")
+    ax.axhline(0.25, ls="--", c="C0", lw=0.8)
+    ax.axhline(0.50, ls="--", c="C1", lw=0.8)
+    ax.set_xlabel("photos of one spot linked by the server (m)")
+    ax.set_ylabel("strongest linked attacker")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Linked photos: {Path(metrics['dataset']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _links(text: str) -> list[int]:
+    return [int(m) for m in text.split(",") if m.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", help="run the queries over HTTP against this live server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune", action="store_true", help="gallery-only split: for choosing settings")
+    p.add_argument("--links", type=_links, default=list(linked.LINKS),
+                   help="linked photos per phone to evaluate, e.g. 1,2,3,5 (empty: skip)")
     p.add_argument("-v", "--verbose", action="store_true")
-    from tools import history
-
     history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")

@@ -33,7 +33,7 @@ from edge_client.dummies import NaiveGenerator, PersonaGenerator
 from edge_client.personas import Movement
 from edge_client.transforms import Transform, make_transform
 from tools import attackers as atk
-from tools.evaluate import Env, prepare
+from tools.testbed import Env, prepare
 from tools.tours import Recorder, Request, Traffic, simulate, tour
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from edge_client.config import ClientConfig
 from edge_client.recognizer import Recognition
 from edge_client.scheduler import DummyScheduler, Generator, ManualClock, Sent
 from edge_client.transforms import Transform
-from tools.evaluate import Env
+from tools.testbed import Env
 from tools.inprocess import mount
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def simulate(env: Env, recorder: Recorder, tours: list[list[Shot]], catalogue: C
         clock = ManualClock(shots[0].t - 60)
         recorder.clock, recorder.device = clock, device
         sent: list[Sent] = []
-        client = Client(ClientConfig(seed=seed + device), env.extractor, transform)
-        client.config = ClientConfig(server=mount(client.session, env.app), seed=seed + device)
+        client = Client(ClientConfig(seed=seed + device, cache=False), env.extractor, transform)
+        client.config = ClientConfig(server=mount(client.session, env.app), seed=seed + device, cache=False)
         bytes_before = _bytes_counter(client)
         scheduler = DummyScheduler(client, make_generator(device), dummies=dummies, per_hour=per_hour,
                                    window=window, clock=clock, on_sent=sent.append)
