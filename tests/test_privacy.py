@@ -15,15 +15,27 @@ from tests.conftest import make_subset
 from tools.live import LiveServer
 from tools import attackers as atk
 from tools import evaluate as ev
+from tools import linked
 
 # 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
 CELLS = {"strength": 1.0, "k": 1}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> ev.Env:
-    root = make_subset(tmp_path_factory.mktemp("eval-data"))
-    return ev.prepare(root, cache=tmp_path_factory.mktemp("eval-cache"), config=ServerConfig(cell_min_spots=8))
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset folder, feature cache) of the 24 test spots."""
+    return make_subset(tmp_path_factory.mktemp("eval-data")), tmp_path_factory.mktemp("eval-cache")
+
+
+@pytest.fixture(scope="module")
+def env(data: tuple[Path, Path]) -> ev.Env:
+    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=8))
+
+
+@pytest.fixture(scope="module")
+def fine_env(data: tuple[Path, Path]) -> ev.Env:
+    """The same spots in 8 cells of 3: room for real cells and decoys to differ from photo to photo."""
+    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=3))
 
 
 def _fitted(env: ev.Env, name: str, **settings: Any) -> Transform:
@@ -114,3 +126,30 @@ def test_evaluation_metrics_and_http_equal_in_process(env: ev.Env, tmp_path: Pat
                "default": local}
     ev.write_outputs(metrics, tmp_path, "test")
     assert (tmp_path / "curves.png").stat().st_size > 1000 and "| cells |" in (tmp_path / "report.md").read_text()
+
+
+def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.Env) -> None:
+    """Three photos of one spot from one phone: the answer cache and stable decoys leave the
+    linked attacker fewer messages, and it ranks the true spot worse than on a phone without them."""
+    result = linked.evaluate(fine_env, make_transform("cells", 1.0, 2), links=(1, 3))
+    defended, undefended = result["defended"], result["undefended"]
+    assert defended["1"]["requests_per_photo"] == undefended["1"]["requests_per_photo"] == 1.0
+    assert defended["3"]["requests_per_photo"] < 0.6 and undefended["3"]["requests_per_photo"] == 1.0
+    # Linking lifts the attacker against the undefended phone; against the default one it gains little.
+    assert undefended["3"]["top1"] >= undefended["1"]["top1"] + 0.1
+    assert undefended["3"]["top1"] >= defended["3"]["top1"] + 0.1
+    assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
+    assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count"}
+    assert defended["3"]["user_top1"] >= 0.95 * undefended["3"]["user_top1"]
+
+
+def test_linked_photo_sets_reuse_a_spots_other_queries_in_turn(env: ev.Env) -> None:
+    sets = linked.photo_sets(env, 5)
+    assert len(sets) == len(env.queries)
+    spot_of = dict(zip(env.queries.tolist(), env.truth.tolist()))
+    for first, rows in zip(env.queries, sets):
+        assert rows[0] == first and len(rows) == 5
+        assert {spot_of[int(r)] for r in rows} == {spot_of[int(first)]}
+        others = [r for r in env.queries if spot_of[int(r)] == spot_of[int(first)] and r != first]
+        if others:
+            assert first not in rows[1:] and set(rows[1:]) <= set(others)

@@ -15,6 +15,8 @@ parameters, never the phone's random draws or its photo.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import numpy as np
@@ -134,12 +136,19 @@ def summarize(ranks: np.ndarray) -> dict[str, float]:
 class CellsBayesAttacker:
     """The exact posterior for the cells transform: p(spot | cells sent).
 
-    p(s | msg) ∝ prior(s) · Σ_R L(s, R) · P(decoy groups complete msg | R), where
-    R ranges over the r-subsets of the message that could be the real group,
-    L(s, R) is how often the phone's own algorithm picks R for a photo of s
-    (simulated on the server's gallery with prototypes rebuilt without the
-    photos being simulated, k-fold), and the decoy-group distribution comes
-    from running the public decoy procedure many times.
+    p(msg | s) = Σ_R L(s, R) · P(decoy groups complete msg | R), where R
+    ranges over the subsets of the message that could be the real group (any
+    size the phone's rule can name), L(s, R) is how often the phone's own
+    rule names R for a photo of s (simulated on the server's gallery with
+    prototypes rebuilt without the photos being simulated, k-fold), and the
+    decoy-group distribution comes from running the public decoy procedure
+    many times. The posterior is that times the prior.
+
+    For a set of linked messages (one device, one spot) :meth:`linked_scores`
+    multiplies their likelihoods; ``cache_aware`` also uses that a phone with
+    an answer cache only asks when its best cell was in no earlier answer,
+    and ``dedupe`` counts identical messages once (stable decoys make a
+    repeat carry no new draw).
     """
 
     def __init__(self, folds: int = 5, decoy_draws: int = 20000, alpha: float = 0.2, seed: int = 7):
@@ -150,7 +159,8 @@ class CellsBayesAttacker:
 
         index, n_spots = lookup.index, len(lookup.index.spots)
         features = np.asarray(index.features, np.float32)
-        self.r_, self.d_ = transform.k_, int(round(transform.strength_))
+        self.d_ = int(round(transform.strength_))
+        self.sizes_ = range(min(transform.min_cells, transform.k_), transform.k_ + 1)
         self.prior_ = popularity(index.photo_spot, n_spots)
         counts: dict[tuple[int, ...], np.ndarray] = {}
         fold = np.arange(len(features)) % self.folds
@@ -160,8 +170,9 @@ class CellsBayesAttacker:
             protos, owner = public.prototypes(features[train], groups, lookup.config.prototypes_per_spot)
             simulated = _refit(transform, lookup, protos, owner)
             for row in np.flatnonzero(~train):
-                group = tuple(sorted(int(c) for c in simulated._best_cells(simulated.project_(features[row]))))
-                counts.setdefault(group, np.zeros(n_spots))[index.photo_spot[row]] += 1
+                # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.
+                best, *rest = simulated.real_cells(features[row])
+                counts.setdefault((best, *sorted(rest)), np.zeros(n_spots))[index.photo_spot[row]] += 1
         totals = np.bincount(index.photo_spot, minlength=n_spots).astype(float)
         self.groups_ = counts
         self.floor_ = self.alpha / max(1, len(counts))
@@ -169,48 +180,68 @@ class CellsBayesAttacker:
         rng = np.random.default_rng(self.seed)
         decoys: dict[tuple[int, ...], float] = {}
         for _ in range(self.decoy_draws):
-            group = tuple(sorted(int(c) for c in transform._best_cells(transform._decoy(rng))))
+            group = tuple(sorted(transform.choose(transform._decoy(rng))))
             decoys[group] = decoys.get(group, 0.0) + 1.0
         self.decoys_ = {g: n / self.decoy_draws for g, n in decoys.items()}
         return self
 
-    def _likelihood(self, group: tuple[int, ...]) -> np.ndarray:
-        found = self.groups_.get(group)
-        return ((found if found is not None else 0.0) + self.floor_) / self.totals_
+    def _likelihood(self, group: tuple[int, ...], cached: frozenset[int]) -> np.ndarray:
+        """p(the phone names ``group`` | spot), summed over which of its cells was the best one;
+        a best cell in ``cached`` is ruled out (the phone would have answered from its cache)."""
+        total = np.zeros_like(self.totals_)
+        for best in group:
+            if best in cached:
+                continue
+            found = self.groups_.get((best, *(c for c in group if c != best)))
+            total += (found if found is not None else 0.0) + self.floor_ / len(group)
+        return total / self.totals_
 
     def scores(self, bodies: list[dict[str, Any]]) -> np.ndarray:
-        cache: dict[tuple[int, ...], np.ndarray] = {}
+        return np.array([self.prior_ * self.message_likelihood(tuple(b["cells"])) for b in bodies])
+
+    def linked_scores(self, linked: list[list[dict[str, Any]]], cache_aware: bool = False,
+                      dedupe: bool = False) -> np.ndarray:
+        """One score row per set of linked bodies (in the order they were sent)."""
         out = []
-        for body in bodies:
-            message = tuple(body["cells"])
-            if message not in cache:
-                cache[message] = self._posterior(message)
-            out.append(cache[message])
+        for bodies in linked:
+            log_post = np.log(self.prior_)
+            seen: set[int] = set()
+            messages = [tuple(b["cells"]) for b in bodies]
+            for i, message in enumerate(messages):
+                if dedupe and message in messages[:i]:
+                    continue
+                exclude = frozenset(seen) if cache_aware else frozenset()
+                likelihood = self.message_likelihood(message, exclude)
+                log_post = log_post + np.log(np.maximum(likelihood, 1e-300))
+                seen |= set(message)
+            out.append(log_post)
         return np.array(out)
 
-    def _posterior(self, message: tuple[int, ...]) -> np.ndarray:
-        import itertools
-
-        bit = {cell: 1 << i for i, cell in enumerate(message)}
+    @functools.lru_cache(maxsize=65536)
+    def message_likelihood(self, message: tuple[int, ...], cached: frozenset[int] = frozenset()) -> np.ndarray:
+        """p(message | spot) for every spot; real groups whose best cell is in ``cached`` are
+        ruled out, as a phone with an answer cache would have answered them itself."""
+        local = {cell: 1 << i for i, cell in enumerate(message)}
         full = (1 << len(message)) - 1
-        groups = [(sum(bit[c] for c in g), self.decoys_.get(g, 0.0))
-                  for g in itertools.combinations(message, min(self.r_, len(message)))]
         # Distribution of the union of the d decoy groups over subsets of the message
         # (a group outside the message has probability zero given what was sent).
+        groups = [(sum(local[c] for c in g), q) for g, q in self.decoys_.items() if all(c in local for c in g)]
         unions = {0: 1.0}
         for _ in range(self.d_):
             grown: dict[int, float] = {}
             for mask, p in unions.items():
                 for group, q in groups:
-                    if q:
-                        grown[mask | group] = grown.get(mask | group, 0.0) + p * q
+                    grown[mask | group] = grown.get(mask | group, 0.0) + p * q
             unions = grown
+        masks = np.array(list(unions), dtype=np.int64)
+        probs = np.array(list(unions.values()))
         total = np.zeros_like(self.prior_)
-        for (real, _), cells in zip(groups, itertools.combinations(message, min(self.r_, len(message)))):
-            weight = sum(p for mask, p in unions.items() if mask | real == full)
-            if weight:
-                total += self._likelihood(cells) * weight
-        return self.prior_ * total
+        for size in self.sizes_:
+            for real in itertools.combinations(message, size):
+                weight = probs[(masks | sum(local[c] for c in real)) == full].sum()
+                if weight:
+                    total += self._likelihood(real, cached) * weight
+        return total
 
 
 def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray) -> Any:
