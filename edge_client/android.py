@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .client import Client
 from .config import ClientConfig, load_config
+from .dummies import PersonaGenerator
 from .errors import EnfPireError
 from .extractor import Extractor
 from .scheduler import DummyScheduler
@@ -48,7 +49,7 @@ def _scheduler(client: Client) -> DummyScheduler:
     """One running dummy scheduler per client: its personas live as long as the app."""
     with _lock:
         if id(client) not in _schedulers:
-            _schedulers[id(client)] = DummyScheduler(client).start()
+            _schedulers[id(client)] = DummyScheduler(client, lambda: PersonaGenerator.from_client(client)).start()
         return _schedulers[id(client)]
 
 

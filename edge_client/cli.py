@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from .config import ClientConfig, load_config
 from .client import Client
+from .dummies import PersonaGenerator
 from .errors import ConfigError, EnfPireError
 from .extractor import Extractor
 from .scheduler import DummyScheduler
@@ -41,7 +42,7 @@ def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
     with Client(config) as client:
         if config.dummies > 0:
             # The burst must go out whole before exiting: a cut-short burst shows which request came last.
-            with DummyScheduler(client) as scheduler:
+            with DummyScheduler(client, lambda: PersonaGenerator.from_client(client)) as scheduler:
                 result = scheduler.recognize(photo)  # type: ignore[arg-type]
         else:
             result = client.recognize(photo)  # type: ignore[arg-type]

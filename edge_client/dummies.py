@@ -26,7 +26,7 @@ import numpy as np
 from .catalogue import Catalogue
 from .extractor import l2_normalize
 from .personas import Movement, Persona
-from .scheduler import Dummy, Plan
+from .plans import Dummy, Plan
 
 if TYPE_CHECKING:
     from .client import Client

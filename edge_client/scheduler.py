@@ -22,42 +22,18 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
 from .client import Client
+from .errors import ConfigError
 from .photo import Photo
+from .plans import Dummy, Generator, GeneratorSource, Plan
 from .recognizer import Recognition
 
 log = logging.getLogger(__name__)
 HOUR = 3600.0
-
-
-@dataclass(frozen=True)
-class Dummy:
-    """One planned dummy: who sends it (a persona), which spot it pretends, its feature."""
-
-    persona: int
-    spot_id: str
-    feature: np.ndarray
-    delay: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A burst: how long the real request waits, and the dummies around it."""
-
-    real_delay: float
-    dummies: list[Dummy]
-
-
-class Generator(Protocol):
-    """What the scheduler needs from a dummy generator."""
-
-    def plan(self, now: float, n: int, window: float) -> Plan:
-        """The burst for a real request made at ``now``, with at most ``n`` dummies."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +75,7 @@ class DummyScheduler:
     ``per_hour`` dummies in any hour. ``clock`` is epoch seconds (the
     generator's personas keep hours of the day)."""
 
-    def __init__(self, client: Client, generator: Generator | Callable[[], Generator] | None = None, *,
+    def __init__(self, client: Client, generator: GeneratorSource | None = None, *,
                  dummies: int | None = None, per_hour: int | None = None, window: float | None = None,
                  clock: Callable[[], float] = time.time, on_sent: Callable[[Sent], None] | None = None):
         config = client.config
@@ -109,6 +85,8 @@ class DummyScheduler:
         self.window = config.dummy_window if window is None else window
         self.clock = clock
         self.on_sent = on_sent
+        if generator is None and self.dummies > 0:
+            raise ConfigError("dummies need a generator, e.g. dummies.PersonaGenerator.from_client")
         self._generator = generator
         self._queue: list[_Job] = []
         self._seq = itertools.count()
@@ -164,11 +142,7 @@ class DummyScheduler:
             return max(0, min(self.dummies, self.per_hour - len(self._recent)))
 
     def _resolve_generator(self) -> Generator:
-        if self._generator is None:
-            from .dummies import PersonaGenerator
-
-            self._generator = PersonaGenerator.from_client(self.client)
-        elif not hasattr(self._generator, "plan"):
+        if not hasattr(self._generator, "plan"):
             self._generator = self._generator()  # type: ignore[operator]  # a factory
         return self._generator  # type: ignore[return-value]
 

@@ -24,7 +24,8 @@ from edge_client.catalogue import Catalogue
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.recognizer import Recognition
-from edge_client.scheduler import DummyScheduler, Generator, ManualClock, Sent
+from edge_client.plans import Generator
+from edge_client.scheduler import DummyScheduler, ManualClock, Sent
 from edge_client.transforms import Transform
 from tools.evaluate import Env
 from tools.inprocess import mount
