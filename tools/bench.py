@@ -386,7 +386,7 @@ def bench_answer_latency(plan: Plan, server: LiveServer, extractor: Extractor, d
             times["none"].append(plain)
             times["defended"].append(answer)
             times["burst"].append(burst)
-    for round_ in range(max(2, plan.repeats // 3)):
+    for round_ in range(min(10, max(2, plan.repeats - 2))):
         times["cli_none"].append(answer_cli(server.url, photos[round_ % len(photos)], "--no-dummies"))
         times["cli_defended"].append(answer_cli(server.url, photos[round_ % len(photos)]))
     long = answer_long_lived(plan, server.url, extractor, photos)
