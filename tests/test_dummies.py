@@ -20,7 +20,7 @@ from edge_client.catalogue import Catalogue, haversine_km
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.dummies import NaiveGenerator, PersonaGenerator, SyntheticPhotos
-from edge_client.errors import ServerUnreachableError
+from edge_client.errors import ConfigError, ServerUnreachableError
 from edge_client.extractor import Extractor
 from edge_client.personas import Movement, Persona
 from edge_client.plans import Dummy, Plan
@@ -197,14 +197,14 @@ def test_budget_caps_dummies_per_hour(app: Any, extractor: Extractor, catalogue:
     assert scheduler.counts["dummy_capped"] == 5
 
 
-class _LateDummy:
-    """A generator whose one dummy (an exact query of another spot) leaves ``delay`` s after the real one."""
+class _Fixed:
+    """A generator that plans the same burst every time (at most ``n`` of its dummies)."""
 
-    def __init__(self, feature: np.ndarray, delay: float):
-        self.feature, self.delay = feature, delay
+    def __init__(self, plan: Plan):
+        self.fixed = plan
 
     def plan(self, now: float, n: int, window: float) -> Plan:
-        return Plan(0.0, [Dummy(0, "other", self.feature, self.delay)][:n])
+        return Plan(self.fixed.real_delay, self.fixed.dummies[:n], self.fixed.real_rank)
 
 
 def test_one_shot_answers_first_then_sends_the_rest_of_the_burst_before_returning(
@@ -215,12 +215,64 @@ def test_one_shot_answers_first_then_sends_the_rest_of_the_burst_before_returnin
     seen: list[tuple[str | None, dict[str, int]]] = []
     sent: list[Sent] = []
     with _client(app, extractor, transform="none") as client:
-        scheduler = DummyScheduler(client, _LateDummy(other, 1.0), dummies=1, per_hour=100, on_sent=sent.append)
+        late = _Fixed(Plan(0.0, [Dummy(0, "other", other, 1.0)]))  # its dummy leaves 1 s after the real one
+        scheduler = DummyScheduler(client, late, dummies=1, per_hour=100, on_sent=sent.append)
         result = scheduler.recognize_once(photo, lambda r: seen.append((r.spot_id, dict(scheduler.counts))))
     assert seen[0][0] == result.spot_id == spot != real_features[3][0]
     assert seen[0][1]["real"] == 1 and seen[0][1]["dummy"] == 0  # the answer did not wait for the dummy
     assert [s.kind for s in sent] == ["real", "dummy"] and sent[1].time - sent[0].time >= 0.9
     assert scheduler.pending() == 0 and scheduler._thread is not None and not scheduler._thread.is_alive()
+
+
+class _SlowDummies:
+    """WSGI middleware: any candidates request but the one carrying ``real`` takes ``delay`` s."""
+
+    def __init__(self, app: Any, real: dict[str, Any], delay: float):
+        self.app, self.real, self.delay = app, real, delay
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        import io
+        import time
+
+        if environ.get("PATH_INFO") == "/v1/candidates":
+            raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(raw)
+            if json.loads(raw).get("vector") != self.real:
+                time.sleep(self.delay)
+        return self.app(environ, start_response)
+
+
+def test_background_thread_sends_a_burst_together_so_the_real_answer_never_waits_for_a_dummy(
+        extractor: Extractor, index_dir: Path, real_features: list[tuple[str, np.ndarray]]) -> None:
+    from lite_server.app import create_app
+    from lite_server.config import ServerConfig
+
+    spot, feature = real_features[0]
+    app = create_app(ServerConfig(index=str(index_dir)))
+    app.wsgi_app = _SlowDummies(app.wsgi_app, wire.encode(feature), 1.5)  # type: ignore[method-assign]
+    dummies = [Dummy(i, "other", real_features[1 + i][1], 0.0) for i in range(2)]
+    seen: list[dict[str, int]] = []
+    with _client(app, extractor, transform="none") as client:
+        with DummyScheduler(client, _Fixed(Plan(0.0, dummies, real_rank=2)), dummies=2, per_hour=100) as scheduler:
+            result = scheduler.recognize_feature(feature, timeout=30)  # planned last of its burst
+            seen.append(dict(scheduler.counts))
+    assert result.spot_id == spot
+    assert seen[0]["real"] == 1 and seen[0]["dummy"] == 0  # answered while both dummies were still out
+    assert scheduler.counts["dummy"] == 2 and scheduler.pending() == 0
+
+
+def test_scheduler_is_given_its_generator(app: Any, extractor: Extractor) -> None:
+    """The scheduler never builds a generator itself (no import of edge_client.dummies): the caller injects one."""
+    with _client(app, extractor) as client:
+        with pytest.raises(ConfigError):
+            DummyScheduler(client, dummies=2)
+        assert DummyScheduler(client, dummies=0).pending() == 0  # no dummies, no generator needed
+        made: list[PersonaGenerator] = []
+        factory = lambda: made.append(PersonaGenerator.from_client(client)) or made[-1]  # noqa: E731
+        scheduler = DummyScheduler(client, factory, dummies=2, clock=ManualClock(DAY0))
+        for _ in range(2):
+            scheduler.submit(np.ones(extractor.dim, np.float32) / np.sqrt(extractor.dim))
+    assert len(made) == 1 and scheduler.counts["dummy_planned"] == 4  # made once, on first use
 
 
 def test_scheduler_survives_server_errors_and_keeps_its_budget(
