@@ -12,9 +12,9 @@ object real queries use.
 :class:`PersonaGenerator` is the default: personas (see
 :mod:`edge_client.personas`) photograph where they are when the user takes a
 photo, and the whole burst leaves at once, the real request at a uniformly
-random rank among its dummies (the user never waits for cover). :class:`NaiveGenerator` is the
-published-and-broken baseline kept for the evaluation: random spots at
-random times.
+random rank among its dummies (the user never waits for cover).
+:class:`NaiveGenerator` is the published-and-broken baseline kept for the
+evaluation: random spots at random times.
 """
 from __future__ import annotations
 
