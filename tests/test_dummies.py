@@ -319,10 +319,9 @@ def test_background_thread_answers_and_stops(app: Any, extractor: Extractor, cat
 
 def test_cli_recognize_sends_dummies_by_default(live_server: LiveServer, held_out: list[tuple[str, Path]]) -> None:
     spot, photo = held_out[2]
-    env = {"ENFPIRE_DUMMY_WINDOW": "0.3"}
     runs = {flag: subprocess.run([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server",
                                   live_server.url, "--json", "--seed", "1", *flag.split()],
-                                 capture_output=True, text=True, timeout=120, env={**_environ(), **env})
+                                 capture_output=True, text=True, timeout=120, env=_environ())
             for flag in ("", "--no-dummies", "--dummies 1")}
     for flag, run in runs.items():
         assert run.returncode == 0, run.stderr
