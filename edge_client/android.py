@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .client import Client
 from .config import ClientConfig, load_config
+from .dummies import PersonaGenerator
 from .errors import EnfPireError
 from .extractor import Extractor
 from .scheduler import DummyScheduler
@@ -48,7 +49,7 @@ def _scheduler(client: Client) -> DummyScheduler:
     """One running dummy scheduler per client: its personas live as long as the app."""
     with _lock:
         if id(client) not in _schedulers:
-            _schedulers[id(client)] = DummyScheduler(client).start()
+            _schedulers[id(client)] = DummyScheduler(client, lambda: PersonaGenerator.from_client(client)).start()
         return _schedulers[id(client)]
 
 
@@ -56,8 +57,8 @@ def recognize_jpeg(jpeg_bytes: bytes, server_url: str, config_json: str = "{}") 
     """Recognize a photo (JPEG or any image bytes); the JSON of a Recognition.
 
     With ``dummies`` > 0 in the configuration (the default) the request leaves
-    among dummy requests through the client's background scheduler; this call
-    blocks until the real answer is in (at most the dummy window longer)."""
+    at once, together with its dummy requests, through the client's background
+    scheduler; this call returns when the real answer is in, not the dummies'."""
     def run() -> dict[str, Any]:
         client = _client(server_url, config_json)
         if client.config.dummies > 0:

@@ -46,19 +46,12 @@ class Catalogue:
         the codec's ``basis`` (rows = code dimensions), so dummies start from
         the same kind of vector a photo gives.
         """
-        def features(encoded: Any) -> np.ndarray:
-            matrix = wire.decode(encoded)
-            if basis is not None and matrix.shape[-1] == basis.shape[0]:
-                matrix = matrix @ basis
-            if dim is not None and matrix.shape[-1] != dim:
-                raise ValueError(f"expected vectors of dimension {dim}, got shape {list(matrix.shape)}")
-            return matrix
-
         try:
             spots = payload["spots"]
             rows = [(str(s["id"]), float(s["lat"]), float(s["lon"]), float(s["popularity"]),
-                     features(s["features"])) for s in spots
+                     wire.decode(s["features"])) for s in spots
                     if s.get("lat") is not None and s.get("lon") is not None]
+            rows = [r[:4] + (m,) for r, m in zip(rows, _lift([r[4] for r in rows], dim, basis))]
             spread = {str(k): float(v) for k, v in dict(payload["spread"]).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise BadResponseError(f"malformed spot catalogue: {exc}") from None
@@ -69,6 +62,22 @@ class Catalogue:
         return cls([r[0] for r in rows], np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
                    popularity / popularity.sum(), [_unit_rows(r[4]) for r in rows], spread,
                    str(payload.get("index_version", "")))
+
+
+def _lift(matrices: list[np.ndarray], dim: int | None, basis: np.ndarray | None) -> list[np.ndarray]:
+    """Codec codes back to feature space in one matrix product (hundreds of small ones
+    cost seconds on a busy phone: each wakes the BLAS threads); checks the dimension."""
+    if basis is not None:
+        coded = [i for i, m in enumerate(matrices) if m.size and m.shape[-1] == basis.shape[0]]
+        if coded:
+            flat = [matrices[i].reshape(-1, basis.shape[0]).astype(np.float32) for i in coded]
+            lifted = np.concatenate(flat) @ basis.astype(np.float32)
+            for i, part in zip(coded, np.split(lifted, np.cumsum([len(f) for f in flat])[:-1])):
+                matrices[i] = part.reshape(*matrices[i].shape[:-1], basis.shape[1])
+    for m in matrices:
+        if dim is not None and m.shape[-1] != dim:
+            raise ValueError(f"expected vectors of dimension {dim}, got shape {list(m.shape)}")
+    return matrices
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:

@@ -9,8 +9,10 @@ from typing import Any, Callable
 
 from .config import ClientConfig, load_config
 from .client import Client, clear_caches
+from .dummies import PersonaGenerator
 from .errors import ConfigError, EnfPireError
 from .extractor import Extractor
+from .recognizer import Recognition
 from .scheduler import DummyScheduler
 
 
@@ -39,22 +41,27 @@ def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
     else:
         raise ConfigError("give a PHOTO or --camera")
     with Client(config) as client:
-        if config.dummies > 0:
-            # The burst must go out whole before exiting: a cut-short burst shows which request came last.
-            with DummyScheduler(client) as scheduler:
-                result = scheduler.recognize(photo)  # type: ignore[arg-type]
-        else:
-            result = client.recognize(photo)  # type: ignore[arg-type]
-    dummies_sent = scheduler.counts["dummy"] if config.dummies > 0 else 0
+        if config.dummies <= 0:
+            _print_answer(args, client.recognize(photo), 0)  # type: ignore[arg-type]
+            return 0
+        scheduler = DummyScheduler(client, lambda: PersonaGenerator.from_client(client))
+        # The answer is printed the moment it arrives; the rest of the burst still leaves
+        # before the exit (a burst cut short would show which request came last).
+        scheduler.recognize_once(photo, lambda result: _print_answer(  # type: ignore[arg-type]
+            args, result, scheduler.counts["dummy_planned"]))
+    return 0
+
+
+def _print_answer(args: argparse.Namespace, result: Recognition, dummies: int) -> None:
+    """The answer on stdout, flushed at once: the user's wait ends here."""
     if args.json:
-        print(json.dumps({**result.to_dict(), "dummies_sent": dummies_sent}))
+        print(json.dumps({**result.to_dict(), "dummies": dummies}), flush=True)
     elif result.spot_id is None:
-        print(f"unknown spot (best score {result.score:.3f} below the threshold)")
+        print(f"unknown spot (best score {result.score:.3f} below the threshold)", flush=True)
     else:
         where = f" at {result.lat:.5f}, {result.lon:.5f}" if result.lat is not None and result.lon is not None else ""
         print(f"{result.name}{where}  score {result.score:.3f}  "
-              f"({len(result.candidates)} candidates, {result.bytes_sent + result.bytes_received} bytes)")
-    return 0
+              f"({len(result.candidates)} candidates, {result.bytes_sent + result.bytes_received} bytes)", flush=True)
 
 
 def _info(args: argparse.Namespace, config: ClientConfig) -> int:
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float)
     p.add_argument("--threshold", type=float, help="below this score answer 'unknown'")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dummies", type=int, metavar="N", help="dummy requests around the real one (default 2)")
+    p.add_argument("--dummies", type=int, metavar="N", help="dummy requests sent with the real one (default 2)")
     p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
     p.add_argument("--no-cache", action="store_false", dest="cache", default=None,
                    help="always ask the server: neither read nor keep answers on this device")

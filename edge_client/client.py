@@ -159,19 +159,32 @@ class Client:
     def ask(self, feature: np.ndarray) -> tuple[dict[str, Any] | None, Recognition]:
         """Transform, ask, rerank locally; also returns the body the server received
         (None when the answer cache held the photo's cells and nothing was sent)."""
+        local = self.answer_locally(feature)
+        if local is not None:
+            return None, local
+        return self.ask_server(feature)
+
+    def ask_server(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
+        """Like :meth:`ask` without looking in the cache first (the answer still goes into it)."""
         self.check_model()
-        project = self._project
-        real = self.transform.real_cells(feature)
-        if real is not None and self.cache is not None:
-            kept = self.cache.answer(real, str(self.info()["index_version"]))
-            if kept is not None:
-                log.debug("answered from the cache: no request")
-                return None, rerank(project(feature), kept, self._compare_dim, self.config.threshold)  # type: ignore[misc]
-        body = self.body(feature, real)
+        body = self.body(feature)
         answer, sent, received = self._post(body)
         self._keep(body, answer)
-        result = rerank(project(feature), answer["candidates"], self._compare_dim, self.config.threshold)  # type: ignore[misc]
+        result = rerank(self._project(feature), answer["candidates"], self._compare_dim,  # type: ignore[misc]
+                        self.config.threshold)
         return body, replace(result, bytes_sent=sent, bytes_received=received)
+
+    def answer_locally(self, feature: np.ndarray) -> Recognition | None:
+        """The answer from the cache when it holds this photo's best cell, else None (ask the server)."""
+        self.check_model()
+        real = self.transform.real_cells(feature)
+        if real is None or self.cache is None:
+            return None
+        kept = self.cache.answer(real, str(self.info()["index_version"]))
+        if kept is None:
+            return None
+        log.debug("answered from the cache: no request")
+        return rerank(self._project(feature), kept, self._compare_dim, self.config.threshold)  # type: ignore[misc]
 
     def clear_cache(self) -> None:
         """Forget every kept answer and the kept ``/v1/info`` of this server."""

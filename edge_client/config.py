@@ -55,7 +55,7 @@ class ClientConfig:
     max_retry_after: float = 10.0   # never wait longer than this for a Retry-After
     dummies: int = 2                # dummy requests per real one
     dummies_per_hour: int = 120     # hard cap for battery and data plans
-    dummy_window: float = 6.0       # seconds: a real request and its dummies leave at i.i.d. offsets in it
+    dummy_window: float = 6.0       # passed to the generator; the persona default ignores it (bursts leave at once)
     dummy_day_start: int = 8        # personas only set off between these local hours
     dummy_day_end: int = 20
     cache: bool = True              # answer a photo of cells fetched recently on the device, with no request

@@ -11,9 +11,10 @@ object real queries use.
 
 :class:`PersonaGenerator` is the default: personas (see
 :mod:`edge_client.personas`) photograph where they are when the user takes a
-photo, all delays uniform in the window. :class:`NaiveGenerator` is the
-published-and-broken baseline kept for the evaluation: random spots at
-random times.
+photo, and the whole burst leaves at once, the real request at a uniformly
+random rank among its dummies (the user never waits for cover).
+:class:`NaiveGenerator` is the published-and-broken baseline kept for the
+evaluation: random spots at random times.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 from .catalogue import Catalogue
 from .extractor import l2_normalize
 from .personas import Movement, Persona
-from .scheduler import Dummy, Plan
+from .plans import Dummy, Plan
 
 if TYPE_CHECKING:
     from .client import Client
@@ -68,7 +69,8 @@ class SyntheticPhotos:
 
 
 class PersonaGenerator:
-    """Dummies from personas walking the catalogue; every delay uniform in the window."""
+    """Dummies from personas walking the catalogue; the burst leaves at once, the real
+    request at a uniformly random rank in it."""
 
     def __init__(self, catalogue: Catalogue, personas: int = 2, movement: Movement | None = None,
                  seed: int | None = None, photos: SyntheticPhotos | None = None):
@@ -94,12 +96,13 @@ class PersonaGenerator:
         # budget cap below the persona count leaves some out (at random).
         chosen = sorted(self.rng.choice(len(self.personas), size=n, replace=False)) if n < len(self.personas) \
             else range(len(self.personas))
-        delays = self.rng.uniform(0.0, window, size=len(chosen) + 1)
         dummies = []
-        for i, delay in zip(chosen, delays[1:]):
+        for i in self.rng.permutation(list(chosen)):
             row = self.personas[i].where(now)
-            dummies.append(Dummy(int(i), self.catalogue.ids[row], self.photos.feature(row, self.rng), float(delay)))
-        return Plan(float(delays[0]), dummies)
+            dummies.append(Dummy(int(i), self.catalogue.ids[row], self.photos.feature(row, self.rng), 0.0))
+        # No delay for anyone: a real request that left at once while some dummies waited would be
+        # told apart as the first of its burst; all at once, only the rank could tell, and it is uniform.
+        return Plan(0.0, dummies, real_rank=int(self.rng.integers(len(dummies) + 1)))
 
 
 class NaiveGenerator:

@@ -1,16 +1,22 @@
 """One outbox for real and dummy requests, so timing never marks the real one.
 
-Every real request opens a *burst*: the generator plans its dummies and the
-delays of all of them (for the persona generator: every delay, the real one's
-included, i.i.d. uniform in ``[0, window]``, so the real request's position
-in the burst is uniform). Requests leave when due, one at a time, through
-the same client call with the same retries; a dummy's answer is dropped,
-never returned, cached or followed up, and its errors are only counted.
+Every real request opens a *burst*: the generator plans its dummies, when
+each leaves and the real one's rank among the requests due at the same
+moment. The persona generator's burst leaves at once, the real request at a
+uniformly random rank among its dummies: the real one never waits, and
+neither its time nor its place in the burst tells it apart. Requests go
+through the same client call with the same retries; a dummy's answer is
+dropped, never returned, cached or followed up, and its errors are only
+counted.
 
-Two ways to run it: ``start()`` a small background thread (no
-multiprocessing: Chaquopy), or drive it by hand with an injected clock
-(:class:`ManualClock`) and :meth:`DummyScheduler.run_until`: deterministic,
-for tests and the evaluation.
+Three ways to run it: ``start()`` a small background thread (no
+multiprocessing: Chaquopy) that sends the requests due together each on its
+own thread, in plan order, so the real answer never waits for a dummy's
+round trip; :meth:`DummyScheduler.recognize_once` for a process that answers
+once and exits (the CLI: the answer is handed over the moment it arrives,
+the rest of the burst still leaves before the exit); or by hand with an
+injected clock (:class:`ManualClock`) and :meth:`DummyScheduler.run_until`,
+one request after another: deterministic, for tests and the evaluation.
 """
 from __future__ import annotations
 
@@ -22,42 +28,18 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
 from .client import Client
+from .errors import ConfigError
 from .photo import Photo
+from .plans import Dummy, Generator, GeneratorSource, Plan
 from .recognizer import Recognition
 
 log = logging.getLogger(__name__)
 HOUR = 3600.0
-
-
-@dataclass(frozen=True)
-class Dummy:
-    """One planned dummy: who sends it (a persona), which spot it pretends, its feature."""
-
-    persona: int
-    spot_id: str
-    feature: np.ndarray
-    delay: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A burst: how long the real request waits, and the dummies around it."""
-
-    real_delay: float
-    dummies: list[Dummy]
-
-
-class Generator(Protocol):
-    """What the scheduler needs from a dummy generator."""
-
-    def plan(self, now: float, n: int, window: float) -> Plan:
-        """The burst for a real request made at ``now``, with at most ``n`` dummies."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +81,7 @@ class DummyScheduler:
     ``per_hour`` dummies in any hour. ``clock`` is epoch seconds (the
     generator's personas keep hours of the day)."""
 
-    def __init__(self, client: Client, generator: Generator | Callable[[], Generator] | None = None, *,
+    def __init__(self, client: Client, generator: GeneratorSource | None = None, *,
                  dummies: int | None = None, per_hour: int | None = None, window: float | None = None,
                  clock: Callable[[], float] = time.time, on_sent: Callable[[Sent], None] | None = None):
         config = client.config
@@ -109,6 +91,8 @@ class DummyScheduler:
         self.window = config.dummy_window if window is None else window
         self.clock = clock
         self.on_sent = on_sent
+        if generator is None and self.dummies > 0:
+            raise ConfigError("dummies need a generator, e.g. dummies.PersonaGenerator.from_client")
         self._generator = generator
         self._queue: list[_Job] = []
         self._seq = itertools.count()
@@ -117,23 +101,41 @@ class DummyScheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
-        self.counts = {"real": 0, "dummy": 0, "dummy_failed": 0, "real_failed": 0, "dummy_capped": 0}
+        self._gen_lock = threading.Lock()          # one catalogue fetch, whichever thread needs it first
+        self._count_lock = threading.Lock()
+        self.counts = {"real": 0, "dummy": 0, "dummy_failed": 0, "real_failed": 0, "dummy_capped": 0,
+                       "dummy_planned": 0, "answered_locally": 0}
 
     # -- the caller's side -------------------------------------------------------------
     def submit(self, feature: np.ndarray) -> "Future[Recognition]":
-        """Queue a real request for ``feature``; its Recognition arrives in the Future."""
+        """Queue a real request for ``feature``; its Recognition arrives in the Future.
+
+        A photo the client's answer cache can answer sends nothing at all, dummies neither:
+        the Future is already done."""
         future: Future[Recognition] = Future()
+        local = self.client.answer_locally(feature)
+        if local is not None:
+            self._count("answered_locally")
+            future.set_result(local)
+            return future
         now = self.clock()
         plan = self._plan(now)
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the scheduler is stopped")
+            rank = min(max(0, plan.real_rank), len(plan.dummies))
+            for dummy in plan.dummies[:rank]:
+                self._push_dummy(now, dummy)
             self._push(now + plan.real_delay, "real", feature, future)
-            for dummy in plan.dummies:
-                self._push(now + dummy.delay, "dummy", dummy.feature, None, dummy)
-                self._recent.append(now + dummy.delay)
+            for dummy in plan.dummies[rank:]:
+                self._push_dummy(now, dummy)
             self._cond.notify()
         return future
+
+    def _push_dummy(self, now: float, dummy: Dummy) -> None:
+        self._push(now + dummy.delay, "dummy", dummy.feature, None, dummy)
+        self._recent.append(now + dummy.delay)
+        self._count("dummy_planned")
 
     def recognize_feature(self, feature: np.ndarray, timeout: float | None = None) -> Recognition:
         """Blocking: the real answer for ``feature`` (starts the thread if needed)."""
@@ -141,14 +143,28 @@ class DummyScheduler:
         return self.submit(feature).result(timeout)
 
     def recognize(self, photo: Photo, timeout: float | None = None) -> Recognition:
-        """Blocking: extract ``photo`` on this thread, then wait for its real answer."""
+        """Blocking: extract ``photo`` on this thread, then wait for its real answer. The
+        background thread fetches the catalogue meanwhile, so the burst is ready at once."""
+        self.start()
         self.client.check_model()
         return self.recognize_feature(self.client._extractor().extract(photo), timeout)
+
+    def recognize_once(self, photo: Photo, on_answer: Callable[[Recognition], None],
+                       timeout: float | None = None) -> Recognition:
+        """One-shot (the CLI): hand the real answer to ``on_answer`` as soon as it arrives,
+        then send the rest of the burst and stop. A process that exits mid-burst would
+        show the server which request came last, so this returns only once all left."""
+        try:
+            result = self.recognize(photo, timeout)
+            on_answer(result)
+        finally:
+            self.stop(drain=True)
+        return result
 
     def _plan(self, now: float) -> Plan:
         allowed = self._allowance(now)
         if allowed < self.dummies:
-            self.counts["dummy_capped"] += self.dummies - allowed
+            self._count("dummy_capped", self.dummies - allowed)
         if allowed <= 0:
             return Plan(0.0, [])
         try:
@@ -164,13 +180,14 @@ class DummyScheduler:
             return max(0, min(self.dummies, self.per_hour - len(self._recent)))
 
     def _resolve_generator(self) -> Generator:
-        if self._generator is None:
-            from .dummies import PersonaGenerator
+        with self._gen_lock:
+            if not hasattr(self._generator, "plan"):
+                self._generator = self._generator()  # type: ignore[operator]  # a factory
+            return self._generator  # type: ignore[return-value]
 
-            self._generator = PersonaGenerator.from_client(self.client)
-        elif not hasattr(self._generator, "plan"):
-            self._generator = self._generator()  # type: ignore[operator]  # a factory
-        return self._generator  # type: ignore[return-value]
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counts[key] += n
 
     def _push(self, due: float, kind: str, feature: np.ndarray, future: "Future[Recognition] | None",
               dummy: Dummy | None = None) -> None:
@@ -186,7 +203,7 @@ class DummyScheduler:
             return len(self._queue)
 
     def run_due(self) -> int:
-        """Send every request due by now, in due order; returns how many."""
+        """Send every request due by now, one after another in due order; returns how many."""
         sent = 0
         while True:
             with self._cond:
@@ -195,6 +212,26 @@ class DummyScheduler:
                 job = heapq.heappop(self._queue)
             self._send(job)
             sent += 1
+
+    def _take_due(self) -> list[_Job]:
+        with self._cond:
+            jobs = []
+            while self._queue and self._queue[0].due <= self.clock():
+                jobs.append(heapq.heappop(self._queue))
+            return jobs
+
+    def _send_together(self, jobs: list[_Job]) -> None:
+        """Threaded mode: the requests due now leave together, each on its own thread, started
+        in plan order; the real answer is delivered when it arrives, not after the dummies."""
+        if len(jobs) == 1:
+            self._send(jobs[0])
+            return
+        threads = [threading.Thread(target=self._send, args=(job,), name="enfpire-send", daemon=True)
+                   for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def run_until(self, t: float, sleep: Callable[[float], None]) -> int:
         """Deterministic mode: sleep to each due time up to ``t`` and send; ends with the clock at ``t``."""
@@ -209,14 +246,14 @@ class DummyScheduler:
         sent_at = self.clock()
         try:
             if job.kind == "real":
-                _, result = self.client.ask(job.feature)
+                _, result = self.client.ask_server(job.feature)  # submit() already looked in the cache
             else:
                 self.client.check_model()
-                self.client.query(self.client.transform.transform(job.feature, self.client.rng))
+                self.client.query(self.client.body(job.feature))  # stable decoys like a real request
             ok = True
         except Exception as exc:  # noqa: BLE001 - the scheduler must outlive any failure
             ok = False
-            self.counts[f"{job.kind}_failed"] += 1
+            self._count(f"{job.kind}_failed")
             log.debug("%s request failed: %s", job.kind, exc)
             if job.future is not None:
                 job.future.set_exception(exc)
@@ -224,7 +261,7 @@ class DummyScheduler:
             if job.future is not None:
                 job.future.set_result(result)
             # a dummy's candidates go out of scope here: nothing is shown, cached or fetched
-        self.counts[job.kind] += 1
+        self._count(job.kind)
         if self.on_sent is not None:
             dummy = job.dummy
             self.on_sent(Sent(job.kind, sent_at, dummy.spot_id if dummy else None,
@@ -241,6 +278,7 @@ class DummyScheduler:
         return self
 
     def _loop(self) -> None:
+        self._warm_up()
         while True:
             with self._cond:
                 if self._stopping and (not self._drain or not self._queue):
@@ -252,7 +290,17 @@ class DummyScheduler:
                 if wait > 0:
                     self._cond.wait(wait)
                     continue
-            self.run_due()
+            jobs = self._take_due()
+            if jobs:
+                self._send_together(jobs)
+
+    def _warm_up(self) -> None:
+        """Make the generator (the catalogue fetch) before the first photo needs it."""
+        if self.dummies > 0 and self._generator is not None:
+            try:
+                self._resolve_generator()
+            except Exception as exc:  # noqa: BLE001 - retried, and reported, when a burst is planned
+                log.debug("dummy generator not ready yet: %s", exc)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop the thread. ``drain``: first send what is queued, on schedule (a burst cut

@@ -27,6 +27,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HOME"] = tempfile.mkdtemp(prefix="enfpire-home-")
 
 
+@pytest.fixture(autouse=True)
+def private_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each test its own home: no answer cache or device secret carries over from another test."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-soak", action="store_true", help="run the long soak tests")
 

@@ -38,3 +38,9 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     assert 0 < result["faiss_ivf_spot_recall_3k"] <= 1.0  # approximate: a share of the exact spots
     assert result["throughput_rps_4"] > 0 and 50 < result["rss_mb_3k"] < 1000
     assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed
+    # The user's wait: every path timed, the defended one through the whole burst at least as long as its answer.
+    for key in ("answer_none_p50_s", "answer_defended_p50_s", "answer_cli_none_p50_s", "answer_cli_defended_p50_s",
+                "answer_long_none_p50_s", "answer_long_defended_p50_s"):
+        assert 0 < result[key] < 60, key
+    assert result["answer_burst_p50_s"] >= result["answer_defended_p50_s"]
+    assert result["targets"]["answer_added_latency_s"]["value"] == result["answer_added_latency_s"]

@@ -168,3 +168,24 @@ def test_the_device_secret_is_private_kept_and_rotated(tmp_path: Path) -> None:
     assert device_secret(tmp_path, rotate_days=7) != first
     path.write_bytes(b"short")
     assert len(device_secret(tmp_path, rotate_days=7)) == 32
+
+
+def test_a_photo_answered_from_the_cache_sends_no_burst_either(
+        fine_app, extractor: Extractor, held_out, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from edge_client.dummies import PersonaGenerator
+    from edge_client.scheduler import DummyScheduler, ManualClock, Sent
+
+    phone = Phone(fine_app, extractor, tmp_path)
+    clock, sent = ManualClock(1_717_200_000.0 + 9 * 3600), []  # 09:00 UTC: personas are out
+    scheduler = DummyScheduler(phone.client, lambda: PersonaGenerator.from_client(phone.client), dummies=2,
+                               clock=clock, on_sent=sent.append)
+    feature = extractor.extract(held_out[2][1])
+    first = scheduler.submit(feature)
+    scheduler.run_until(clock.now + 60, clock.sleep)
+    assert first.done() and sorted(s.kind for s in sent) == ["dummy", "dummy", "real"]
+    before = len(phone.requests)
+    again = scheduler.submit(feature)
+    assert again.done() and again.result().spot_id == first.result().spot_id
+    scheduler.run_until(clock.now + 60, clock.sleep)
+    assert len(sent) == 3 and len(phone.requests) == before and scheduler.counts["answered_locally"] == 1
+    assert all(isinstance(s, Sent) for s in sent)

@@ -20,9 +20,10 @@ from edge_client.catalogue import Catalogue, haversine_km
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.dummies import NaiveGenerator, PersonaGenerator, SyntheticPhotos
-from edge_client.errors import ServerUnreachableError
+from edge_client.errors import ConfigError, ServerUnreachableError
 from edge_client.extractor import Extractor
 from edge_client.personas import Movement, Persona
+from edge_client.plans import Dummy, Plan
 from edge_client.scheduler import DummyScheduler, ManualClock, Sent
 from lite_server.index import Index
 from tests.conftest import make_subset
@@ -33,6 +34,9 @@ DAY0 = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC
 
 
 def _client(app: Any, extractor: Extractor, **settings: Any) -> Client:
+    """A phone on the in-process server; no answer cache (tests/test_cache.py covers it), so every
+    photo asked here leaves as a request, repeated ones too."""
+    settings.setdefault("cache", False)
     client = Client(ClientConfig(seed=3, **settings), extractor)
     client.config = ClientConfig(server=mount(client.session, app), seed=3, **settings)
     return client
@@ -117,13 +121,48 @@ def test_scheduler_sends_each_real_request_among_its_dummies(
     assert scheduler.pending() == 0
     assert scheduler.counts["real"] == len(real_features) and scheduler.counts["dummy"] == 2 * len(real_features)
     assert [s.time for s in sent] == sorted(s.time for s in sent)
-    for i in range(len(real_features)):  # each burst: one real, two dummies, inside its window
+    for i in range(len(real_features)):  # each burst: one real, two dummies, all at the moment it was asked
         burst = [s for s in sent if DAY0 + 300 * i <= s.time <= DAY0 + 300 * i + 6.0]
         assert sorted(s.kind for s in burst) == ["dummy", "dummy", "real"]
         assert {s.persona for s in burst if s.kind == "dummy"} == {0, 1}
+        assert all(s.time == DAY0 + 300 * i for s in burst)  # the real one never waits
     results = [f.result(timeout=0) for f in futures]
     right = sum(r.spot_id == spot for r, (spot, _) in zip(results, real_features))
     assert right >= len(real_features) - 2 and all(len(r.candidates) == 12 for r in results)
+
+
+def test_persona_bursts_leave_at_once_with_the_real_one_at_a_uniform_rank(catalogue: Catalogue) -> None:
+    generator = PersonaGenerator(catalogue, 2, Movement(utc_offset_s=0.0), seed=6)
+    plans = [generator.plan(DAY0 + 60 * i, 2, 6.0) for i in range(600)]
+    assert all(p.real_delay == 0 and len(p.dummies) == 2 and all(d.delay == 0 for d in p.dummies) for p in plans)
+    ranks = np.bincount([p.real_rank for p in plans], minlength=3)
+    assert len(ranks) == 3 and ranks.min() > 160  # 200 each expected; a skew would mark the real one
+    first = np.bincount([p.dummies[0].persona for p in plans], minlength=2)
+    assert first.min() > 250  # nor does a fixed persona order link a persona's requests across bursts
+
+
+def test_scheduler_sends_dummies_before_and_after_the_real_one_in_plan_order(
+        app: Any, extractor: Extractor, catalogue: Catalogue, real_features: list[tuple[str, np.ndarray]]) -> None:
+    clock, sent = ManualClock(DAY0), []
+    generator = PersonaGenerator(catalogue, 2, Movement(utc_offset_s=0.0), seed=7)
+    ranks: list[int] = []
+    with _client(app, extractor) as client:
+        scheduler = DummyScheduler(client, generator, dummies=2, per_hour=1000, clock=clock, on_sent=sent.append)
+        planned = generator.plan  # record each burst's drawn rank, then hand the plan on unchanged
+
+        def spy(now: float, n: int, window: float) -> Plan:
+            plan = planned(now, n, window)
+            ranks.append(plan.real_rank)
+            return plan
+
+        generator.plan = spy  # type: ignore[method-assign]
+        for i in range(9):
+            scheduler.run_until(DAY0 + 120 * i, clock.sleep)
+            scheduler.submit(real_features[i % len(real_features)][1])
+            assert scheduler.run_due() == 3  # the whole burst is due the moment the photo is asked
+    order = [[s.kind for s in sent[3 * i:3 * i + 3]].index("real") for i in range(9)]
+    assert order == ranks and len(set(order)) > 1  # dummies went before the real one, and after
+    assert scheduler.counts["dummy"] == scheduler.counts["dummy_planned"] == 18
 
 
 def test_dummy_answers_never_reach_the_caller(
@@ -159,6 +198,84 @@ def test_budget_caps_dummies_per_hour(app: Any, extractor: Extractor, catalogue:
     kinds = [s.kind for s in sent]
     assert kinds.count("real") == 5 and kinds.count("dummy") == 3 + 2
     assert scheduler.counts["dummy_capped"] == 5
+
+
+class _Fixed:
+    """A generator that plans the same burst every time (at most ``n`` of its dummies)."""
+
+    def __init__(self, plan: Plan):
+        self.fixed = plan
+
+    def plan(self, now: float, n: int, window: float) -> Plan:
+        return Plan(self.fixed.real_delay, self.fixed.dummies[:n], self.fixed.real_rank)
+
+
+def test_one_shot_answers_first_then_sends_the_rest_of_the_burst_before_returning(
+        app: Any, extractor: Extractor, real_features: list[tuple[str, np.ndarray]],
+        held_out: list[tuple[str, Path]]) -> None:
+    spot, photo = held_out[0]
+    other = real_features[3][1]  # another spot's photo as the dummy: a leak would answer its spot
+    seen: list[tuple[str | None, dict[str, int]]] = []
+    sent: list[Sent] = []
+    with _client(app, extractor, transform="none") as client:
+        late = _Fixed(Plan(0.0, [Dummy(0, "other", other, 1.0)]))  # its dummy leaves 1 s after the real one
+        scheduler = DummyScheduler(client, late, dummies=1, per_hour=100, on_sent=sent.append)
+        result = scheduler.recognize_once(photo, lambda r: seen.append((r.spot_id, dict(scheduler.counts))))
+    assert seen[0][0] == result.spot_id == spot != real_features[3][0]
+    assert seen[0][1]["real"] == 1 and seen[0][1]["dummy"] == 0  # the answer did not wait for the dummy
+    assert [s.kind for s in sent] == ["real", "dummy"] and sent[1].time - sent[0].time >= 0.9
+    assert scheduler.pending() == 0 and scheduler._thread is not None and not scheduler._thread.is_alive()
+
+
+class _SlowDummies:
+    """WSGI middleware: any candidates request but the one carrying ``real`` takes ``delay`` s."""
+
+    def __init__(self, app: Any, real: dict[str, Any], delay: float):
+        self.app, self.real, self.delay = app, real, delay
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        import io
+        import time
+
+        if environ.get("PATH_INFO") == "/v1/candidates":
+            raw = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(raw)
+            if json.loads(raw).get("vector") != self.real:
+                time.sleep(self.delay)
+        return self.app(environ, start_response)
+
+
+def test_background_thread_sends_a_burst_together_so_the_real_answer_never_waits_for_a_dummy(
+        extractor: Extractor, index_dir: Path, real_features: list[tuple[str, np.ndarray]]) -> None:
+    from lite_server.app import create_app
+    from lite_server.config import ServerConfig
+
+    spot, feature = real_features[0]
+    app = create_app(ServerConfig(index=str(index_dir)))
+    app.wsgi_app = _SlowDummies(app.wsgi_app, wire.encode(feature), 1.5)  # type: ignore[method-assign]
+    dummies = [Dummy(i, "other", real_features[1 + i][1], 0.0) for i in range(2)]
+    seen: list[dict[str, int]] = []
+    with _client(app, extractor, transform="none") as client:
+        with DummyScheduler(client, _Fixed(Plan(0.0, dummies, real_rank=2)), dummies=2, per_hour=100) as scheduler:
+            result = scheduler.recognize_feature(feature, timeout=30)  # planned last of its burst
+            seen.append(dict(scheduler.counts))
+    assert result.spot_id == spot
+    assert seen[0]["real"] == 1 and seen[0]["dummy"] == 0  # answered while both dummies were still out
+    assert scheduler.counts["dummy"] == 2 and scheduler.pending() == 0
+
+
+def test_scheduler_is_given_its_generator(app: Any, extractor: Extractor) -> None:
+    """The scheduler never builds a generator itself (no import of edge_client.dummies): the caller injects one."""
+    with _client(app, extractor) as client:
+        with pytest.raises(ConfigError):
+            DummyScheduler(client, dummies=2)
+        assert DummyScheduler(client, dummies=0).pending() == 0  # no dummies, no generator needed
+        made: list[PersonaGenerator] = []
+        factory = lambda: made.append(PersonaGenerator.from_client(client)) or made[-1]  # noqa: E731
+        scheduler = DummyScheduler(client, factory, dummies=2, clock=ManualClock(DAY0))
+        for _ in range(2):
+            scheduler.submit(np.ones(extractor.dim, np.float32) / np.sqrt(extractor.dim))
+    assert len(made) == 1 and scheduler.counts["dummy_planned"] == 4  # made once, on first use
 
 
 def test_scheduler_survives_server_errors_and_keeps_its_budget(
@@ -205,16 +322,20 @@ def test_background_thread_answers_and_stops(app: Any, extractor: Extractor, cat
 
 def test_cli_recognize_sends_dummies_by_default(live_server: LiveServer, held_out: list[tuple[str, Path]]) -> None:
     spot, photo = held_out[2]
-    env = {"ENFPIRE_DUMMY_WINDOW": "0.3"}
-    runs = {flag: subprocess.run([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server",
-                                  live_server.url, "--json", "--seed", "1", *flag.split()],
-                                 capture_output=True, text=True, timeout=120, env={**_environ(), **env})
-            for flag in ("", "--no-dummies", "--dummies 1")}
-    for flag, run in runs.items():
+    def recognize(*flags: str) -> dict[str, Any]:
+        run = subprocess.run([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server",
+                              live_server.url, "--json", "--seed", "1", *flags],
+                             capture_output=True, text=True, timeout=120, env=_environ())
         assert run.returncode == 0, run.stderr
-        answer = json.loads(run.stdout)
-        assert answer["spot_id"] == spot
-        assert answer["dummies_sent"] == {"": 2, "--no-dummies": 0, "--dummies 1": 1}[flag]
+        return json.loads(run.stdout)  # type: ignore[no-any-return]
+
+    for flags, dummies in ((["--no-cache"], 2), (["--no-cache", "--no-dummies"], 0), (["--no-cache", "--dummies", "1"], 1)):
+        answer = recognize(*flags)
+        assert answer["spot_id"] == spot and answer["dummies"] == dummies
+    # With the answer cache (the default) the second run of one photo sends nothing, dummies neither.
+    first, second = recognize(), recognize()
+    assert first["spot_id"] == second["spot_id"] == spot
+    assert first["bytes_sent"] > 0 and second["bytes_sent"] == 0 and second["dummies"] == 0
 
 
 def _environ() -> dict[str, str]:

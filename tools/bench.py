@@ -8,6 +8,10 @@ each figure beside its peer measured in the same run.
   scikit-learn default) in-process; the real server (waitress, loopback) for
   ``/v1/candidates`` latency, throughput under 16 concurrent clients, resident
   memory, and a whole private query against a plain one.
+- The user's wait: time until the answer with every default defence on (2
+  dummies a request; the CLI's one-shot path and a long-lived scheduler)
+  against the same with none, through the real client and server
+  (``--only answer-latency`` measures just this, on the smallest gallery).
 
 Galleries of 10k, 100k and 1M features are the 4,625 real wa-landmarks
 features tiled with a small per-coordinate jitter (log-normal, sigma 0.1,
@@ -23,6 +27,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,7 +43,9 @@ from PIL import Image
 from edge_client import interpreter as tfl
 from edge_client.client import Client
 from edge_client.config import ClientConfig, default_model_path
+from edge_client.dummies import PersonaGenerator
 from edge_client.extractor import Extractor, l2_normalize
+from edge_client.scheduler import DummyScheduler
 from edge_client.transforms import make_transform
 from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
 from lite_server.index import Index, base_manifest, publish
@@ -50,7 +57,9 @@ K_PRIVATE = 40
 TARGETS = {  # key: (limit, "max" = at most / "min" = at least)
     "extract_ratio_224": 1.3, "extract_ratio_12mp": 3.0, "lookup_ratio_vs_faiss_100k": 1.5,
     "http_p50_ms_100k": 30.0, "rss_mb_1m": 1500.0, "private_vs_plain_ratio": 1.5,
+    "answer_added_latency_s": 0.5,
 }
+ONLY = ("answer-latency",)
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,88 @@ def bench_private(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.n
     return out
 
 
+# ---------------------------------------------------------------- the user's wait
+
+def answer_plain(url: str, extractor: Extractor, photo: Path) -> float:
+    """Seconds to the answer with no defence: a fresh client (as a CLI run has), no dummies."""
+    start = time.perf_counter()
+    with Client(ClientConfig(server=url, dummies=0, cache=False), extractor=extractor) as client:
+        client.recognize(photo)
+        return time.perf_counter() - start
+
+
+def answer_defended(url: str, extractor: Extractor, photo: Path) -> tuple[float, float]:
+    """(seconds to the answer, seconds until the whole burst left) with every default defence,
+    through the CLI's one-shot path: a fresh client, catalogue fetch, persona dummies, and an
+    answer cache that misses (a new landmark: the cost of keeping its answer included)."""
+    start = time.perf_counter()
+    answered: list[float] = []
+    with tempfile.TemporaryDirectory() as state, \
+            Client(ClientConfig(server=url, state_dir=state), extractor=extractor) as client:
+        scheduler = DummyScheduler(client, lambda: PersonaGenerator.from_client(client))
+        scheduler.recognize_once(photo, lambda _: answered.append(time.perf_counter() - start))
+    return answered[0], time.perf_counter() - start
+
+
+def answer_long_lived(plan: Plan, url: str, extractor: Extractor, photos: list[Path]) -> dict[str, list[float]]:
+    """The app's case: one running scheduler (and one warm client) for many photos. Without the
+    answer cache: it would answer the repeated photos without a request and flatter the figure."""
+    plain = Client(ClientConfig(server=url, dummies=0, cache=False), extractor=extractor)
+    defended = Client(ClientConfig(server=url, cache=False), extractor=extractor)
+    scheduler = DummyScheduler(defended, lambda: PersonaGenerator.from_client(defended)).start()
+    cycle = iter(range(10**9))
+    try:
+        return interleaved({"none": lambda: plain.recognize(photos[next(cycle) % len(photos)]),
+                            "defended": lambda: scheduler.recognize(photos[next(cycle) % len(photos)])},
+                           plan.repeats * 2)
+    finally:
+        scheduler.stop(timeout=60)
+        plain.close()
+        defended.close()
+
+
+def answer_cli(url: str, photo: Path, *flags: str) -> float:
+    """Seconds from starting ``enfpire-client recognize`` until its answer line is out."""
+    with tempfile.TemporaryDirectory() as state:  # an empty answer cache: this photo is news
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server", url,
+                                    "--json", *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   env={**os.environ, "ENFPIRE_STATE_DIR": state})
+        line = process.stdout.readline() if process.stdout else ""
+        took = time.perf_counter() - start
+        process.communicate(timeout=120)
+    if process.returncode != 0 or "spot_id" not in line:
+        raise RuntimeError(f"enfpire-client recognize {' '.join(flags)} failed: {line!r}")
+    return took
+
+
+def bench_answer_latency(plan: Plan, server: LiveServer, extractor: Extractor, dataset: Dataset) -> dict[str, Any]:
+    """The user's added wait: p50 time to the answer with every default defence on minus
+    the same with none, one-shot (library, as the CLI runs it; and the CLI itself) and long-lived."""
+    photos = [p for _, p in dataset.photos[::max(1, len(dataset.photos) // 16)]][:16]
+    times: dict[str, list[float]] = {"none": [], "defended": [], "burst": [], "cli_none": [], "cli_defended": []}
+    for round_ in range(2 + plan.repeats * 2):
+        photo = photos[round_ % len(photos)]
+        plain, (answer, burst) = answer_plain(server.url, extractor, photo), answer_defended(server.url, extractor, photo)
+        if round_ >= 2:
+            times["none"].append(plain)
+            times["defended"].append(answer)
+            times["burst"].append(burst)
+    for round_ in range(min(10, max(2, plan.repeats - 2))):
+        times["cli_none"].append(answer_cli(server.url, photos[round_ % len(photos)], "--no-dummies"))
+        times["cli_defended"].append(answer_cli(server.url, photos[round_ % len(photos)]))
+    long = answer_long_lived(plan, server.url, extractor, photos)
+    p50 = {name: float(np.median(values)) for name, values in {**times, **{f"long_{k}": v for k, v in long.items()}}.items()}
+    out = {f"answer_{name}_p50_s": round(value, 4) for name, value in p50.items()}
+    out["answer_added_latency_s"] = round(p50["defended"] - p50["none"], 4)
+    out["answer_added_latency_p95_s"] = round(float(np.percentile(times["defended"], 95)) - p50["none"], 4)
+    out["answer_added_latency_long_lived_s"] = round(p50["long_defended"] - p50["long_none"], 4)
+    out["answer_added_latency_cli_s"] = round(p50["cli_defended"] - p50["cli_none"], 4)
+    out["answer_latency_rounds"] = {"one_shot": len(times["none"]), "cli": len(times["cli_none"]),
+                                    "long_lived": len(long["none"])}
+    return out
+
+
 # ---------------------------------------------------------------- run, report
 
 def machine() -> dict[str, Any]:
@@ -342,6 +433,25 @@ def run(plan: Plan, out: Path, work: Path) -> dict[str, Any]:
     return result
 
 
+def run_answer_latency(plan: Plan, work: Path) -> dict[str, Any]:
+    """``--only answer-latency``: the user's-wait figures alone, on the plan's smallest served gallery."""
+    extractor = Extractor(default_model_path())
+    dataset = limited(load_dataset(), plan.real_photos)
+    real = features(dataset, extractor)
+    n = min(plan.served)
+    publish_gallery(dataset, real, n, extractor, work / f"index-{label(n)}")
+    result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan), "only": "answer-latency",
+                              "gallery": f"{n} features: {len(real)} real wa-landmarks features, tiled"}
+    server = serve(work / f"index-{label(n)}")
+    try:
+        result.update(bench_answer_latency(plan, server, extractor, dataset))
+    finally:
+        server.stop()
+    result["targets"] = verdicts(result)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
 def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor: Extractor,
                qs: np.ndarray, work: Path) -> dict[str, Any]:
     """The in-process lookup at size ``n``, and the server figures where the plan serves it."""
@@ -356,6 +466,7 @@ def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor
             if n == plan.target:
                 result.update(bench_throughput(plan, server, qs))
                 result.update(bench_private(plan, server, extractor, qs))
+                result.update(bench_answer_latency(plan, server, extractor, dataset))
                 exact = spots_answered(server, qs)
         finally:
             server.stop()
@@ -450,12 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true",
                       help="lookup at 10k and 100k, the server at 10k, few repeats: under a minute")
     mode.add_argument("--smoke", action="store_true", help="one tiny gallery: checks the tool itself")
+    parser.add_argument("--only", choices=ONLY, help="measure only this section (with the plan's repeats)")
     args = parser.parse_args(argv)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="enfpire-bench-") as work:
-        result = run(plan, args.out, Path(work))
+        result = run_answer_latency(plan, Path(work)) if args.only else run(plan, args.out, Path(work))
     result["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench.md").write_text(table(result))

@@ -20,11 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edge_client.cache import AnswerCache
 from edge_client.catalogue import Catalogue
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.recognizer import Recognition
-from edge_client.scheduler import DummyScheduler, Generator, ManualClock, Sent
+from edge_client.plans import Generator
+from edge_client.scheduler import DummyScheduler, ManualClock, Sent
 from edge_client.transforms import Transform
 from tools.testbed import Env
 from tools.inprocess import mount
@@ -121,15 +123,17 @@ def simulate(env: Env, recorder: Recorder, tours: list[list[Shot]], catalogue: C
         clock = ManualClock(shots[0].t - 60)
         recorder.clock, recorder.device = clock, device
         sent: list[Sent] = []
-        client = Client(ClientConfig(seed=seed + device, cache=False), env.extractor, transform)
-        client.config = ClientConfig(server=mount(client.session, env.app), seed=seed + device, cache=False)
+        # Every default defence on: an answer cache of its own (in memory) and stable decoys.
+        client = Client(ClientConfig(seed=seed + device), env.extractor, transform, AnswerCache(None))
+        client.config = ClientConfig(server=mount(client.session, env.app), seed=seed + device)
         bytes_before = _bytes_counter(client)
         scheduler = DummyScheduler(client, make_generator(device), dummies=dummies, per_hour=per_hour,
                                    window=window, clock=clock, on_sent=sent.append)
         futures = []
         for shot in shots:
             scheduler.run_until(shot.t, clock.sleep)
-            futures.append((catalogue.ids[shot.spot], scheduler.submit(env.features[shot.row])))
+            future = scheduler.submit(env.features[shot.row])
+            futures.append((catalogue.ids[shot.spot], future, future.done()))  # done at once: from the cache
         while (due := scheduler.next_due()) is not None:
             scheduler.run_until(due, clock.sleep)
         client.close()
@@ -138,11 +142,11 @@ def simulate(env: Env, recorder: Recorder, tours: list[list[Shot]], catalogue: C
             raise RuntimeError("the server's records do not line up with what the phone sent")
         for request, s, size in zip(mine, sent, bytes_before()):
             request.real, request.spot, request.persona, request.bytes = s.kind == "real", s.spot_id, s.persona, size
-        truths = iter(spot for spot, _ in futures)
+        truths = iter(spot for spot, _, local in futures if not local)
         for request in mine:
             if request.real:
                 request.spot = next(truths)
-        for spot, future in futures:
+        for spot, future, _ in futures:
             traffic.results.append((device, spot, future.result() if future.done() and not future.exception() else None))
         traffic.requests += mine
         log.info("device %d: %d real and %d dummy requests", device, sum(r.real for r in mine),
