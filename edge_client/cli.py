@@ -89,14 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dummies", type=int, metavar="N", help="dummy requests around the real one (default 2)")
     p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
     p.add_argument("--json", action="store_true")
+    _relay_flags(p)
     p = sub.add_parser("info", help="print the server's /v1/info")
     p.add_argument("--server")
+    _relay_flags(p)
     return parser
+
+
+def _relay_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relay", metavar="URL", help="send every request through this Oblivious HTTP relay")
+    p.add_argument("--gateway-keys", metavar="KEYS",
+                   help="the gateway's key configuration (hex/base64) or its sha256; default: pin the first seen")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
-    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed")
+    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed", "relay", "gateway_keys")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -59,6 +59,10 @@ class ClientConfig:
     dummy_day_start: int = 8        # personas only set off between these local hours
     dummy_day_end: int = 20
     seed: int | None = None         # fixes every random draw (tests, evaluation)
+    relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
+    gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
+    gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
+    state_dir: str = ""             # small client state (key pins); "" = ~/.enfpire
 
     def model_path(self) -> Path:
         return Path(self.model).expanduser() if self.model else default_model_path()
