@@ -1,6 +1,6 @@
 """Every request through an Oblivious HTTP relay: the client's transport when ``relay`` is set.
 
-The request (method, path, content type, body; nothing else) is sealed to
+The request (method, path, content type, body, "gzip accepted"; nothing else) is sealed to
 the gateway's key and POSTed to the relay, which sees the device's address
 but only sealed bytes; the server sees the content but only the relay's
 address. There is no fallback to a direct request.
@@ -144,7 +144,8 @@ class ObliviousTransport:
     def _post(self, method: str, path: str, data: bytes | None) -> tuple[Answer, Any]:
         if self._key is None:
             self._key = self._resolve()
-        headers = (("content-type", "application/json"),) if data is not None else ()
+        # gzip inside the sealed answer, as direct: a third fewer bytes on the phone's data plan
+        headers = (("accept-encoding", "gzip"),) + ((("content-type", "application/json"),) if data is not None else ())
         message = bhttp.encode_request(bhttp.Request(method, path, headers=headers, content=data or b""))
         sealed, context = self.ohttp.encapsulate_request(self._key, message)
         return self.send("POST", self.config.relay, sealed, {"Content-Type": self.ohttp.REQUEST_TYPE,

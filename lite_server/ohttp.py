@@ -5,12 +5,14 @@
 
 A request arrives from a relay, so the server sees the relay's address, never
 the phone's. The gateway opens it and runs the inner request (method, path,
-content type and body only; no other header crosses) through this same Flask
-app's WSGI stack, so it meets exactly the routes, JSON errors, body limit and
+content type, body and whether gzip is accepted; no other header crosses)
+through this same Flask app's WSGI stack, so it meets exactly the routes, JSON errors, body limit and
 admission control of a direct request. The outer request is not gated by
 admission (``lite_server.admission.GATED`` lists only the lookup): the inner
 one takes its own slot, so one request never holds two and nothing deadlocks.
-The inner request asks for no gzip, so its answer is never compressed twice.
+A large answer is gzipped inside the sealed message when the phone accepts it
+(``Content-Encoding`` travels in the binary HTTP response), as it would be
+direct; the outer ``message/ohttp-res`` is never compressed again.
 
 A malformed, truncated, tampered, oversized or unknown-key request gets a JSON
 400 (413 when over the size limit) and touches nothing else.
@@ -86,6 +88,15 @@ def _routes() -> Blueprint:
     return gateway
 
 
+def _inner_headers(inner: bhttp.Request) -> dict[str, str]:
+    """Only ``Accept-Encoding: gzip`` crosses besides the content type: the answer is then gzipped
+    inside the sealed message (``Content-Encoding`` travels in the binary HTTP response)."""
+    headers = {"Accept": "application/json"}
+    if "gzip" in inner.header("accept-encoding"):
+        headers["Accept-Encoding"] = "gzip"
+    return headers
+
+
 def dispatch(app: Flask, inner: bhttp.Request) -> bhttp.Response:
     """Run ``inner`` through ``app`` as if it had arrived directly, from the relay's address."""
     path = inner.path.split("?", 1)[0]
@@ -95,7 +106,7 @@ def dispatch(app: Flask, inner: bhttp.Request) -> bhttp.Response:
     environ = EnvironBuilder(path=inner.path, method=inner.method, data=inner.content if inner.content else None,
                              content_type=content_type,
                              environ_base={"REMOTE_ADDR": request.remote_addr or "", "enfpire.ohttp": True},
-                             headers={"Accept": "application/json"}).get_environ()
+                             headers=_inner_headers(inner)).get_environ()
     with app.app_context():  # its own flask.g: the admission slot is the inner request's
         answer = WerkzeugResponse.from_app(app.wsgi_app, environ, buffered=True)
     headers = tuple((name.lower(), answer.headers[name]) for name in ANSWER_HEADERS if name in answer.headers)
