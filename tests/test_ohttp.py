@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import jsonschema
 import numpy as np
 import pytest
 import requests
@@ -106,6 +107,12 @@ def test_key_configuration_is_served_and_kept_private(gateway: LiveServer, relay
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
 
 
+def _components() -> dict[str, Any]:
+    from lite_server.openapi import spec
+
+    return {"components": spec()["components"]}
+
+
 def _post(url: str, body: bytes, content_type: str = "message/ohttp-req") -> requests.Response:
     return requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=10)
 
@@ -124,6 +131,7 @@ def test_broken_and_foreign_requests_get_a_clear_4xx_and_nothing_else_changes(
         for name, (body, status, code) in cases.items():
             response = _post(url, body)
             assert (response.status_code, response.json()["error"]["code"]) == (status, code), (url, name)
+            jsonschema.validate(response.json(), {"$ref": "#/components/schemas/Error", **_components()})
         assert _post(url, good, "application/json").status_code == 415
     # Sealed to key 1, relabelled as the rotated-in key 2: the other key cannot open it.
     done = subprocess.run([sys.executable, "-m", "lite_server.cli", "ohttp", "rotate", "--keys", str(keys_file)],
