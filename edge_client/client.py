@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
@@ -61,6 +62,7 @@ class Client:
         self._project: Projector | None = None  # set with the server's public parameters
         self._compare_dim = 0
         self._oblivious: ObliviousTransport | None = None  # set on first use when a relay is configured
+        self._oblivious_lock = threading.Lock()
 
     def __enter__(self) -> "Client":
         return self
@@ -155,8 +157,9 @@ class Client:
     def _exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """Directly to the server, or sealed through the relay when one is configured (never a fallback)."""
         if self.config.relay:
-            if self._oblivious is None:
-                self._oblivious = ObliviousTransport(self.config, self._send)
+            with self._oblivious_lock:  # the dummy scheduler sends from its own threads
+                if self._oblivious is None:
+                    self._oblivious = ObliviousTransport(self.config, self._send)
             return self._oblivious.exchange(method, path, data)
         headers = {"Content-Type": "application/json"} if data is not None else {}
         return self._send(method, self.config.server.rstrip("/") + path, data, headers)

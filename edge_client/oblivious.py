@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
@@ -122,13 +123,15 @@ class ObliviousTransport:
         origin = urlsplit(config.relay)
         self.keys_url = config.gateway_keys_url or f"{origin.scheme}://{origin.netloc}{KEYS_PATH}"
         self._key: Any = None
+        self._lock = threading.Lock()
 
     def exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """One request through the relay; the inner answer with the outer (wire) byte counts."""
         answer, context = self._post(method, path, data)
         if answer.status == 400 and _error_code(answer) == "ohttp_key":
             log.info("the gateway no longer knows the pinned key; fetching its configuration")
-            self._key = self._resolve(refetch=True)
+            with self._lock:
+                self._key = self._resolve(refetch=True)
             answer, context = self._post(method, path, data)
         if answer.status != 200:
             return answer  # the relay's or gateway's own error: the client's retries and errors apply
@@ -142,8 +145,9 @@ class ObliviousTransport:
         return Answer(inner.status, CaseInsensitiveDict(dict(inner.headers)), content, "", answer.sent, answer.received)
 
     def _post(self, method: str, path: str, data: bytes | None) -> tuple[Answer, Any]:
-        if self._key is None:
-            self._key = self._resolve()
+        with self._lock:
+            if self._key is None:
+                self._key = self._resolve()
         # gzip inside the sealed answer, as direct: a third fewer bytes on the phone's data plan
         headers = (("accept-encoding", "gzip"),) + ((("content-type", "application/json"),) if data is not None else ())
         message = bhttp.encode_request(bhttp.Request(method, path, headers=headers, content=data or b""))

@@ -26,7 +26,7 @@ from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from edge_client import bhttp
-from edge_client.errors import EncapsulationError
+from edge_client.errors import ConfigError, EncapsulationError
 from edge_client.ohttp import KEYS_TYPE, REQUEST_TYPE, RESPONSE_TYPE, decapsulate_request, encapsulate_response
 
 from .config import ServerConfig
@@ -57,7 +57,11 @@ def install_gateway(app: Flask, config: ServerConfig) -> None:
     path = keys_path(config)
     if path is None:
         return
-    app.extensions[EXTENSION] = GatewayKeys(path, config.ohttp_grace, config.ohttp_rotate_days * 86400)
+    try:
+        app.extensions[EXTENSION] = GatewayKeys(path, config.ohttp_grace, config.ohttp_rotate_days * 86400)
+    except OSError as exc:
+        raise ConfigError(f"cannot create or read the OHTTP key file {path} ({exc.strerror}): "
+                          "set ohttp_keys (--ohttp-keys) to a writable place, or 'off'") from None
     app.register_blueprint(_routes())
 
 
