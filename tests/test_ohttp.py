@@ -194,3 +194,24 @@ def test_cli_info_through_the_relay(gateway: LiveServer, relay: LiveRelay, tmp_p
                           env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["protocol"] == 1 and (tmp_path / ".enfpire" / PIN_FILE).is_file()
+
+
+def test_catalogue_and_dummies_go_through_the_relay_too(gateway: LiveServer, relay: LiveRelay, extractor: Extractor,
+                                                        features: list[tuple[str, np.ndarray]], tmp_path: Path) -> None:
+    from edge_client.dummies import PersonaGenerator
+    from edge_client.personas import Movement
+    from edge_client.scheduler import DummyScheduler, ManualClock, Sent
+
+    day = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC: personas are out
+    clock, sent = ManualClock(day), []  # type: tuple[ManualClock, list[Sent]]
+    mark = len(gateway.output())
+    with _client(gateway, extractor, relay=relay.url, state_dir=str(tmp_path)) as client:
+        generator = PersonaGenerator(client.catalogue(), 2, Movement(utc_offset_s=0.0), seed=5)
+        scheduler = DummyScheduler(client, generator, dummies=2, per_hour=1000, window=6.0, clock=clock,
+                                   on_sent=sent.append)
+        future = scheduler.submit(features[0][1])
+        scheduler.run_until(day + 60, clock.sleep)
+    assert future.result(timeout=0).candidates and [s.kind for s in sent].count("dummy") == 2
+    log = gateway.output()[mark:]
+    assert set(_peers(log)) == {RELAY_HOST}
+    assert "GET /v1/spots inside OHTTP" in log and log.count("POST /v1/candidates inside OHTTP") == 3
