@@ -100,39 +100,37 @@ def _reload(service: Any) -> None:
         log.error("SIGHUP: reload failed, still serving the old version: %s", exc)
 
 
-def _ohttp_path(args: argparse.Namespace) -> Path:
+def _ohttp_settings(args: argparse.Namespace) -> tuple[Path, ServerConfig]:
+    """The key file an ``ohttp`` command works on, and the settings (grace) it honours."""
     from .ohttp import keys_path
 
-    path = keys_path(load_config(ServerConfig, args.config, **_overrides(args)))
+    config = load_config(ServerConfig, args.config, **_overrides(args))
+    path = keys_path(config)
     if path is None:
         raise ConfigError("no OHTTP key file: give --index or --keys (ohttp_keys)")
-    return path
+    return path, config
 
 
 def _ohttp_show(args: argparse.Namespace) -> int:
     """The key configurations a phone pins: hex and sha256 for ``gateway_keys``."""
     import hashlib
 
-    from .ohttp_keys import GatewayKeys
-
-    path = _ohttp_path(args)
-    body = GatewayKeys(path, load_config(ServerConfig, args.config, **_overrides(args)).ohttp_grace).body()
-    print(json.dumps({"file": str(path), "key_ids": _key_ids(body),
-                      "application_ohttp_keys_hex": body.hex(), "sha256": hashlib.sha256(body).hexdigest()}, indent=2))
-    return 0
-
-
-def _key_ids(body: bytes) -> list[int]:
     from edge_client.ohttp import decode_key_configs
 
-    return [config.key_id for config in decode_key_configs(body)]
+    from .ohttp_keys import GatewayKeys
+
+    path, config = _ohttp_settings(args)
+    body = GatewayKeys(path, config.ohttp_grace).body()
+    print(json.dumps({"file": str(path), "key_ids": [c.key_id for c in decode_key_configs(body)],
+                      "application_ohttp_keys_hex": body.hex(), "sha256": hashlib.sha256(body).hexdigest()}, indent=2))
+    return 0
 
 
 def _ohttp_rotate(args: argparse.Namespace) -> int:
     from .ohttp_keys import rotate
 
-    path = _ohttp_path(args)
-    key_id = rotate(path, load_config(ServerConfig, args.config, **_overrides(args)).ohttp_grace)
+    path, config = _ohttp_settings(args)
+    key_id = rotate(path, config.ohttp_grace)
     print(f"key id {key_id} is current in {path}; running servers pick it up on their next request")
     return 0
 

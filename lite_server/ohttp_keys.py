@@ -92,7 +92,7 @@ def rotate(path: Path, grace: float) -> int:
         keys.append(_new_key(key_id))
         temp = _write_temp(path, keys)
         os.replace(temp, path)
-    log.warning("OHTTP keys rotated: key id %d is current", key_id)
+    log.info("OHTTP keys rotated: key id %d is current", key_id)
     return key_id
 
 

@@ -159,7 +159,7 @@ def test_inner_errors_travel_sealed_with_their_status(gateway: LiveServer, relay
 
 
 def test_a_changed_gateway_key_is_an_error_unless_the_configuration_accepts_it(
-        gateway: LiveServer, relay: LiveRelay, extractor: Extractor, tmp_path: Path) -> None:
+        gateway: LiveServer, relay: LiveRelay, extractor: Extractor, tmp_path: Path, keys_file: Path) -> None:
     foreign = ohttp.encode_key_configs([ohttp.KeyConfig(99, ohttp.public_key(ohttp.generate_private_key()))])
     (tmp_path / PIN_FILE).write_text(json.dumps({gateway.url: foreign.hex()}))
     with _client(gateway, extractor, relay=relay.url, state_dir=str(tmp_path)) as client:
@@ -167,6 +167,9 @@ def test_a_changed_gateway_key_is_an_error_unless_the_configuration_accepts_it(
             client.info()
     served = requests.get(gateway.url + "/.well-known/ohttp-gateway", timeout=5).content
     accepted = hashlib.sha256(served).hexdigest()
+    shown = subprocess.run([sys.executable, "-m", "lite_server.cli", "ohttp", "show", "--keys", str(keys_file)],
+                           capture_output=True, text=True, timeout=60)
+    assert json.loads(shown.stdout)["sha256"] == accepted  # what an operator hands to phones
     with _client(gateway, extractor, relay=relay.url, state_dir=str(tmp_path), gateway_keys=accepted) as client:
         assert client.info()["protocol"] == 1
     assert json.loads((tmp_path / PIN_FILE).read_text())[gateway.url] == served.hex()
