@@ -218,3 +218,20 @@ def test_catalogue_and_dummies_go_through_the_relay_too(gateway: LiveServer, rel
     log = gateway.output()[mark:]
     assert set(_peers(log)) == {RELAY_HOST}
     assert "GET /v1/spots inside OHTTP" in log and log.count("POST /v1/candidates inside OHTTP") == 3
+
+
+def test_android_entry_points_take_the_relay_from_config_json(gateway: LiveServer, relay: LiveRelay,
+                                                             tmp_path: Path) -> None:
+    from edge_client import android
+
+    mark = len(gateway.output())
+    try:
+        answer = json.loads(android.server_info(gateway.url, json.dumps({"relay": relay.url,
+                                                                         "state_dir": str(tmp_path)})))
+        refused = json.loads(android.server_info(gateway.url, json.dumps({"relay": relay.url, "state_dir": str(tmp_path),
+                                                                          "gateway_keys": "cd" * 32})))
+    finally:
+        android.close_all()
+    assert answer["ok"] and answer["info"]["protocol"] == 1
+    assert refused == {"ok": False, "error": {"type": "GatewayKeyError", "message": refused["error"]["message"]}}
+    assert set(_peers(gateway.output()[mark:])) == {RELAY_HOST}
