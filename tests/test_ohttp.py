@@ -235,3 +235,31 @@ def test_android_entry_points_take_the_relay_from_config_json(gateway: LiveServe
     assert answer["ok"] and answer["info"]["protocol"] == 1
     assert refused == {"ok": False, "error": {"type": "GatewayKeyError", "message": refused["error"]["message"]}}
     assert set(_peers(gateway.output()[mark:])) == {RELAY_HOST}
+
+
+def test_concurrent_sealed_requests_meet_admission_control_without_deadlock(index_dir: Path, tmp_path: Path) -> None:
+    """One lookup slot, one waiting seat: sealed lookups are admitted or refused (an inner 503), never stuck."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = LiveServer(index_dir, "--threads", "1", "--ohttp-keys", str(tmp_path / "keys.json"),
+                        env={"ENFPIRE_MAX_PENDING": "1"})
+    relay = LiveRelay(server, RELAY_HOST)
+    try:
+        config = ohttp.decode_key_configs(requests.get(server.url + "/.well-known/ohttp-gateway", timeout=5).content)[0]
+        body = json.dumps({"cells": [0], "pad": "x" * 2000}).encode()
+        request = bhttp.encode_request(bhttp.Request("POST", "/v1/candidates", content=body, headers=(
+            ("content-type", "application/json"), ("accept-encoding", "gzip"))))
+
+        def one(_: int) -> int:
+            sealed, context = ohttp.encapsulate_request(config, request)
+            answer = _post(relay.url, sealed)
+            assert answer.status_code == 200
+            return bhttp.decode_response(ohttp.decapsulate_response(context, answer.content)).status
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(one, range(64), timeout=120))
+        assert one(0) == 200  # and the gateway still answers afterwards
+    finally:
+        relay.stop()
+        server.stop()
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
