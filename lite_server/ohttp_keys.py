@@ -79,12 +79,18 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def rotate(path: Path, grace: float) -> int:
-    """Retire the current key, add a new one, drop keys retired longer than ``grace`` ago; the new id."""
+def rotate(path: Path, grace: float, older_than: float = 0.0) -> int:
+    """Retire the current key, add a new one, drop keys retired longer than ``grace`` ago; the current id.
+
+    With ``older_than``, only when the current key is that many seconds old (checked under the
+    lock, so replicas sharing the file rotate once)."""
     ensure(path)
     with _locked(path):
         now = time.time()
-        keys = [k for k in _read(path) if k["retired"] is None or now - k["retired"] < grace]
+        keys = _read(path)
+        if older_than and now - keys[-1]["created"] <= older_than:
+            return int(keys[-1]["key_id"])
+        keys = [k for k in keys if k["retired"] is None or now - k["retired"] < grace]
         for key in keys:
             key["retired"] = key["retired"] or now
         used = {k["key_id"] for k in keys}
@@ -117,7 +123,7 @@ class GatewayKeys:
         with self._lock:
             entries = _read(self.path)
             if self.rotate_after > 0 and time.time() - entries[-1]["created"] > self.rotate_after:
-                rotate(self.path, self.grace)
+                rotate(self.path, self.grace, older_than=self.rotate_after)
                 entries, stat = _read(self.path), self.path.stat()
             self._load(entries)
             self._stamp = (stat.st_mtime_ns, stat.st_size)

@@ -45,6 +45,9 @@ def test_rotation_by_age(tmp_path: Path) -> None:
     data["keys"][0]["created"] = time.time() - 3 * 86400
     path.write_text(json.dumps(data))
     assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 1]
+    # a second replica sharing the file does not rotate again: the new key is young
+    assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 1]
+    assert rotate(path, 3600, older_than=86400) == 2
 
 
 def test_openapi_documents_the_gateway() -> None:
