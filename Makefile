@@ -13,7 +13,7 @@ setup: $(STAMP) $(MODEL)
 # Reinstall only when the package's declared dependencies change.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp]'
 	touch $(STAMP)
 
 $(MODEL): $(STAMP) models/manifest.json tools/cut.py

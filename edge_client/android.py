@@ -6,6 +6,10 @@ Kotlin can call them with ``module.callAttr(...)`` and read the result with
 ``"ok": true`` and the result, or ``"ok": false`` and an ``error`` with its
 ``type`` and ``message``. No multiprocessing; files only under ``$HOME``
 (Chaquopy points it at the app's private files directory).
+
+Oblivious HTTP: ``config_json`` may carry ``relay`` (the relay's URL) and
+``gateway_keys`` (the gateway's key configuration, best shipped with the app,
+or its sha256); the key pin is kept in ``$HOME/.enfpire/ohttp-pins.json``.
 """
 from __future__ import annotations
 

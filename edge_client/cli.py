@@ -104,16 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_false", dest="cache", default=None,
                    help="always ask the server: neither read nor keep answers on this device")
     p.add_argument("--json", action="store_true")
+    _relay_flags(p)
     p = sub.add_parser("info", help="print the server's /v1/info")
     p.add_argument("--server")
+    _relay_flags(p)
     p = sub.add_parser("clear-cache", help="forget the answers and server info this device kept")
     p.add_argument("--server", help="only this server's (default: every server's)")
     return parser
 
 
+def _relay_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relay", metavar="URL", help="send every request through this Oblivious HTTP relay")
+    p.add_argument("--gateway-keys", metavar="KEYS",
+                   help="the gateway's key configuration (hex/base64) or its sha256; default: pin the first seen")
+
+
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
-    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed", "cache")
+    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed", "cache", "relay",
+             "gateway_keys")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

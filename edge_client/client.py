@@ -7,13 +7,17 @@ typed errors, and a one-call facade.
 The lookup is idempotent, so a POST is retried like a GET: on connection
 errors and on 429/502/503/504, waiting for ``Retry-After`` (capped) or an
 exponential backoff. Nothing identifies the device: a fixed User-Agent, no
-cookies kept, the same headers on every request.
+cookies kept, the same headers on every request. With ``relay`` set, every
+request is sealed for the server's Oblivious HTTP gateway and sent through
+the relay instead (``edge_client.oblivious``), so the server never sees the
+device's address.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
@@ -29,6 +33,7 @@ from .cache import AnswerCache
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
+from .oblivious import Answer, ObliviousTransport
 from .photo import Photo
 from .recognizer import Projector, Recognition, projector, rerank
 from .state import decoy_seed, device_secret
@@ -62,6 +67,8 @@ class Client:
         self._compare_dim = 0
         self.cache = cache if cache is not None else self._default_cache()
         self._secret: bytes | None = None
+        self._oblivious: ObliviousTransport | None = None  # set on first use when a relay is configured
+        self._oblivious_lock = threading.Lock()
 
     def __enter__(self) -> "Client":
         return self
@@ -210,25 +217,39 @@ class Client:
         return self.recognize_feature(self._extractor().extract(photo))
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, int, int]:
-        url = self.config.server.rstrip("/") + path
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
         for attempt in range(self.config.retries + 1):
             last = attempt == self.config.retries
             try:
-                response = self.session.request(method, url, data=data, headers=headers, stream=True,
-                                                timeout=(self.config.connect_timeout, self.config.read_timeout))
-                content = _read_answer(response, self.config.read_timeout)
+                answer = self._exchange(method, path, data)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if last:
-                    raise ServerUnreachableError(f"{url} did not answer: {type(exc).__name__}") from None
+                    target = self.config.relay or self.config.server.rstrip("/") + path
+                    raise ServerUnreachableError(f"{target} did not answer: {type(exc).__name__}") from None
                 self._wait(attempt, None)
                 continue
-            if response.status_code in RETRY_STATUSES and not last:
-                self._wait(attempt, response.headers.get("Retry-After"))
+            if answer.status in RETRY_STATUSES and not last:
+                self._wait(attempt, answer.headers.get("Retry-After"))
                 continue
-            return self._decode(response, content), _sent_bytes(response), _received_bytes(response, content)
+            return self._decode(answer, path), answer.sent, answer.received
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _exchange(self, method: str, path: str, data: bytes | None) -> Answer:
+        """Directly to the server, or sealed through the relay when one is configured (never a fallback)."""
+        if self.config.relay:
+            with self._oblivious_lock:  # the dummy scheduler sends from its own threads
+                if self._oblivious is None:
+                    self._oblivious = ObliviousTransport(self.config, self._send)
+            return self._oblivious.exchange(method, path, data)
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        return self._send(method, self.config.server.rstrip("/") + path, data, headers)
+
+    def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> Answer:
+        response = self.session.request(method, url, data=data, headers=headers, stream=True,
+                                        timeout=(self.config.connect_timeout, self.config.read_timeout))
+        content = _read_answer(response, self.config.read_timeout)
+        return Answer(response.status_code, response.headers, content, response.reason or "",
+                      _sent_bytes(response), _received_bytes(response, content))
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
         delay = self.config.backoff * (2 ** attempt)
@@ -240,20 +261,20 @@ class Client:
         time.sleep(min(delay, self.config.max_retry_after))
 
     @staticmethod
-    def _decode(response: requests.Response, content: bytes) -> Any:
+    def _decode(answer: Answer, path: str) -> Any:
         try:
-            payload = json.loads(content)
+            payload = json.loads(answer.content)
         except ValueError:
             payload = None
-        if response.status_code >= 400:
+        if answer.status >= 400:
             error = payload.get("error", {}) if isinstance(payload, dict) else {}
             error = error if isinstance(error, dict) else {}
-            retry = response.headers.get("Retry-After")
-            raise ServerError(response.status_code, str(error.get("code", "http_error")),
-                              str(error.get("message", response.reason)),
+            retry = answer.headers.get("Retry-After")
+            raise ServerError(answer.status, str(error.get("code", "http_error")),
+                              str(error.get("message", answer.reason)),
                               float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
         if payload is None:
-            raise BadResponseError(f"the server's answer to {response.request.path_url} is not JSON")
+            raise BadResponseError(f"the server's answer to {path} is not JSON")
         return payload
 
 

@@ -60,3 +60,19 @@ class BadResponseError(EnfPireError):
 
 class IncompatibleServerError(EnfPireError):
     """The server runs another model or protocol than this device."""
+
+
+class EncapsulationError(EnfPireError, ValueError):
+    """An Oblivious HTTP message, key configuration or binary HTTP message is malformed or does not decrypt.
+
+    ``code`` names the kind for the gateway's JSON error (``ohttp_key`` when
+    the key identifier or algorithms are unknown, else ``bad_ohttp_message``).
+    """
+
+    def __init__(self, message: str, code: str = "bad_ohttp_message"):
+        super().__init__(message)
+        self.code = code
+
+
+class GatewayKeyError(EnfPireError):
+    """The gateway's key configuration differs from the one pinned (or configured) for this server."""

@@ -6,6 +6,7 @@
     POST /v1/candidates    a transformed query in, candidate spots out
     GET  /v1/spots         the public spot catalogue (for dummy requests)
     GET  /openapi.json     the description of all of the above
+    GET  /.well-known/ohttp-gateway, POST /ohttp   Oblivious HTTP (lite_server.ohttp)
 """
 from __future__ import annotations
 
@@ -69,10 +70,29 @@ def create_app(config: ServerConfig | None = None, index: Index | None = None, l
     app.extensions[EXTENSION] = Service(config, index, lookup)
     register_error_handlers(app)
     app.register_blueprint(_routes())
+    if config.log_peers:
+        app.before_request(_log_peer)
     app.after_request(_no_identifiers)
     app.after_request(_gzip)
     install_admission(app, Admission(config.threads, config.max_pending, config.queue_timeout, config.retry_after))
+    _install_ohttp(app, config)
     return app
+
+
+def _install_ohttp(app: Flask, config: ServerConfig) -> None:
+    """The Oblivious HTTP gateway (``lite_server.ohttp``) when the ``ohttp`` extra is installed."""
+    try:
+        from .ohttp import install_gateway
+    except ImportError as exc:
+        log.warning("no Oblivious HTTP gateway: %s (pip install 'enfpire[ohttp]')", exc)
+        return
+    install_gateway(app, config)
+
+
+def _log_peer() -> None:
+    """``log_peers`` (off by default): each request's peer address, to show what the server sees."""
+    inside = " inside OHTTP" if request.environ.get("enfpire.ohttp") else ""
+    log.info("peer %s: %s %s%s", request.remote_addr, request.method, request.path, inside)
 
 
 def service() -> Service:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_client.config import ClientConfig
-from edge_client.errors import EnfPireError
+from edge_client.errors import ConfigError, EnfPireError
 from edge_client.extractor import Extractor
 
 from .config import ServerConfig, load_config
@@ -100,8 +100,43 @@ def _reload(service: Any) -> None:
         log.error("SIGHUP: reload failed, still serving the old version: %s", exc)
 
 
+def _ohttp_settings(args: argparse.Namespace) -> tuple[Path, ServerConfig]:
+    """The key file an ``ohttp`` command works on, and the settings (grace) it honours."""
+    from .ohttp import keys_path
+
+    config = load_config(ServerConfig, args.config, **_overrides(args))
+    path = keys_path(config)
+    if path is None:
+        raise ConfigError("no OHTTP key file: give --index or --keys (ohttp_keys)")
+    return path, config
+
+
+def _ohttp_show(args: argparse.Namespace) -> int:
+    """The key configurations a phone pins: hex and sha256 for ``gateway_keys``."""
+    import hashlib
+
+    from edge_client.ohttp import decode_key_configs
+
+    from .ohttp_keys import GatewayKeys
+
+    path, config = _ohttp_settings(args)
+    body = GatewayKeys(path, config.ohttp_grace).body()
+    print(json.dumps({"file": str(path), "key_ids": [c.key_id for c in decode_key_configs(body)],
+                      "application_ohttp_keys_hex": body.hex(), "sha256": hashlib.sha256(body).hexdigest()}, indent=2))
+    return 0
+
+
+def _ohttp_rotate(args: argparse.Namespace) -> int:
+    from .ohttp_keys import rotate
+
+    path, config = _ohttp_settings(args)
+    key_id = rotate(path, config.ohttp_grace)
+    print(f"key id {key_id} is current in {path}; running servers pick it up on their next request")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("index", "host", "port", "threads", "backend")
+    names = ("index", "host", "port", "threads", "backend", "log_peers", "ohttp_keys")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -131,11 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = index.add_parser("info", help="print an index's manifest")
     p.add_argument("index")
     p.set_defaults(func=_info)
+    ohttp = sub.add_parser("ohttp", help="the Oblivious HTTP gateway's keys").add_subparsers(dest="action", required=True)
+    for name, func, text in (("show", _ohttp_show, "print the key configurations and their sha256 (to pin)"),
+                             ("rotate", _ohttp_rotate, "new current key; the old one stays valid for ohttp_grace")):
+        p = ohttp.add_parser(name, help=text)
+        p.add_argument("--index", help="index directory (keys beside it)")
+        p.add_argument("--keys", dest="ohttp_keys", help="the key file itself")
+        p.add_argument("--config", help="JSON config file")
+        p.set_defaults(func=func)
     p = sub.add_parser("serve", help="serve an index with waitress")
     p.add_argument("--index")
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--host"); p.add_argument("--port", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--backend", help="sklearn | numpy | faiss | faiss-ivf")
+    p.add_argument("--log-peers", action="store_const", const=True,
+                   help="log each request's peer address (with -v): what the server sees")
+    p.add_argument("--ohttp-keys", help="OHTTP key file (default <index>/ohttp-keys.json; 'off' = no gateway)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
     return parser

@@ -33,3 +33,7 @@ class ServerConfig:
     admin_host: str = "127.0.0.1"    # the admin API listens here, never on the lookup port
     admin_port: int = 8081
     model: str = ""                  # extractor for admin spot additions; "" = the prepared model
+    ohttp_keys: str = ""             # OHTTP gateway key file; "" = <index>/ohttp-keys.json, "off" = no gateway
+    ohttp_grace: float = 7 * 86400.0  # seconds a rotated-out key still decrypts
+    ohttp_rotate_days: float = 0.0   # rotate the key when it is this old; 0 = only `enfpire-server ohttp rotate`
+    log_peers: bool = False          # log each request's peer address (demos, audits); off keeps the logs clean

@@ -92,6 +92,28 @@ def _op(summary: str, ok: str, errors: tuple[int, ...] = ()) -> dict[str, Any]:
     return {"summary": summary, "responses": responses}
 
 
+def _binary(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {media_type: {"schema": {"type": "string", "contentMediaType": media_type}}}}
+
+
+def _ohttp_paths() -> dict[str, Any]:
+    """Oblivious HTTP (RFC 9458): the key configurations and the gateway (``lite_server.ohttp``)."""
+    errors = {str(code): {"description": "error", **_json("Error")} for code in (400, 413, 415)}
+    return {
+        "/.well-known/ohttp-gateway": {"get": {
+            "summary": "The gateway's key configurations, current key first (RFC 9458 section 3)",
+            "responses": {"200": _binary("application/ohttp-keys", "each key configuration with a 2-byte length")}}},
+        "/ohttp": {"post": {
+            "summary": "Oblivious HTTP gateway: an encapsulated binary HTTP request to any route above, "
+                       "answered as an encapsulated binary HTTP response (the inner status inside); "
+                       "400 with code ohttp_key for an unknown key or algorithm, bad_ohttp_message when "
+                       "it does not parse or decrypt; 413 over max_body plus 1024 bytes",
+            "requestBody": {"required": True, **_binary("message/ohttp-req", "encapsulated request")},
+            "responses": {"200": _binary("message/ohttp-res", "encapsulated response"), **errors}}},
+    }
+
+
 def spec() -> dict[str, Any]:
     """The whole document."""
     candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
@@ -105,6 +127,7 @@ def spec() -> dict[str, Any]:
             "/v1/info": {"get": _op("Model, index, limits and public transform parameters", "Info", (503,))},
             "/v1/candidates": {"post": candidates},
             "/v1/spots": {"get": _op("Public spot catalogue for dummy requests", "Catalogue", (503,))},
+            **_ohttp_paths(),
         },
         "components": {"schemas": SCHEMAS},
     }

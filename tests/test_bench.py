@@ -37,6 +37,9 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     assert result["private_candidates"] >= 10 and result["response_bytes_cells_3k"] > 10 * 128
     assert 0 < result["faiss_ivf_spot_recall_3k"] <= 1.0  # approximate: a share of the exact spots
     assert result["throughput_rps_4"] > 0 and 50 < result["rss_mb_3k"] < 1000
+    # Sealed through the relay: slower than direct, but not absurdly, and a few hundred bytes bigger.
+    assert 0.7 < result["ohttp_vs_direct_ratio"] < 10 and result["http_p50_ms_cells_ohttp_3k"] > 0
+    assert 0 < result["ohttp_bytes_sent"] - result["direct_bytes_sent"] < 400
     assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed
     # The user's wait: every path timed, the defended one through the whole burst at least as long as its answer.
     for key in ("answer_none_p50_s", "answer_defended_p50_s", "answer_cli_none_p50_s", "answer_cli_defended_p50_s",

@@ -12,6 +12,9 @@ each figure beside its peer measured in the same run.
   dummies a request; the CLI's one-shot path and a long-lived scheduler)
   against the same with none, through the real client and server
   (``--only answer-latency`` measures just this, on the smallest gallery).
+- Oblivious HTTP: the default (cells) query through the real client, sealed and
+  sent via ``enfpire-relay`` to the server's gateway, against the same query
+  direct (``--only ohttp`` measures just this, at the plan's target size).
 
 Galleries of 10k, 100k and 1M features are the 4,625 real wa-landmarks
 features tiled with a small per-coordinate jitter (log-normal, sigma 0.1,
@@ -50,7 +53,7 @@ from edge_client.transforms import make_transform
 from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
 from lite_server.index import Index, base_manifest, publish
 from tools.dataset import Dataset, features, load_dataset
-from tools.live import LiveServer
+from tools.live import LiveRelay, LiveServer
 
 JITTER = 0.1
 K_PRIVATE = 40
@@ -58,8 +61,9 @@ TARGETS = {  # key: (limit, "max" = at most / "min" = at least)
     "extract_ratio_224": 1.3, "extract_ratio_12mp": 3.0, "lookup_ratio_vs_faiss_100k": 1.5,
     "http_p50_ms_100k": 30.0, "rss_mb_1m": 1500.0, "private_vs_plain_ratio": 1.5,
     "answer_added_latency_s": 0.5,
+    "ohttp_vs_direct_ratio": 1.3,
 }
-ONLY = ("answer-latency",)
+ONLY = ("answer-latency", "ohttp")
 
 
 @dataclass(frozen=True)
@@ -406,6 +410,49 @@ def bench_answer_latency(plan: Plan, server: LiveServer, extractor: Extractor, d
     return out
 
 
+def bench_ohttp(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.ndarray, tag: str) -> dict[str, Any]:
+    """The cells query through the real client: direct against client -> relay -> gateway, interleaved."""
+    bodies = [json.loads(b) for b in cells_bodies(server, extractor, qs)]
+    relay = LiveRelay(server, "127.0.0.2")
+    try:
+        with tempfile.TemporaryDirectory(prefix="enfpire-pins-") as state:
+            clients = {"direct": Client(ClientConfig(server=server.url, seed=4), extractor=extractor),
+                       "ohttp": Client(ClientConfig(server=server.url, seed=4, relay=relay.url, state_dir=state),
+                                       extractor=extractor)}
+            counters = {name: iter(range(10**9)) for name in clients}
+            times = interleaved({name: (lambda n=name: clients[n].query(bodies[next(counters[n]) % len(bodies)]))
+                                 for name in clients}, plan.repeats * 4)
+            sizes = {name: c.query(bodies[0])[1:] for name, c in clients.items()}
+            for c in clients.values():
+                c.close()
+    finally:
+        relay.stop()
+    out = {f"http_p50_ms_cells_client_{tag}": median_ms(times["direct"]),
+           f"http_p50_ms_cells_ohttp_{tag}": median_ms(times["ohttp"]),
+           "ohttp_bytes_sent": sizes["ohttp"][0], "ohttp_bytes_received": sizes["ohttp"][1],
+           "direct_bytes_sent": sizes["direct"][0], "direct_bytes_received": sizes["direct"][1], "ohttp_size": tag}
+    out["ohttp_vs_direct_ratio"] = round(out[f"http_p50_ms_cells_ohttp_{tag}"] / out[f"http_p50_ms_cells_client_{tag}"], 3)
+    return out
+
+
+def run_ohttp_only(plan: Plan, work: Path) -> dict[str, Any]:
+    """Just the Oblivious HTTP figure, on the plan's target gallery."""
+    extractor = Extractor(default_model_path())
+    dataset = limited(load_dataset(), plan.real_photos)
+    real = features(dataset, extractor)
+    qs = queries(real, 64)
+    folder = work / f"index-{label(plan.target)}"
+    publish_gallery(dataset, real, plan.target, extractor, folder)
+    result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan), "only": "ohttp"}
+    server = serve(folder)
+    try:
+        result.update(bench_ohttp(plan, server, extractor, qs, label(plan.target)))
+    finally:
+        server.stop()
+    result["targets"] = verdicts(result)
+    return result
+
+
 # ---------------------------------------------------------------- run, report
 
 def machine() -> dict[str, Any]:
@@ -467,6 +514,7 @@ def bench_size(plan: Plan, n: int, dataset: Dataset, real: np.ndarray, extractor
                 result.update(bench_throughput(plan, server, qs))
                 result.update(bench_private(plan, server, extractor, qs))
                 result.update(bench_answer_latency(plan, server, extractor, dataset))
+                result.update(bench_ohttp(plan, server, extractor, qs, label(n)))
                 exact = spots_answered(server, qs)
         finally:
             server.stop()
@@ -567,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="enfpire-bench-") as work:
-        result = run_answer_latency(plan, Path(work)) if args.only else run(plan, args.out, Path(work))
+        runs = {"answer-latency": run_answer_latency, "ohttp": run_ohttp_only}
+        result = runs[args.only](plan, Path(work)) if args.only else run(plan, args.out, Path(work))
     result["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench.md").write_text(table(result))

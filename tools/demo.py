@@ -7,20 +7,22 @@
 4. Recognize every held-out photo through the real HTTP path with the
    default privacy transform, and print what the phone found next to what
    the server could guess from the query it received.
+5. Oblivious HTTP: a few photos again, direct and through ``enfpire-relay``
+   on 127.0.0.2, with the peer address the server logged for each path (the
+   phone's for direct, only the relay's for OHTTP).
 """
 from __future__ import annotations
 
 import argparse
 from collections import Counter
 import json
-import socket
-import subprocess
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
@@ -28,6 +30,7 @@ from edge_client.extractor import Extractor
 from edge_client.recognizer import Recognition
 from lite_server.index import BadIndexError, Index
 from tools import dataset as ds
+from tools.live import LiveRelay, LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MODELS = ROOT.parent / "shared" / "models"
@@ -56,40 +59,40 @@ def demo_index(data: ds.Dataset, gallery: np.ndarray, extractor: Extractor, out:
     return index
 
 
-def start_server(index_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index_dir),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/readyz", timeout=1).ok:
-                return process, url
-        except requests.RequestException:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
-
-
 def run(dataset_root: Path, show: int) -> int:
     sanity_check()
     data = ds.load_dataset(dataset_root)
     gallery, queries = ds.hold_out_one(data)
     extractor = Extractor(ClientConfig().model_path(), num_threads=0)
     index = demo_index(data, gallery, extractor, ds.CACHE / "demo-index")
-    process, url = start_server(index.path.parent.parent)
+    server = LiveServer(index.path.parent.parent, "-v", "--log-peers")
     try:
-        with Client(ClientConfig(server=url, seed=0), extractor=extractor) as client:
-            print(f"server: {url}  transform: {client.transform!r}\n")
+        with Client(ClientConfig(server=server.url, seed=0), extractor=extractor) as client:
+            print(f"server: {server.url}  transform: {client.transform!r}\n")
             popular = Counter(data.photos[r][0] for r in gallery)  # what the server knows of demand
             rows = [_ask(client, data, row, popular) for row in queries]
+        _print_table(rows, show)
+        oblivious(server, data, queries[:5], extractor)
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-    _print_table(rows, show)
+        server.stop()
     return 0
+
+
+def oblivious(server: LiveServer, data: ds.Dataset, rows: list[int], extractor: Extractor) -> None:
+    """The same photos direct and through a relay on 127.0.0.2, with what the server saw of each."""
+    relay = LiveRelay(server, "127.0.0.2")
+    print(f"\nOblivious HTTP: relay {relay.url} -> gateway {server.url}/ohttp")
+    try:
+        with tempfile.TemporaryDirectory() as state:
+            for name, settings in (("direct", {}), ("via relay", {"relay": relay.url, "state_dir": state})):
+                mark = len(server.output())
+                with Client(ClientConfig(server=server.url, seed=0, **settings), extractor=extractor) as client:
+                    found = [client.recognize(data.photos[row][1]).name or "unknown" for row in rows]
+                peers = Counter(re.findall(r"peer (\S+): ", server.output()[mark:]))
+                print(f"  {name:9}  found: {', '.join(f[:18] for f in found)}")
+                print(f"  {'':9}  server saw requests from: {dict(peers)}")
+    finally:
+        relay.stop()
 
 
 def _ask(client: Client, data: ds.Dataset, row: int, popular: Counter[str]) -> dict[str, object]:

@@ -1,7 +1,8 @@
-"""A real ``enfpire-server serve`` in a subprocess on a free loopback port.
+"""A real ``enfpire-server serve`` (and ``enfpire-relay``) in a subprocess on a free loopback port.
 
 One helper for everything that needs the production server rather than the
-Flask test client: the test suite's live-server fixtures and ``tools.bench``.
+Flask test client: the test suite's live-server fixtures, ``tools.bench`` and
+``tools.demo``.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import time
 from pathlib import Path
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A loopback port nobody listens on right now."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -78,6 +79,47 @@ class LiveServer:
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.output()
+
+
+class LiveRelay:
+    """``enfpire-relay`` in front of a gateway (a :class:`LiveServer` or a URL), listening on
+    ``host`` and, unless told otherwise, connecting to the gateway from ``host`` too (so the
+    server sees that address)."""
+
+    def __init__(self, gateway: LiveServer | str, host: str = "127.0.0.2", *extra: str,
+                 source_address: str | None = None):
+        gateway = gateway.url + "/ohttp" if isinstance(gateway, LiveServer) else gateway
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}/"
+        self._output = tempfile.TemporaryFile()
+        source = host if source_address is None else source_address
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lite_server.relay", "--gateway", gateway, "--host", host,
+             "--port", str(self.port), *(["--source-address", source] if source else []), "-v", *extra],
+            stdout=self._output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((host, self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"relay did not start: {self.output()}") from None
+                time.sleep(0.05)
+
+    def output(self) -> str:
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
