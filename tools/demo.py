@@ -7,7 +7,10 @@
 4. Recognize every held-out photo through the real HTTP path with the
    default privacy transform, and print what the phone found next to what
    the server could guess from the query it received.
-5. Oblivious HTTP: a few photos again, direct and through ``enfpire-relay``
+5. Linked photos: one phone photographs one landmark five times; with the
+   answer cache (the default) it asks the server once or twice, without it
+   five times.
+6. Oblivious HTTP: a few photos again, direct and through ``enfpire-relay``
    on 127.0.0.2, with the peer address the server logged for each path (the
    phone's for direct, only the relay's for OHTTP).
 """
@@ -67,15 +70,31 @@ def run(dataset_root: Path, show: int) -> int:
     index = demo_index(data, gallery, extractor, ds.CACHE / "demo-index")
     server = LiveServer(index.path.parent.parent, "-v", "--log-peers")
     try:
-        with Client(ClientConfig(server=server.url, seed=0), extractor=extractor) as client:
+        # Every held-out photo stands for another tourist: no answer cache between them.
+        with Client(ClientConfig(server=server.url, seed=0, cache=False), extractor=extractor) as client:
             print(f"server: {server.url}  transform: {client.transform!r}\n")
             popular = Counter(data.photos[r][0] for r in gallery)  # what the server knows of demand
             rows = [_ask(client, data, row, popular) for row in queries]
         _print_table(rows, show)
+        linked(server, data, extractor)
         oblivious(server, data, queries[:5], extractor)
     finally:
         server.stop()
     return 0
+
+
+def linked(server: LiveServer, data: ds.Dataset, extractor: Extractor, photos: int = 5) -> None:
+    """Five photos of one landmark from one phone, with and without its answer cache."""
+    spot = next(s for s in sorted(data.spots) if sum(p[0] == s for p in data.photos) >= photos)
+    shots = [path for s, path in data.photos if s == spot][:photos]
+    print(f"\nLinked photos: {photos} photos of {data.spots[spot].name} from one phone")
+    for name, cache in (("default (answer cache)", True), ("--no-cache", False)):
+        with tempfile.TemporaryDirectory() as state, \
+                Client(ClientConfig(server=server.url, seed=0, cache=cache, state_dir=state), extractor=extractor) as client:
+            asked = [client.ask(extractor.extract(path)) for path in shots]
+        sent = sum(body is not None for body, _ in asked)
+        found = Counter(result.name or "unknown" for _, result in asked).most_common(1)[0]
+        print(f"  {name:23} requests to the server: {sent} of {photos}; the phone found {found[0]} {found[1]} times")
 
 
 def oblivious(server: LiveServer, data: ds.Dataset, rows: list[int], extractor: Extractor) -> None:
@@ -86,7 +105,8 @@ def oblivious(server: LiveServer, data: ds.Dataset, rows: list[int], extractor: 
         with tempfile.TemporaryDirectory() as state:
             for name, settings in (("direct", {}), ("via relay", {"relay": relay.url, "state_dir": state})):
                 mark = len(server.output())
-                with Client(ClientConfig(server=server.url, seed=0, **settings), extractor=extractor) as client:
+                with Client(ClientConfig(server=server.url, seed=0, cache=False, **settings),
+                            extractor=extractor) as client:
                     found = [client.recognize(data.photos[row][1]).name or "unknown" for row in rows]
                 peers = Counter(re.findall(r"peer (\S+): ", server.output()[mark:]))
                 print(f"  {name:9}  found: {', '.join(f[:18] for f in found)}")
