@@ -209,6 +209,7 @@ def plot_linked(metrics: dict[str, Any], path: Path) -> None:
         ax.plot(ms, [runs[str(m)]["top5"] for m in ms], style, marker="s", c="C1", label=f"top-5, {label}")
     ax.axhline(0.25, ls="--", c="C0", lw=0.8)
     ax.axhline(0.50, ls="--", c="C1", lw=0.8)
+    ax.set_xticks([int(m) for m in metrics["default"]["linked"]])
     ax.set_xlabel("photos of one spot linked by the server (m)")
     ax.set_ylabel("strongest linked attacker")
     ax.set_ylim(0, 1)
