@@ -15,9 +15,11 @@ the user only; an unreadable or corrupt file is ignored and replaced.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -27,6 +29,15 @@ from .state import write_private
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` holding the cache's lock."""
+    @functools.wraps(method)
+    def run(self: "AnswerCache", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 class AnswerCache:
@@ -39,7 +50,9 @@ class AnswerCache:
         self.max_age = max_age
         self.clock = clock
         self._state: dict[str, Any] | None = None
+        self._lock = threading.RLock()  # the app's thread and the dummy scheduler's may both use it
 
+    @_locked
     def answer(self, cells: tuple[int, ...], index_version: str) -> list[dict[str, Any]] | None:
         """The cached candidates for a photo naming ``cells`` (best first), or None (a miss).
 
@@ -55,6 +68,7 @@ class AnswerCache:
         ids = dict.fromkeys(i for e in entries for i in e["ids"])  # ordered, no repeats
         return [spots[i] for i in ids]
 
+    @_locked
     def store(self, cells: Iterable[int], index_version: str, candidates: list[dict[str, Any]]) -> None:
         """Remember the answer to a request that named ``cells``."""
         state = self._load()
@@ -67,6 +81,7 @@ class AnswerCache:
         state["spots"] = {i: c for i, c in state["spots"].items() if i in kept}
         self._save()
 
+    @_locked
     def info(self) -> dict[str, Any] | None:
         """The server's ``/v1/info`` as last fetched, while younger than ``max_age``."""
         kept = self._load().get("info")
@@ -74,6 +89,7 @@ class AnswerCache:
             return kept["payload"]  # type: ignore[no-any-return]
         return None
 
+    @_locked
     def store_info(self, payload: dict[str, Any]) -> None:
         """Remember ``/v1/info``; answers of another index version stop counting."""
         state = self._load()
@@ -82,12 +98,14 @@ class AnswerCache:
         state["entries"] = [e for e in state["entries"] if e["version"] == version]
         self._save()
 
+    @_locked
     def clear(self) -> None:
         """Forget everything, on disk too."""
         self._state = _empty()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
+    @_locked
     def __len__(self) -> int:
         return len(self._fresh())
 

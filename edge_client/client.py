@@ -67,6 +67,7 @@ class Client:
         self._compare_dim = 0
         self.cache = cache if cache is not None else self._default_cache()
         self._secret: bytes | None = None
+        self._secret_lock = threading.Lock()
         self._oblivious: ObliviousTransport | None = None  # set on first use when a relay is configured
         self._oblivious_lock = threading.Lock()
 
@@ -200,12 +201,13 @@ class Client:
         self._info = None
 
     def _device_secret(self) -> bytes:
-        if self._secret is None:
-            if self.config.seed is not None:  # a seed fixes every draw: tests and the evaluation
-                self._secret = hashlib.sha256(f"enfpire-seed-{self.config.seed}".encode()).digest()
-            else:
-                self._secret = device_secret(self.config.state_path(), self.config.secret_days)
-        return self._secret
+        with self._secret_lock:  # a burst's requests are made on several threads at once
+            if self._secret is None:
+                if self.config.seed is not None:  # a seed fixes every draw: tests and the evaluation
+                    self._secret = hashlib.sha256(f"enfpire-seed-{self.config.seed}".encode()).digest()
+                else:
+                    self._secret = device_secret(self.config.state_path(), self.config.secret_days)
+            return self._secret
 
     def recognize_feature(self, feature: np.ndarray) -> Recognition:
         """Transform, ask, rerank locally."""

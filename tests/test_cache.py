@@ -189,3 +189,19 @@ def test_a_photo_answered_from_the_cache_sends_no_burst_either(
     scheduler.run_until(clock.now + 60, clock.sleep)
     assert len(sent) == 3 and len(phone.requests) == before and scheduler.counts["answered_locally"] == 1
     assert all(isinstance(s, Sent) for s in sent)
+
+
+def test_a_burst_on_many_threads_shares_one_device_secret_and_writes_never_collide(tmp_path: Path) -> None:
+    """A burst's requests are made on several threads at once: one secret, whole files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_client.state import write_private
+
+    client = Client(ClientConfig(state_dir=str(tmp_path)))
+    with ThreadPoolExecutor(8) as pool:
+        secrets = set(pool.map(lambda _: client._device_secret(), range(16)))
+        list(pool.map(lambda i: write_private(tmp_path / "f", bytes([i]) * 1000), range(32)))
+    assert secrets == {(tmp_path / "device-secret").read_bytes()}
+    content = (tmp_path / "f").read_bytes()
+    assert len(content) == 1000 and len(set(content)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device-secret", "f"]  # no temporary file left

@@ -373,13 +373,13 @@ def answer_cli(url: str, photo: Path, *flags: str) -> float:
     with tempfile.TemporaryDirectory() as state:  # an empty answer cache: this photo is news
         start = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "edge_client.cli", "recognize", str(photo), "--server", url,
-                                    "--json", *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    "--json", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**os.environ, "ENFPIRE_STATE_DIR": state})
         line = process.stdout.readline() if process.stdout else ""
         took = time.perf_counter() - start
-        process.communicate(timeout=120)
+        _, errors = process.communicate(timeout=120)
     if process.returncode != 0 or "spot_id" not in line:
-        raise RuntimeError(f"enfpire-client recognize {' '.join(flags)} failed: {line!r}")
+        raise RuntimeError(f"enfpire-client recognize {' '.join(flags)} failed: {line!r} {errors[-1000:]}")
     return took
 
 
