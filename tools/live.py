@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,7 +23,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class LiveServer:
+class _Child:
+    """A child process whose output (stdout and stderr together) goes to a temporary file,
+    not a pipe, so a chatty child under a long load run can never block on a full pipe."""
+
+    process: subprocess.Popen[bytes]
+    _output: Any
+
+    def output(self) -> str:
+        """Everything the child has printed so far."""
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")
+
+    def stop(self) -> str:
+        """Terminate (kill if it lingers) and return what the child printed."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return self.output()
+
+
+class LiveServer(_Child):
     """The server on ``index`` with extra ``serve`` flags; ready when constructed.
 
     Its output (stdout and stderr together) goes to a temporary file, not a
@@ -69,23 +93,9 @@ class LiveServer:
                      if line.startswith("VmHWM")), rss) if status.is_file() else rss
         return round(rss, 1), round(peak, 1)
 
-    def output(self) -> str:
-        """Everything the server has printed so far."""
-        self._output.seek(0)
-        return self._output.read().decode(errors="replace")
-
-    def stop(self) -> str:
-        """Terminate (kill if it lingers) and return what the server printed."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        return self.output()
 
 
-class LiveRelay:
+class LiveRelay(_Child):
     """``enfpire-relay`` in front of a gateway (a :class:`LiveServer` or a URL), listening on
     ``host`` and, unless told otherwise, connecting to the gateway from ``host`` too (so the
     server sees that address)."""
@@ -111,16 +121,3 @@ class LiveRelay:
                     self.stop()
                     raise RuntimeError(f"relay did not start: {self.output()}") from None
                 time.sleep(0.05)
-
-    def output(self) -> str:
-        self._output.seek(0)
-        return self._output.read().decode(errors="replace")
-
-    def stop(self) -> str:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        return self.output()
