@@ -205,3 +205,19 @@ def test_a_burst_on_many_threads_shares_one_device_secret_and_writes_never_colli
     content = (tmp_path / "f").read_bytes()
     assert len(content) == 1000 and len(set(content)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device-secret", "f"]  # no temporary file left
+
+
+def test_android_keeps_answers_and_clears_them(live_server, held_out) -> None:  # type: ignore[no-untyped-def]
+    from edge_client import android
+
+    jpeg = held_out[0][1].read_bytes()
+    settings = json.dumps({"dummies": 0, "seed": 1})
+    try:
+        first, second = (json.loads(android.recognize_jpeg(jpeg, live_server.url, settings)) for _ in range(2))
+        assert first["ok"] and second["ok"] and first["spot_id"] == second["spot_id"] == held_out[0][0]
+        assert first["bytes_sent"] > 0 and second["bytes_sent"] == 0  # the second came from the cache
+        assert json.loads(android.clear_cache(live_server.url, settings)) == {"ok": True, "cleared": True}
+        third = json.loads(android.recognize_jpeg(jpeg, live_server.url, settings))
+        assert third["ok"] and third["bytes_sent"] > 0
+    finally:
+        android.close_all()
