@@ -140,9 +140,9 @@ class Cells(Transform):
     it answers with every spot of every named cell.
 
     :meth:`real_cells` and :meth:`query` split the two steps, so a phone can
-    answer from its cache when it already holds the real cells, and draw its
-    decoys from a generator keyed on them (the same real cells give the same
-    message: a repeat tells the server nothing new).
+    answer from its cache when it already holds the best real cell, and draw
+    its decoys from a generator keyed on the real cells (the same real cells
+    give the same message: a repeat tells the server nothing new).
     """
 
     name = "cells"
@@ -151,7 +151,7 @@ class Cells(Transform):
     min_cells = 2           # the fewest
     # Cells this close to the best one (cosine, codec space) are named too. Chosen on the gallery-only
     # tuning splits of wa-landmarks and ie-tower (tools.evaluate --tune): 0.04-0.08 raised ie-tower's
-    # recall and the user's top-1 with no loss on wa-landmarks; 0.05 keeps the answer under 64 KiB.
+    # recall and the user's top-1 with no loss on wa-landmarks; 0.05 keeps the mean answer under 64 KiB.
     default_margin = 0.05
 
     def __init__(self, strength: float | None = None, k: int | None = None, margin: float | None = None):
