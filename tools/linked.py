@@ -40,7 +40,8 @@ def photo_sets(env: Env, m: int) -> list[np.ndarray]:
     sets = []
     for row, spot in zip(env.queries, env.truth):
         rows = by_spot[int(spot)]
-        others = [r for r in rows[rows.index(row) + 1:] + rows[:rows.index(row)]] or [int(row)]
+        at = rows.index(int(row))
+        others = rows[at + 1:] + rows[:at] or [int(row)]  # the next ones first, wrapping round
         sets.append(np.array([row] + [others[i % len(others)] for i in range(m - 1)]))
     return sets
 
