@@ -11,6 +11,7 @@ from .errors import (
     ChecksumError,
     ConfigError,
     EnfPireError,
+    FeatureError,
     IncompatibleServerError,
     InterpreterNotFoundError,
     ModelError,
@@ -24,7 +25,7 @@ from .extractor import Extractor
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadResponseError", "ChecksumError", "ClientConfig", "ConfigError", "EnfPireError", "Extractor",
+    "BadResponseError", "ChecksumError", "ClientConfig", "ConfigError", "EnfPireError", "Extractor", "FeatureError",
     "IncompatibleServerError", "InterpreterNotFoundError", "ModelError", "ModelNotFoundError",
     "PhotoError", "ServerError", "ServerUnreachableError", "load_config",
 ]

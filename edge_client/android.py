@@ -7,6 +7,10 @@ Kotlin can call them with ``module.callAttr(...)`` and read the result with
 ``type`` and ``message``. No multiprocessing; files only under ``$HOME``
 (Chaquopy points it at the app's private files directory).
 
+An app that runs the model itself (its own TFLite or NNAPI runtime: Chaquopy
+often has no usable interpreter) hands the feature to :func:`recognize_feature`;
+that path never builds an extractor.
+
 Oblivious HTTP: ``config_json`` may carry ``relay`` (the relay's URL) and
 ``gateway_keys`` (the gateway's key configuration, best shipped with the app,
 or its sha256); the key pin is kept in ``$HOME/.enfpire/ohttp-pins.json``.
@@ -17,11 +21,13 @@ import json
 import threading
 from typing import Any, Callable
 
+import numpy as np
+
 from .client import Client
 from .config import ClientConfig, load_config
 from .dummies import PersonaGenerator
-from .errors import EnfPireError
-from .extractor import Extractor
+from .errors import EnfPireError, FeatureError, IncompatibleServerError, ModelError, ModelNotFoundError
+from .extractor import Extractor, file_sha256, l2_normalize
 from .scheduler import DummyScheduler
 
 _clients: dict[str, Client] = {}
@@ -57,6 +63,75 @@ def _scheduler(client: Client) -> DummyScheduler:
         return _schedulers[id(client)]
 
 
+class AppModel:
+    """Stands in for the extractor when the app computes features itself: known only by the
+    sha256 of the model file it ran, so the client's model check still compares it with the
+    server's, and it never extracts."""
+
+    def __init__(self, sha256: str):
+        self.sha256 = sha256
+
+    def extract(self, photo: object) -> np.ndarray:
+        raise ModelError("this client was given app-computed features: call recognize_feature")
+
+
+def _parse_feature(feature_json: str, dim: int) -> np.ndarray:
+    """The app's feature as a unit float32 vector of the server's dimension, else a FeatureError."""
+    try:
+        values = json.loads(feature_json)
+    except ValueError as exc:
+        raise FeatureError(f"feature_json is not JSON: {exc}") from None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in values):
+        raise FeatureError("feature_json must be a JSON list of numbers")
+    feature = np.asarray(values, dtype=np.float32)
+    if feature.size != dim:
+        raise FeatureError(f"the feature has {feature.size} values, the server's model {dim}")
+    if not np.all(np.isfinite(feature)) or not np.any(feature):
+        raise FeatureError("the feature must be finite and not all zero")
+    return l2_normalize(feature)
+
+
+def recognize_feature(feature_json: str, server_url: str, config_json: str = "{}",
+                      model_sha256: str = "") -> str:
+    """Recognize a feature the app computed itself; the JSON of a Recognition, as :func:`recognize_jpeg`.
+
+    ``feature_json`` is a JSON list of floats: the output of the same model the
+    server indexed with (normalised here to unit length). ``model_sha256`` is the
+    hex sha256 of the ``.tflite`` file the app ran; "" means the file at the
+    configuration's ``model`` path (an app that ships the file and runs it with
+    its own runtime). The server's model must be the same, else the answer is an
+    ``IncompatibleServerError`` and nothing is sent but the ``/v1/info`` lookup;
+    with no sha256 and no model file it is a ``ModelNotFoundError``. No extractor
+    or interpreter is made; dummies, the answer cache and Oblivious HTTP work as
+    for photos."""
+    def run() -> dict[str, Any]:
+        client = _client(server_url, config_json)
+        with _lock:
+            sha = model_sha256.strip().lower() or _local_model_sha(client)
+            if client.extractor is None or client.extractor.sha256 != sha:
+                client.extractor = AppModel(sha)  # type: ignore[assignment]
+        info = client.info()
+        if info["model_sha256"] != sha:
+            raise IncompatibleServerError(
+                f"the server uses model {str(info['model_sha256'])[:12]}..., the app's feature came from "
+                f"{sha[:12]}...: both must run the same extractor")
+        feature = _parse_feature(feature_json, int(info["dim"]))
+        if client.config.dummies > 0:
+            return _scheduler(client).recognize_feature(feature).to_dict()
+        return client.recognize_feature(feature).to_dict()
+    return _answer(run)
+
+
+def _local_model_sha(client: Client) -> str:
+    if client.extractor is not None:
+        return str(client.extractor.sha256)
+    path = client.config.model_path()
+    if not path.is_file():
+        raise ModelNotFoundError(f"no model_sha256 given and no model file at {path}")
+    return file_sha256(path)
+
+
 def recognize_jpeg(jpeg_bytes: bytes, server_url: str, config_json: str = "{}") -> str:
     """Recognize a photo (JPEG or any image bytes); the JSON of a Recognition.
 
@@ -65,6 +140,9 @@ def recognize_jpeg(jpeg_bytes: bytes, server_url: str, config_json: str = "{}") 
     scheduler; this call returns when the real answer is in, not the dummies'."""
     def run() -> dict[str, Any]:
         client = _client(server_url, config_json)
+        with _lock:
+            if isinstance(client.extractor, AppModel):  # features came from the app so far: now extract here
+                client.extractor = None
         if client.config.dummies > 0:
             return _scheduler(client).recognize(bytes(jpeg_bytes)).to_dict()
         return client.recognize(bytes(jpeg_bytes)).to_dict()

@@ -35,6 +35,10 @@ class PhotoError(EnfPireError, ValueError):
     """A photo cannot be decoded or is out of bounds; the message names it."""
 
 
+class FeatureError(EnfPireError, ValueError):
+    """A feature handed in by the app is not a finite vector of the model's dimension."""
+
+
 class ServerUnreachableError(EnfPireError, ConnectionError):
     """The server could not be reached (refused, timed out, DNS)."""
 

@@ -51,16 +51,17 @@ class LiveServer(_Child):
 
     Its output (stdout and stderr together) goes to a temporary file, not a
     pipe, so a chatty server under a long load run can never block on a full
-    pipe; :meth:`stop` returns it.
+    pipe; :meth:`stop` returns it. ``python`` runs the server with another
+    interpreter (the device test run's venv has no Flask: it uses the main one's).
     """
 
     def __init__(self, index: Path, *extra: str, env: dict[str, str] | None = None,
-                 ready_timeout: float = 120.0):
+                 ready_timeout: float = 120.0, python: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._output = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(self.port), *extra],
+            [python or sys.executable, "-m", "lite_server.cli", "serve", "--index", str(index), "--port", str(self.port), *extra],
             stdout=self._output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             self.wait_ready(ready_timeout)
