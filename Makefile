@@ -5,8 +5,18 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  := models/mobilenet_v2_1.0_224_quant_avgpool.tflite
 OUT    ?= out
+# The device test run: Chaquopy's Python and numpy 1.x, no interpreter, nothing server-side.
+# The first python3.10 that really runs (a pyenv shim may exist yet not be active).
+ifndef PYTHON310
+PYTHON310 := $(shell for p in $$(command -v python3.10) $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.10*/bin/python3.10 \
+	/root/.pyenv/versions/3.10*/bin/python3.10; do "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 10)' \
+	2>/dev/null && echo "$$p" && break; done)
+endif
+DEVICE := .venv-device
+DPY    := $(DEVICE)/bin/python
+DSTAMP := $(DEVICE)/.installed
 
-.PHONY: setup demo test soak bench evaluate clean
+.PHONY: setup setup-device demo test test-main test-device soak bench evaluate clean
 
 setup: $(STAMP) $(MODEL)
 
@@ -22,8 +32,28 @@ $(MODEL): $(STAMP) models/manifest.json tools/cut.py
 demo: setup
 	$(PY) -m tools.demo
 
-test: setup
+test: test-main test-device
+
+test-main: setup
 	$(PY) -m pytest -q
+
+# Only the device side and its small extras: the ohttp extra, numpy < 2, pytest; no server
+# extras, no interpreter (the tests check both). Reinstalled when the dependencies change.
+$(DSTAMP): setup.cfg pyproject.toml
+	test -x $(DPY) || $(PYTHON310) -m venv $(DEVICE)
+	$(DPY) -m pip install --quiet --disable-pip-version-check -e '.[ohttp]' 'numpy>=1.26,<2' 'pytest>=7.4'
+	touch $(DSTAMP)
+
+ifeq ($(PYTHON310),)
+setup-device test-device:
+	@echo "$@: skipped, no Python 3.10 found (set PYTHON310=/path/to/python3.10)"
+else
+setup-device: $(DSTAMP)
+
+# The main .venv builds the index, extracts the features and runs the server; the device venv asks.
+test-device: setup $(DSTAMP)
+	ENFPIRE_SERVER_PYTHON=$(CURDIR)/$(PY) $(DPY) -m pytest -q --confcutdir=tests/device tests/device
+endif
 
 soak: setup
 	$(PY) -m pytest -q -m soak --run-soak tests
@@ -35,4 +65,4 @@ evaluate: setup
 	$(PY) -m tools.evaluate privacy --dataset ../shared/datasets/wa-landmarks --out $(OUT)/privacy --sweep
 
 clean:
-	rm -rf $(VENV) $(OUT) .cache models/*.tflite
+	rm -rf $(VENV) $(DEVICE) $(OUT) .cache models/*.tflite

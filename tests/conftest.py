@@ -17,6 +17,9 @@ CLASSIFIER = SHARED_MODELS / "mobilenet_v2_1.0_224_quant.tflite"
 V1_EXTRACTOR = SHARED_MODELS / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
 FEATURE_TENSOR = "MobilenetV2/Logits/AvgPool"
 
+#: The device test run's own folder: only ``make test-device`` collects it, in ``.venv-device``.
+collect_ignore = ["device"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """A private home for the whole run: clients keep their answer cache and device secret

@@ -1,0 +1,50 @@
+"""The device venv is shaped like a Chaquopy app: Python 3.10, numpy 1.x, no interpreter and
+nothing from the server side; ``edge_client`` imports whole and pulls in nothing else."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+#: Top-level modules edge_client may bring in besides the standard library.
+ALLOWED = {"edge_client", "numpy", "PIL", "requests", "urllib3", "charset_normalizer", "chardet", "idna",
+           "certifi", "pyhpke", "cryptography", "cffi", "_cffi_backend", "pycparser", "typing_extensions",
+           "brotli", "brotlicffi", "zstandard", "socks",
+           "cython_runtime", "_openssl"}  # runtime modules of numpy's and cryptography's compiled parts
+FORBIDDEN = ("flask", "werkzeug", "sklearn", "scipy", "waitress", "lite_server", "tools", "faiss", "matplotlib",
+             "pandas", "ai_edge_litert", "tflite_runtime", "tensorflow", "pytest")
+
+IMPORT_ALL = """
+import json, pkgutil, importlib, sys
+before = set(sys.modules)
+import edge_client
+names = [m.name for m in pkgutil.walk_packages(edge_client.__path__, "edge_client.")]
+for name in names:
+    importlib.import_module(name)
+print(json.dumps({"walked": names, "loaded": sorted(set(sys.modules) - before),
+                  "stdlib": sorted(sys.stdlib_module_names)}))
+"""
+
+
+def test_the_device_venv_is_chaquopy_shaped() -> None:
+    assert sys.version_info[:2] == (3, 10)
+    assert np.__version__.startswith("1."), np.__version__
+    installed = [name for name in FORBIDDEN if name != "pytest" and importlib.util.find_spec(name) is not None
+                 and name not in ("lite_server", "tools")]  # these two are the checkout's own code
+    assert installed == []
+
+
+def test_edge_client_imports_every_module_and_nothing_outside_the_allowed_set() -> None:
+    done = subprocess.run([sys.executable, "-c", IMPORT_ALL], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {"edge_client.android", "edge_client.client", "edge_client.ohttp", "edge_client.scheduler"} \
+        <= set(report["walked"])
+    tops = {name.split(".")[0] for name in report["loaded"]}
+    stdlib = set(report["stdlib"])
+    assert not tops & set(FORBIDDEN), sorted(tops & set(FORBIDDEN))
+    outside = sorted(t for t in tops - stdlib - ALLOWED if not t.startswith("_cython_"))
+    assert outside == [], outside
