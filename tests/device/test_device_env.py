@@ -14,8 +14,11 @@ ALLOWED = {"edge_client", "numpy", "PIL", "requests", "urllib3", "charset_normal
            "certifi", "pyhpke", "cryptography", "cffi", "_cffi_backend", "pycparser", "typing_extensions",
            "brotli", "brotlicffi", "zstandard", "socks",
            "cython_runtime", "_openssl"}  # runtime modules of numpy's and cryptography's compiled parts
-FORBIDDEN = ("flask", "werkzeug", "sklearn", "scipy", "waitress", "lite_server", "tools", "faiss", "matplotlib",
-             "pandas", "ai_edge_litert", "tflite_runtime", "tensorflow", "pytest")
+#: Never installed here: the server side and every TFLite interpreter.
+NOT_INSTALLED = ("flask", "werkzeug", "sklearn", "scipy", "waitress", "faiss", "matplotlib", "pandas",
+                 "ai_edge_litert", "tflite_runtime", "tensorflow")
+#: Never imported by edge_client (lite_server and tools are the checkout's own code, so importable).
+FORBIDDEN = NOT_INSTALLED + ("lite_server", "tools", "pytest")
 
 IMPORT_ALL = """
 import json, pkgutil, importlib, sys
@@ -32,9 +35,7 @@ print(json.dumps({"walked": names, "loaded": sorted(set(sys.modules) - before),
 def test_the_device_venv_is_chaquopy_shaped() -> None:
     assert sys.version_info[:2] == (3, 10)
     assert np.__version__.startswith("1."), np.__version__
-    installed = [name for name in FORBIDDEN if name != "pytest" and importlib.util.find_spec(name) is not None
-                 and name not in ("lite_server", "tools")]  # these two are the checkout's own code
-    assert installed == []
+    assert [name for name in NOT_INSTALLED if importlib.util.find_spec(name) is not None] == []
 
 
 def test_edge_client_imports_every_module_and_nothing_outside_the_allowed_set() -> None:
