@@ -184,6 +184,7 @@ def info_payload(svc: Service) -> dict[str, Any]:
                    "features_per_spot": config.features_per_spot},
         "query_kinds": ["vector", "cells"],
         "transforms": lookup.public(),
+        "calibration": lookup.calibration,
     }
 
 
