@@ -51,7 +51,9 @@ def leave_one_out_scores(features: np.ndarray, groups: list[np.ndarray], per_spo
     if not owners:
         return np.zeros(0, np.float32)
     picks = np.sort(np.random.default_rng(seed).choice(len(owners), min(sample, len(owners)), replace=False))
-    coded, starts = _unit_rows(published)
+    looked = [s for s, m in enumerate(published) if len(m)]  # a spot without looks scores nothing
+    coded, starts = _unit_rows([published[s] for s in looked])
+    position = {s: i for i, s in enumerate(looked)}
     scores, loaded, photos = [], -1, np.zeros(0, np.float32)
     for pick in picks:  # owners run spot by spot: each spot's photos are read once
         spot, i = owners[pick]
@@ -61,7 +63,7 @@ def leave_one_out_scores(features: np.ndarray, groups: list[np.ndarray], per_spo
         protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
         query = project(photos[i])
         own = soft_max(_unit_rows([wire.decode(encode(protos)).reshape(len(protos), -1)])[0] @ query)
-        others = np.delete(_spot_soft_max(coded @ query, starts), spot)
+        others = np.delete(_spot_soft_max(coded @ query, starts), position[spot])
         if not len(others) or own > others.max():
             scores.append(own + COVERAGE_WEIGHT * coverage(photos[i]))
     return np.asarray(scores, np.float32)
