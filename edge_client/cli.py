@@ -57,11 +57,17 @@ def _print_answer(args: argparse.Namespace, result: Recognition, dummies: int) -
     if args.json:
         print(json.dumps({**result.to_dict(), "dummies": dummies}), flush=True)
     elif result.spot_id is None:
-        print(f"unknown spot (best score {result.score:.3f} below the threshold)", flush=True)
+        best = f"; closest {result.candidates[0].name}" if result.candidates else ""
+        print(f"not a known spot (score {result.score:.3f}{_confidence(result)} below the operating point{best})",
+              flush=True)
     else:
         where = f" at {result.lat:.5f}, {result.lon:.5f}" if result.lat is not None and result.lon is not None else ""
-        print(f"{result.name}{where}  score {result.score:.3f}  "
+        print(f"{result.name}{where}  score {result.score:.3f}{_confidence(result)}  "
               f"({len(result.candidates)} candidates, {result.bytes_sent + result.bytes_received} bytes)", flush=True)
+
+
+def _confidence(result: Recognition) -> str:
+    return "" if result.confidence is None else f", confidence {result.confidence:.2f}"
 
 
 def _info(args: argparse.Namespace, config: ClientConfig) -> int:
@@ -97,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="candidate spots to ask for")
     p.add_argument("--transform", help="privacy transform (default: the library's default)")
     p.add_argument("--strength", type=float)
-    p.add_argument("--threshold", type=float, help="below this score answer 'unknown'")
+    p.add_argument("--keep", type=float, metavar="SHARE",
+                   help="open set: share of photos of known spots still answered (default 0.95; 1 = always answer)")
+    p.add_argument("--threshold", type=float, help="below this score answer 'not a known spot' (overrides --keep)")
     p.add_argument("--seed", type=int)
     p.add_argument("--dummies", type=int, metavar="N", help="dummy requests sent with the real one (default 2)")
     p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
@@ -121,7 +129,7 @@ def _relay_flags(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
-    names = ("model", "server", "transform", "strength", "k", "threshold", "dummies", "seed", "cache", "relay",
+    names = ("model", "server", "transform", "strength", "k", "keep", "threshold", "dummies", "seed", "cache", "relay",
              "gateway_keys")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 

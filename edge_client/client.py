@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import requests
@@ -35,7 +35,7 @@ from .errors import BadResponseError, IncompatibleServerError, ServerError, Serv
 from .extractor import Extractor
 from .oblivious import Answer, ObliviousTransport
 from .photo import Photo
-from .recognizer import Projector, Recognition, projector, rerank
+from .recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .state import decoy_seed, device_secret
 from .transforms import Transform, make_transform
 
@@ -65,6 +65,8 @@ class Client:
         self._info: dict[str, Any] | None = None
         self._project: Projector | None = None  # set with the server's public parameters
         self._compare_dim = 0
+        self._calibration: Calibration | None = None  # open-set answers, set with the rest
+        self._coverage: Callable[[np.ndarray], float] = lambda feature: 1.0
         self.cache = cache if cache is not None else self._default_cache()
         self._secret: bytes | None = None
         self._secret_lock = threading.Lock()
@@ -117,9 +119,20 @@ class Client:
             public = info.get("transforms") or {}
             project, dim = projector(public.get("codec") or {})
             self.transform.fit(public)
+            self._calibration = Calibration.from_public(info.get("calibration"))
+            self._coverage = coverage(public.get("codec") or {})
             # Only a complete fit counts: a failure above is retried on the next call.
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
+
+    def _rerank(self, feature: np.ndarray, candidates: list[dict[str, Any]]) -> Recognition:
+        """The phone's pick among ``candidates``, open set: the same rule for fresh and cached answers.
+
+        ``threshold`` when set, else the operating point ``keep`` on the server's calibration;
+        a server that publishes none gets no threshold (every photo is answered).
+        """
+        return rerank(self._project(feature), candidates, self._compare_dim,  # type: ignore[misc]
+                      self.config.threshold, self._calibration, self.config.keep, self._coverage(feature))
 
     def catalogue(self) -> "Catalogue":
         """The server's public spot catalogue (``/v1/spots``), for dummy requests."""
@@ -178,8 +191,7 @@ class Client:
         body = self.body(feature)
         answer, sent, received = self._post(body)
         self._keep(body, answer)
-        result = rerank(self._project(feature), answer["candidates"], self._compare_dim,  # type: ignore[misc]
-                        self.config.threshold)
+        result = self._rerank(feature, answer["candidates"])
         return body, replace(result, bytes_sent=sent, bytes_received=received)
 
     def answer_locally(self, feature: np.ndarray) -> Recognition | None:
@@ -192,7 +204,7 @@ class Client:
         if kept is None:
             return None
         log.debug("answered from the cache: no request")
-        return rerank(self._project(feature), kept, self._compare_dim, self.config.threshold)  # type: ignore[misc]
+        return self._rerank(feature, kept)
 
     def clear_cache(self) -> None:
         """Forget every kept answer and the kept ``/v1/info`` of this server."""

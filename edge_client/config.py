@@ -47,7 +47,9 @@ class ClientConfig:
     transform: str = ""             # "" = the library's default transform
     strength: float | None = None   # None = the transform's default strength
     k: int = 0                      # 0 = the transform's default candidate count
-    threshold: float | None = None  # below this rerank score the answer is "unknown"
+    keep: float = 0.95              # open set: the share of photos of known spots still answered (calibrated by
+                                    # the server); a lower score is "not a known spot". 1 = always answer
+    threshold: float | None = None  # explicit rerank score below which the answer is "not a known spot" (overrides keep)
     connect_timeout: float = 3.05
     read_timeout: float = 10.0
     retries: int = 3
@@ -68,6 +70,10 @@ class ClientConfig:
     relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
     gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
 
     def model_path(self) -> Path:
         return Path(self.model).expanduser() if self.model else default_model_path()

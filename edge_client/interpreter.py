@@ -8,12 +8,20 @@ wins: ai-edge-litert (maintained, fast quantized kernels), tflite-runtime
 from __future__ import annotations
 
 import importlib
+import logging
 import os
-from typing import Any
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
 from .errors import InterpreterNotFoundError, ModelError
+
+log = logging.getLogger(__name__)
+_STDERR_LOCK = threading.Lock()
 
 #: (name reported to users, module holding ``Interpreter``), in order of preference.
 RUNTIMES = (
@@ -44,11 +52,40 @@ def make_interpreter(model_path: str, num_threads: int = 0, **kwargs: Any) -> tu
     name, interpreter_cls = find_runtime()
     threads = num_threads or os.cpu_count() or 1
     try:
-        interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads, **kwargs)
-        interpreter.allocate_tensors()
+        with native_stderr_to_log():
+            interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads, **kwargs)
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{model_path} is not a usable TFLite model: {exc}") from exc
     return interpreter, name
+
+
+@contextmanager
+def native_stderr_to_log() -> Iterator[None]:
+    """Route what native code writes to file descriptor 2 meanwhile to this module's debug log.
+
+    The TFLite runtime prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from C++
+    on every interpreter it builds, past Python's ``sys.stderr``; a command line should print
+    only its answer. Held under a lock: Python's own stderr output is flushed first and only
+    native writes of the moment land in the log.
+    """
+    with _STDERR_LOCK:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2 (a closed or replaced stderr)
+            yield
+            return
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                for line in captured.read().decode(errors="replace").splitlines():
+                    log.debug("runtime: %s", line)
 
 
 def input_size(details: dict[str, Any]) -> tuple[int, int]:

@@ -167,7 +167,11 @@ def _routes() -> Any:
 
     @api.get("/openapi.json")
     def openapi() -> Response:
-        return jsonify(spec())
+        svc = service()
+        lookup = svc.lookup
+        if lookup is None:
+            return jsonify(spec())
+        return jsonify(spec(lookup.index.dim, svc.config.max_k, lookup.n_cells))
 
     return api
 
@@ -184,6 +188,7 @@ def info_payload(svc: Service) -> dict[str, Any]:
                    "features_per_spot": config.features_per_spot},
         "query_kinds": ["vector", "cells"],
         "transforms": lookup.public(),
+        "calibration": lookup.calibration,
     }
 
 
@@ -211,6 +216,8 @@ def parse_candidates(body: dict[str, Any], dim: int, max_k: int, n_cells: int) -
     if ("vector" in body) == ("cells" in body):
         raise ApiError(400, "missing_field", "the query needs exactly one of 'vector' or 'cells'")
     if "cells" in body:
+        if "k" in body:
+            raise ApiError(400, "unknown_field", "k goes with a vector query, not with cells")
         return {"cells": _cells(body["cells"], n_cells)}
     k = body.get("k")
     if isinstance(k, bool) or not isinstance(k, int):
@@ -223,7 +230,11 @@ def parse_candidates(body: dict[str, Any], dim: int, max_k: int, n_cells: int) -
         raise ApiError(400, "bad_vector", str(exc)) from None
     if vector.size != dim:
         raise ApiError(400, "bad_vector", f"send one vector of dimension {dim}")
-    return {"vector": vector.reshape(dim), "k": k}
+    # Spots rank by cosine: scaled to unit length (in float64) so that huge finite values
+    # (a uint8 code times a scale near float32's limit) cannot overflow the scores.
+    vector = vector.reshape(dim).astype(np.float64)
+    norm = float(np.linalg.norm(vector))
+    return {"vector": (vector / norm if norm > 0 else vector).astype(np.float32), "k": k}
 
 
 def _cells(cells: Any, n_cells: int) -> list[int]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from . import calibration
 from . import cells as public
 from .backends import Backend, make_backend, release_pages
 from .batching import BatchingBackend
@@ -15,6 +16,7 @@ from .codec import PCACodec
 from .config import ServerConfig
 from .index import Index
 from edge_client import wire
+from edge_client.extractor import l2_normalize
 
 
 class Lookup:
@@ -45,6 +47,9 @@ class Lookup:
         bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
         self._encoded = [self.encode(reps[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
+        published = [wire.decode(e).reshape(-1, self.codec.dim if self.codec else index.dim) for e in self._encoded]
+        self.calibration = calibration.public(calibration.leave_one_out_scores(
+            index.features, looks, config.features_per_spot, self.encode, self.project, published, self.coverage))
         protos, self.prototype_spot = public.prototypes(index.features, looks, config.prototypes_per_spot)
         self.prototypes = protos
         self.spot_cell = public.balanced_cells(public.spot_means(index.features, looks), config.cell_min_spots) \
@@ -86,6 +91,14 @@ class Lookup:
     def encode(self, vectors: np.ndarray) -> dict[str, Any]:
         """Features as they travel: PCA int8 codes, or float16 without a codec."""
         return self.codec.encode(vectors) if self.codec else wire.encode(vectors, self.config.feature_dtype)
+
+    def project(self, feature: np.ndarray) -> np.ndarray:
+        """A feature in the space candidates are compared in on the phone (the codec's, or as it is)."""
+        return self.codec.project(feature) if self.codec else np.asarray(feature, np.float32)
+
+    def coverage(self, feature: np.ndarray) -> float:
+        """The length of a unit feature inside the codec's subspace, as the phone measures it."""
+        return float(np.linalg.norm(self.codec.basis_ @ l2_normalize(feature))) if self.codec else 1.0
 
     def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""

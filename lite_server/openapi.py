@@ -5,6 +5,7 @@ drift from what the server does.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MATRIX = {
@@ -36,15 +37,6 @@ SCHEMAS: dict[str, Any] = {
     "Matrix": MATRIX,
     "Error": ERROR,
     "Candidate": CANDIDATE,
-    "CandidatesRequest": {
-        "type": "object", "additionalProperties": False,
-        "properties": {
-            "vector": {"$ref": "#/components/schemas/Matrix"},
-            "cells": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "k": {"type": "integer", "minimum": 1},
-            "pad": {"type": "string", "description": "ignored; makes every request one size"},
-        },
-    },
     "CandidatesResponse": {
         "type": "object", "required": ["index_version", "candidates"],
         "properties": {"index_version": {"type": "string"},
@@ -60,7 +52,21 @@ SCHEMAS: dict[str, Any] = {
             "limits": {"type": "object", "required": ["max_k", "max_body"]},
             "query_kinds": {"type": "array", "items": {"type": "string"}},
             "transforms": {"type": "object", "description": "public parameters of the privacy transforms"},
+            "calibration": {"$ref": "#/components/schemas/Calibration"},
         },
+    },
+    "Calibration": {
+        "type": "object",
+        "description": "open-set calibration: quantiles of the phone's evidence for gallery photos scored "
+                       "leave-one-out that it answers correctly; empty when no spot has two photos",
+        "properties": {
+            "kind": {"const": "leave_one_out_rerank"}, "n": {"type": "integer", "minimum": 1},
+            "coverage_weight": {"type": "number", "minimum": 0,
+                                "description": "evidence = rerank score + coverage_weight * |basis @ unit feature|"},
+            "levels": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2},
+            "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2},
+        },
+        "dependentRequired": {"kind": ["n", "coverage_weight", "levels", "scores"]},
     },
     "Catalogue": {
         "type": "object", "required": ["index_version", "dim", "spots", "spread"],
@@ -80,6 +86,51 @@ SCHEMAS: dict[str, Any] = {
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "Ready": {"type": "object", "required": ["status", "index_version", "n_spots", "n_photos"]},
 }
+
+
+#: Values a coded query vector's scale may take: its largest code times it stays a finite float32.
+MAX_SCALE = 1e36
+PAD = {"type": "string", "description": "ignored; makes every request one size"}
+
+
+def _base64(n_bytes: int) -> dict[str, Any]:
+    """A base64 string of exactly ``n_bytes`` bytes (standard alphabet, padded)."""
+    pad = (3 - n_bytes % 3) % 3
+    return {"type": "string", "pattern": f"^[A-Za-z0-9+/]{{{4 * math.ceil(n_bytes / 3) - pad}}}={{{pad}}}$"}
+
+
+def query_vector(dim: int | None) -> dict[str, Any]:
+    """One query vector as the server takes it: ``dim`` values of one dtype; uint8 with one scale,
+    int8 with a list of one. Values must be finite too, which JSON Schema cannot say of base64."""
+    if dim is None:
+        return {"$ref": "#/components/schemas/Matrix"}
+    scale = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}
+    variants = []
+    for dtype, size in (("float16", 2), ("float32", 4), ("uint8", 1), ("int8", 1)):
+        properties = {"dtype": {"const": dtype}, "shape": {"enum": [[dim], [1, dim]]}, "data": _base64(dim * size)}
+        required = ["dtype", "shape", "data"]
+        if dtype == "uint8":
+            properties["scale"], required = scale, required + ["scale"]
+        if dtype == "int8":
+            properties["scale"] = {"type": "array", "items": scale, "minItems": 1, "maxItems": 1}
+            required = required + ["scale"]
+        variants.append({"type": "object", "required": required, "properties": properties})
+    return {"oneOf": variants, "description": "finite values only (NaN and infinity get 400)"}
+
+
+def candidates_request(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
+    """Exactly one of a vector query (``vector`` and ``k``) or a cells query (``cells``), as
+    ``lite_server.app.parse_candidates`` accepts them; the loaded index fills in its limits."""
+    k = {"type": "integer", "minimum": 1, **({"maximum": max_k} if max_k else {})}
+    cell = {"type": "integer", "minimum": 0, **({"maximum": n_cells - 1} if n_cells else {})}
+    cells = {"type": "array", "items": cell, "minItems": 1, "uniqueItems": True,
+             **({"maxItems": n_cells} if n_cells else {})}
+    return {"oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["vector", "k"],
+         "properties": {"vector": query_vector(dim), "k": k, "pad": PAD}},
+        {"type": "object", "additionalProperties": False, "required": ["cells"],
+         "properties": {"cells": cells, "pad": PAD}},
+    ]}
 
 
 def _json(schema: str) -> dict[str, Any]:
@@ -114,8 +165,9 @@ def _ohttp_paths() -> dict[str, Any]:
     }
 
 
-def spec() -> dict[str, Any]:
-    """The whole document."""
+def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
+    """The whole document; with the loaded index's ``dim``, ``max_k`` and ``n_cells`` the
+    candidates request is described exactly."""
     candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
     candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
     return {
@@ -129,5 +181,5 @@ def spec() -> dict[str, Any]:
             "/v1/spots": {"get": _op("Public spot catalogue for dummy requests", "Catalogue", (503,))},
             **_ohttp_paths(),
         },
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, "CandidatesRequest": candidates_request(dim, max_k, n_cells)}},
     }

@@ -13,7 +13,11 @@ through a WSGI adapter by default, over HTTP with ``--server``.
 For the cells default it also measures linked photos (``tools.linked``): m
 photos of one spot from one phone, with and without the phone's defences.
 
-Writes OUT/metrics.json, OUT/report.md, OUT/curves.png and OUT/linked.png.
+It also measures open-set answers (``tools.openset``): the correct answers
+the phone keeps at its default operating point and the photos of other
+datasets and the sample photos it declines.
+
+Writes OUT/metrics.json, OUT/report.md, OUT/curves.png, OUT/open_set.png and OUT/linked.png.
 """
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_client.recognizer import Recognition
 from edge_client.transforms import DEFAULT_TRANSFORM, Transform, make_transform
 from tools import attackers as atk
 from tools import dataset as ds
-from tools import history, linked
+from tools import history, linked, openset
 from tools.testbed import Env, baseline, prepare
 
 __all__ = ["Env", "attack", "baseline", "prepare", "privacy", "run_setting"]
@@ -47,8 +52,13 @@ SWEEPS: dict[str, list[tuple[float, int]]] = {
 PAPER = {"user": 0.869 / 0.998, "server": 0.414 / 0.998}
 
 
-def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed: int = 0) -> dict[str, Any]:
-    """One transform setting over all queries: the phone's and the server's accuracy, and bytes."""
+def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed: int = 0,
+                answers: list[tuple[str, Recognition]] | None = None) -> dict[str, Any]:
+    """One transform setting over all queries: the phone's and the server's accuracy, and bytes.
+
+    The user's top-1 is the closed-set one (the best candidate, answered or not); ``answers``
+    collects (true spot, answer) of every query for the open-set figures.
+    """
     started = time.monotonic()
     transform = make_transform(name, strength, k)
     truth_ids = [env.data.photos[q][0] for q in env.queries]
@@ -57,7 +67,9 @@ def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed
         for row, spot in zip(env.queries, truth_ids):
             body, result = client.ask(env.features[row])
             bodies.append(body)
-            right += result.spot_id == spot
+            right += result.best == spot
+            if answers is not None:
+                answers.append((spot, result))
             recalled += any(c.id == spot for c in result.candidates)
             sizes.append(result.bytes_sent + result.bytes_received)
             counts.append(len(result.candidates))
@@ -96,12 +108,18 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]]) -> dict
 def privacy(args: argparse.Namespace) -> dict[str, Any]:
     env = prepare(args.dataset, args.server, args.tune)
     base = baseline(env)
+    answers: list[tuple[str, Recognition]] = []
     metrics: dict[str, Any] = {
         "dataset": str(args.dataset), "n_spots": len(env.index.spots), "n_queries": int(len(env.queries)),
         "n_gallery": int(len(env.gallery)), "spots_left_out": env.left_out, "baseline_top1": base,
         "seed": args.seed, "split": "tuning (gallery only)" if args.tune else "queries",
-        "default": run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed),
+        "default": run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed, answers),
     }
+    if args.outside is not None:
+        transform = make_transform(args.transform or DEFAULT_TRANSFORM, args.strength, args.k)
+        others = openset.other_datasets(args.dataset) if args.outside == "auto" else \
+            [Path(p) for p in args.outside.split(",") if p]
+        metrics["default"]["open_set"] = openset.evaluate(env, transform, answers, others, args.seed)
     if metrics["default"]["transform"] == "cells" and args.links:
         transform = make_transform(DEFAULT_TRANSFORM if not args.transform else args.transform, args.strength, args.k)
         result = linked.evaluate(env, transform, args.seed, tuple(args.links))
@@ -118,6 +136,8 @@ def write_outputs(metrics: dict[str, Any], out: Path, command: str) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(report(metrics, command))
     plot(metrics, out / "curves.png")
+    if "open_set" in metrics["default"]:
+        openset.plot(metrics, out / "open_set.png")
     if "linked" in metrics["default"]:
         plot_linked(metrics, out / "linked.png")
 
@@ -142,7 +162,7 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"Non-private baseline (server top-1 on the raw feature): {base:.3f}.", "",
         "Target: user >= 0.95x baseline, transform-aware server <= 0.25x baseline, <= 64 KiB a query.", "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
-        *linked_report(metrics["default"], base)])
+        *openset.report(metrics["default"]), *linked_report(metrics["default"], base)])
 
 
 def linked_report(run: dict[str, Any], base: float) -> list[str]:
@@ -187,7 +207,7 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Utility against privacy (lower right is better)")
+    ax.set_title("Utility against privacy (upper left is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="gallery-only split: for choosing settings")
     p.add_argument("--links", type=_links, default=list(linked.LINKS),
                    help="linked photos per phone to evaluate, e.g. 1,2,3,5 (empty: skip)")
+    p.add_argument("--outside", default="auto",
+                   help="out-of-catalogue datasets for the open-set figures, comma-separated "
+                        "(auto: the datasets beside --dataset; empty: only the sample photos)")
     p.add_argument("-v", "--verbose", action="store_true")
     history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)

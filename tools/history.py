@@ -190,7 +190,7 @@ def summarize(traffic: Traffic, baseline: Traffic) -> dict[str, float]:
 
 
 def _user_top1(traffic: Traffic) -> float:
-    return float(np.mean([answer is not None and answer.spot_id == spot for _, spot, answer in traffic.results]))
+    return float(np.mean([answer is not None and answer.best == spot for _, spot, answer in traffic.results]))
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Traffic], Catalogue]:

@@ -59,7 +59,7 @@ def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended:
             bodies = []
             for row in rows:
                 body, result = client.ask(env.features[row])
-                right += result.spot_id == env.data.photos[row][0]
+                right += result.best == env.data.photos[row][0]  # closed set: the best candidate
                 total += 1
                 if body is not None:
                     bodies.append(body)
