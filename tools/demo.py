@@ -118,7 +118,8 @@ def oblivious(server: LiveServer, data: ds.Dataset, rows: list[int], extractor: 
 def _ask(client: Client, data: ds.Dataset, row: int, popular: Counter[str]) -> dict[str, object]:
     spot, photo = data.photos[row]
     body, result = client.ask(client.extractor.extract(photo))  # type: ignore[union-attr]
-    return {"spot": data.spots[spot].name, "found": result.name or "unknown", "ok": result.spot_id == spot,
+    return {"spot": data.spots[spot].name, "found": result.name or "not a known spot", "ok": result.spot_id == spot,
+            "declined": result.spot_id is None, "best_ok": result.best == spot,
             "n": len(result.candidates), "server": _server_guess(client, body, result, popular) == spot,
             "bytes": result.bytes_sent + result.bytes_received}
 
@@ -143,7 +144,10 @@ def _print_table(rows: list[dict[str, object]], show: int) -> None:
     n = len(rows)
     phone = sum(bool(r["ok"]) for r in rows) / n
     server = sum(bool(r["server"]) for r in rows) / n
-    print(f"\n{n} held-out photos: phone top-1 {phone:.3f}, server's own guess {server:.3f}, "
+    declined = sum(bool(r["declined"]) for r in rows)
+    closed = sum(bool(r["best_ok"]) for r in rows) / n
+    print(f"\n{n} held-out photos: phone top-1 {phone:.3f} ({declined} declined as not a known spot; "
+          f"{closed:.3f} if it always answered), server's own guess {server:.3f}, "
           f"{np.mean([r['n'] for r in rows]):.0f} candidates, {np.median([r['bytes'] for r in rows]) / 1024:.1f} KiB a query")
     print(json.dumps({"queries": n, "phone_top1": round(phone, 4), "server_top1": round(server, 4)}))
 
