@@ -7,6 +7,7 @@ import pytest
 
 from edge_client.config import default_model_path
 from edge_client.extractor import Extractor
+from tests.homes import private_home, use_private_home  # noqa: F401  (an autouse fixture)
 from tools.live import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,20 +23,7 @@ collect_ignore = ["device"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """A private home for the whole run: clients keep their answer cache and device secret
-    under ``~/.enfpire``, and a test must never read or leave the user's."""
-    import os
-    import tempfile
-
-    os.environ["HOME"] = tempfile.mkdtemp(prefix="enfpire-home-")
-
-
-@pytest.fixture(autouse=True)
-def private_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Each test its own home: no answer cache or device secret carries over from another test."""
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    return home
+    use_private_home("enfpire-home-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

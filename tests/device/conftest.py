@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.homes import private_home, use_private_home  # noqa: F401  (an autouse fixture)
 from tools.live import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,15 +25,7 @@ SPOTS = 8  # a handful of real spots keeps the run short
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """A private home for the run: the client keeps its answer cache and device secret under ``~/.enfpire``."""
-    os.environ["HOME"] = tempfile.mkdtemp(prefix="enfpire-device-home-")
-
-
-@pytest.fixture(autouse=True)
-def private_home(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
-    return home
+    use_private_home("enfpire-device-home-")
 
 
 def server_python() -> str:
