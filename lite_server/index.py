@@ -194,20 +194,22 @@ def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: in
 
 
 def publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: Iterable[tuple[str, str]],
-            features: np.ndarray, params: StructureParams | None = None, update: bool = False) -> Index:
+            features: np.ndarray, params: StructureParams | None = None, update: bool = False,
+            structure: Structure | None = None) -> Index:
     """Write a complete version beside the others, then repoint ``current`` atomically.
 
-    The version carries its public structure, derived with ``params`` (the defaults
-    when None); an ``update`` derives it from the current version's, so that what
-    the phones hold changes only where spots did.
+    The version carries its public ``structure``, derived here with ``params`` (the
+    defaults when None) unless the caller already did; an ``update`` derives it from
+    the current version's, so that what the phones hold changes only where spots did.
     """
     with index_lock(out_dir):
-        return _publish(out_dir, manifest, spots, list(rows), features, params or StructureParams(), update)
+        return _publish(out_dir, manifest, spots, list(rows), features, params or StructureParams(), update,
+                        structure)
 
 
 def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: list[tuple[str, str]],
-             features: np.ndarray, params: StructureParams, update: bool) -> Index:
-    previous = _current_structure(out_dir) if update else None
+             features: np.ndarray, params: StructureParams, update: bool, structure: Structure | None) -> Index:
+    previous = _current_structure(out_dir) if update and structure is None else None
     _clear_leftovers(out_dir)
     version = new_version()
     versions = out_dir / "versions"
@@ -221,9 +223,11 @@ def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: l
         with open(tmp / "features.npy", "wb") as handle:
             np.save(handle, np.ascontiguousarray(features, dtype=np.float16))
             _fsync(handle)
-        row_of = {spot.id: i for i, spot in enumerate(spots)}
-        photo_spot = np.array([row_of[spot_id] for spot_id, _ in rows], np.int64)
-        derive(features, photo_spot, [spot.id for spot in spots], params, previous).save(tmp)
+        if structure is None:
+            row_of = {spot.id: i for i, spot in enumerate(spots)}
+            photo_spot = np.array([row_of[spot_id] for spot_id, _ in rows], np.int64)
+            structure = derive(features, photo_spot, [spot.id for spot in spots], params, previous)
+        structure.save(tmp)
         _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
         os.rename(tmp, versions / version)
     except BaseException:

@@ -153,7 +153,11 @@ def codes(basis: np.ndarray | None) -> calibration.Quantizer:
     from edge_client import wire
 
     dtype = "int8" if basis is not None else "float16"
-    return lambda vectors: wire.decode(wire.encode(vectors, dtype)).reshape(vectors.shape)
+
+    def roundtrip(vectors: np.ndarray) -> np.ndarray:  # in chunks: wire bounds what one message holds
+        parts = [wire.decode(wire.encode(vectors[i:i + CHUNK], dtype)) for i in range(0, len(vectors), CHUNK)]
+        return np.concatenate(parts).reshape(vectors.shape) if parts else vectors
+    return roundtrip
 
 
 def _previous_rows(spot_ids: list[str], previous: Structure | None) -> np.ndarray:
