@@ -39,6 +39,7 @@ import numpy as np
 from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor, l2_normalize
 from lite_server.index import Index, Spot, base_manifest, publish
+from lite_server.structure import Structure
 from tools import dataset as ds
 
 log = logging.getLogger(__name__)
@@ -294,14 +295,15 @@ def table(report: dict[str, dict[str, float]]) -> str:
 # ---------------------------------------------------------------- publishing
 
 def publish_catalogue(out_dir: Path, catalogue: SyntheticCatalogue, extractor: Extractor,
-                      note: str = "synthetic") -> Index:
+                      note: str = "synthetic", structure: Structure | None = None) -> Index:
     """An index version of the catalogue's gallery that the real server loads; the manifest
-    carries ``extractor``'s model sha256, so phones with the real model are accepted."""
+    carries ``extractor``'s model sha256, so phones with the real model are accepted.
+    ``structure``: its public structure when the caller derived it already."""
     ids = [spot.id for spot in catalogue.spots]
     nth = np.arange(len(catalogue.photo_spot)) - np.searchsorted(catalogue.photo_spot, catalogue.photo_spot)
     rows = ((ids[s], f"{ids[s]}/{n:04d}.jpg") for s, n in zip(catalogue.photo_spot.tolist(), nth.tolist()))
     manifest = {**base_manifest(extractor, len(catalogue.spots), len(catalogue.features)), "bench": note}
-    return publish(Path(out_dir), manifest, catalogue.spots, rows, catalogue.features)
+    return publish(Path(out_dir), manifest, catalogue.spots, rows, catalogue.features, structure=structure)
 
 
 def publish_synthetic(out_dir: Path, n_spots: int, seed: int = 0, extractor: Extractor | None = None,
