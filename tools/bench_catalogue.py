@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,11 @@ import numpy as np
 
 from edge_client.extractor import Extractor
 from lite_server.config import ServerConfig
-from lite_server.index import Index
+from lite_server.index import Index, publish
 from lite_server.lookup import Lookup
-from lite_server.structure import StructureParams, derive
-from lite_server.updates import remove_spots
-from tools.synthetic import generate, publish_catalogue
+from lite_server.structure import Structure, StructureParams, derive
+from lite_server.updates import photo_rows, remove_spots
+from tools.synthetic import SyntheticCatalogue, generate, publish_catalogue
 from tools.timing import cells_bodies, interleaved, label, median_ms, post, serve
 
 SPOTS = (1_000, 10_000, 100_000)
@@ -55,14 +56,14 @@ def bench_catalogue(n: int, extractor: Extractor, work: Path, repeats: int, tag:
     folder = work / f"catalogue-{tag}"
     publish_catalogue(folder, catalogue, extractor, f"synthetic catalogue of {n} spots", structure)
     queries = np.asarray(catalogue.queries[:64], np.float32)
-    del catalogue, structure
+    del structure
     started = time.monotonic()
     lookup = Lookup(Index.load(folder), ServerConfig())
     out[f"load_s_{tag}_spots"] = round(time.monotonic() - started, 2)
     out[f"public_bytes_{tag}_spots"] = public_bytes(lookup)
     out.update(bench_cells_http(folder, extractor, queries, repeats, tag))
     del lookup
-    out.update(bench_delta(folder, n, tag))
+    out.update(bench_update(folder, catalogue, tag))
     return out
 
 
@@ -77,19 +78,36 @@ def public_bytes(lookup: Lookup) -> int:
     return len(gzip.compress(info.encode(), 6)) + len(gzip.compress(spots.encode(), 6))
 
 
-def bench_delta(folder: Path, n: int, tag: str) -> dict[str, Any]:
-    """An update removing 1% of the spots: its derivation time and what changes."""
+def bench_update(folder: Path, catalogue: SyntheticCatalogue, tag: str) -> dict[str, Any]:
+    """An update that changes 1% of the spots, as ``index add`` makes them: half of them
+    gain a photo (their held-out query), half are new spots. Its derivation time, and how
+    many spots' cells moved; then the same for removing 1% of the spots."""
     index = Index.load(folder)
-    doomed = [s.id for s in index.spots[:: 100]][: max(1, n // 100)]
+    n = len(index.spots)
+    grown = np.arange(0, n, 200)[: max(1, n // 200)]
+    fresh = generate(max(1, n // 200), seed=2)
+    new_spots = [replace(s, id=f"new-{s.id}") for s in fresh.spots]
+    rows = photo_rows(index) + [(index.spots[s].id, f"added/{s}.jpg") for s in grown] \
+        + [(new_spots[s].id, f"added/new-{i}.jpg") for i, s in enumerate(fresh.photo_spot)]
+    first_query = np.searchsorted(catalogue.query_spot, grown)
+    features = np.concatenate([np.asarray(index.features), catalogue.queries[first_query], fresh.features])
+    manifest = {**index.manifest, "bench": "1% of the spots changed"}
     started = time.monotonic()
-    after = remove_spots(folder, doomed)
-    seconds = round(time.monotonic() - started, 2)
-    from lite_server.structure import Structure
+    after = publish(folder, manifest, index.spots + new_spots, rows, features, update=True)
+    out: dict[str, Any] = {f"update_s_1pct_{tag}": round(time.monotonic() - started, 2),
+                           f"cells_moved_1pct_{tag}": cells_moved(index, after)}
+    doomed = [s.id for s in index.spots[1::100]]
+    removed = remove_spots(folder, doomed)
+    out[f"cells_moved_remove_1pct_{tag}"] = cells_moved(after, removed)
+    return out
 
-    before_s, after_s = Structure.load(index.path), Structure.load(after.path)
-    old_row = {s: i for i, s in enumerate(before_s.spot_ids.tolist())}
-    moved = after_s.spot_cell != before_s.spot_cell[[old_row[s] for s in after_s.spot_ids.tolist()]]
-    return {f"update_s_1pct_{tag}": seconds, f"cells_changed_1pct_{tag}": int(moved.sum())}
+
+def cells_moved(before: Index, after: Index) -> int:
+    """Spots of both versions whose cell changed."""
+    old, new = Structure.load(before.path), Structure.load(after.path)
+    old_row = {s: i for i, s in enumerate(old.spot_ids.tolist())}
+    both = [(i, old_row[s]) for i, s in enumerate(new.spot_ids.tolist()) if s in old_row]
+    return int(sum(new.spot_cell[i] != old.spot_cell[j] for i, j in both))
 
 
 def bench_cells_http(folder: Path, extractor: Extractor, queries: np.ndarray, repeats: int,
