@@ -166,11 +166,6 @@ def _lloyd(vectors: np.ndarray, centres: np.ndarray, iterations: int) -> np.ndar
     return centres
 
 
-def spot_means(vectors: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """The normalised mean of every spot's unit ``vectors[rows]``."""
-    return l2_normalize(np.stack([spot_photos(vectors, rows).mean(axis=0) for rows in groups]))
-
-
 def balanced_cells(means: np.ndarray, min_spots: int, seed: int = 0, iterations: int = 20) -> np.ndarray:
     """The cell of every spot: balanced clusters of ``min_spots`` or more look-alike spots.
 
@@ -210,7 +205,7 @@ def _bisect(means: np.ndarray, rows: np.ndarray, n_left: int, seed: int) -> tupl
 
 def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: int, iterations: int) -> np.ndarray:
     n_spots = len(means)
-    centres = spherical_kmeans(means, n_cells, seed=seed) if n_spots > n_cells else means
+    centres = _kmeans_centres(means, n_cells, seed)
     capacity = int(np.ceil(n_spots / n_cells))
     assign = np.zeros(n_spots, np.int64)
     for _ in range(iterations):
@@ -221,6 +216,17 @@ def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: i
             break
         centres = moved
     return assign
+
+
+def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
+    """scikit-learn's k-means (5 inits) on one block's spot means: better starting cells
+    than a spherical k-means here (measured on the real datasets' privacy). In float64:
+    its float32 path upcasts distances chunk by chunk and took minutes on 1,000 spots."""
+    from sklearn.cluster import KMeans
+
+    if len(means) <= n_cells:
+        return means
+    return KMeans(n_cells, n_init=5, random_state=seed).fit(means.astype(np.float64)).cluster_centers_
 
 
 def cell_centres(means: np.ndarray, assign: np.ndarray, n_cells: int) -> np.ndarray:

@@ -4,7 +4,8 @@ Besides the features, answering and the private transforms need: the PCA
 codec's basis, each spot's looks (the representative features a candidate
 carries), its prototypes (what the phone chooses cells with), the balanced
 cells and the open-set calibration scores. All are deterministic functions of
-the gallery, worked out in the codec's space (where the phone compares).
+the gallery; looks, prototypes and calibration are worked out in the codec's
+space (where the phone compares), cells on the spots' full-dimension means.
 Deriving them for 100,000 spots takes minutes, so index builds and updates
 store them in the version folder (``structure.npz``) and a server start only
 loads them. An update derives from the previous version's structure: the
@@ -19,7 +20,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         previous = None  # other settings: nothing carries over
     basis = previous.basis if previous is not None else _fit_basis(features, params.codec_dim)
     groups = cells.sample_groups(cells.spot_groups(photo_spot, n_spots))
-    vectors, coverage, local = project(features, groups, basis)
+    vectors, coverage, local, means = project(features, groups, basis)
     photos = np.bincount(photo_spot, minlength=n_spots).astype(np.int64)
     before = _previous_rows(spot_ids, previous)
     # Updates only add photos to spots or remove whole spots: the same count means the same photos.
@@ -112,7 +113,6 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         if previous is not None else before
     looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look")
     protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype")
-    means = cells.spot_means(vectors, local) if n_spots else np.zeros((0, vectors.shape[1]), np.float32)
     if previous is not None and n_spots:  # spots that gained photos keep their cell too
         kept = np.where(before >= 0, previous.spot_cell[np.maximum(before, 0)], -1)
         spot_cell = cells.update_cells(means, kept, params.cell_min_spots)
@@ -128,23 +128,37 @@ def _fit_basis(features: np.ndarray, dim: int) -> np.ndarray | None:
     return PCACodec(dim).fit(features).basis_ if dim and len(features) else None
 
 
-def project(features: np.ndarray, groups: list[np.ndarray],
-            basis: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """(unit vectors in the codec space, each photo's coverage, each spot's rows in them)
-    for the photos ``groups`` name, read in chunks. Coverage is the length of the unit
-    photo feature inside the codec's subspace, as the phone measures it."""
+class Projected(NamedTuple):
+    """A gallery's sampled photos as :func:`derive` works on them."""
+
+    vectors: np.ndarray         # float32 [R, D]: unit photo vectors in the codec space
+    coverage: np.ndarray        # float32 [R]: length of each unit photo inside the codec's subspace
+    groups: list[np.ndarray]    # each spot's rows of ``vectors``
+    means: np.ndarray           # float32 [n_spots, dim]: each spot's normalised mean photo, full dimension
+
+
+def project(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | None) -> Projected:
+    """The photos ``groups`` name, read once in chunks: into the codec space (where the phone
+    compares, so looks and prototypes are learnt there) and, for the cells, their spot means
+    in the full dimension (cells group spots that look alike in every respect)."""
     rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     dim = basis.shape[0] if basis is not None else features.shape[1]
     vectors = np.zeros((len(rows), dim), np.float32)
     coverage = np.ones(len(rows), np.float32)
+    sums = np.zeros((len(groups), features.shape[1]), np.float64)
     for start in range(0, len(rows), CHUNK):
         photos = l2_normalize(cells.spot_photos(features, rows[start:start + CHUNK]))
+        spots = owner[start:start + len(photos)]
+        first = np.flatnonzero(np.r_[True, spots[1:] != spots[:-1]])  # a spot's rows are contiguous
+        sums[spots[first]] += np.add.reduceat(photos, first, axis=0)
         if basis is not None:
             photos = photos @ basis.T
             coverage[start:start + len(photos)] = np.linalg.norm(photos, axis=1)
         vectors[start:start + len(photos)] = l2_normalize(photos)
     bounds = np.cumsum([0] + [len(g) for g in groups])
-    return vectors, coverage, [np.arange(bounds[s], bounds[s + 1]) for s in range(len(groups))]
+    local = [np.arange(bounds[s], bounds[s + 1]) for s in range(len(groups))]
+    return Projected(vectors, coverage, local, l2_normalize(sums.astype(np.float32)))
 
 
 def codes(basis: np.ndarray | None) -> calibration.Quantizer:
