@@ -1,7 +1,6 @@
 """The on-device feature extractor: photo in, L2-normalised float32 vector out."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -16,18 +15,9 @@ from . import interpreter as tfl
 from . import registry
 from .errors import ModelNotFoundError, PhotoError
 from .photo import Photo, load_rgb
-from .registry import Norm
+from .registry import Norm, file_sha256  # file_sha256: kept importable from here
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

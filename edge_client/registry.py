@@ -13,8 +13,10 @@ MobileNet's 128/128.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -38,6 +40,15 @@ class Registered:
     sha256: str
     mean: Norm = DEFAULT_MEAN
     std: Norm = DEFAULT_STD
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
@@ -71,8 +82,6 @@ def is_name(model: str) -> bool:
 
 def resolve(name: str, model_dir: Path) -> Path:
     """The file registered as ``name``; its sha256 must be the registered one."""
-    from .extractor import file_sha256  # the extractor imports this module
-
     known = entries(model_dir)
     if name not in known:
         raise ModelNotFoundError(f"no model named {name!r} in {model_dir / MANIFEST} "

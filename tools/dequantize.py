@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.cut import CutError, _name, load_schema
+from tools.cut import CutError, pack, read_model, tensor_name
 
 #: TFLite TensorType codes of the integer types a quantized tensor may hold.
 _INTEGER_TYPES = {"UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
@@ -29,8 +29,7 @@ SIGNATURE = "serving_default"
 
 def dequantize_model(model_bytes: bytes) -> bytes:
     """A float32 copy of a quantized single-subgraph TFLite model."""
-    schema = load_schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    schema, model = read_model(model_bytes)
     if len(model.subgraphs) != 1:
         raise CutError(f"expected one subgraph, found {len(model.subgraphs)}")
     graph = model.subgraphs[0]
@@ -44,9 +43,7 @@ def dequantize_model(model_bytes: bytes) -> bytes:
         raise CutError("the model has no quantized tensors: it is float already")
     if not model.signatureDefs:
         model.signatureDefs = [_signature(schema, graph)]
-    builder = __import__("flatbuffers").Builder(len(model_bytes) * 4)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack(model, len(model_bytes) * 4)
 
 
 def _is_quantized(tensor: Any) -> bool:
@@ -82,7 +79,7 @@ def _signature(schema: ModuleType, graph: Any) -> Any:
 
     def entry(index: int) -> Any:
         t = schema.TensorMapT()
-        t.name, t.tensorIndex = _name(graph.tensors[index]).encode(), int(index)
+        t.name, t.tensorIndex = tensor_name(graph.tensors[index]).encode(), int(index)
         return t
 
     signature = schema.SignatureDefT()
