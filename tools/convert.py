@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,20 +75,19 @@ def from_saved_model(folder: Path, out: Path) -> Path:
 
 
 def from_keras(file: Path, out: Path) -> Path:
-    """Convert a saved Keras model (``.keras`` or ``.h5``), batch fixed to one image.
+    """Convert a saved Keras model (``.keras`` or ``.h5``) through a temporary SavedModel.
 
-    Keras 3 models are traced through a ``tf.function`` with a ``[1, H, W, 3]``
-    signature, which the TFLite converter takes whatever the Keras version.
+    Keras 3's own ``export`` writes the SavedModel; tracing the model straight into
+    the converter (``from_concrete_functions``) was measured to lose its weights
+    (NaN features), the SavedModel route keeps them.
     """
     tf = _need("tensorflow", "tensorflow")
     model = tf.keras.models.load_model(str(file), compile=False)
-    shape = [1, *list(model.inputs[0].shape)[1:]]
-    if None in shape:
-        raise ConvertError(f"{file}: the input shape {shape} must be fixed apart from the batch")
-    spec = tf.TensorSpec(shape, tf.float32, name="images")
-    function = tf.function(lambda images: {"feature": tf.reshape(model(images), [1, -1])}, input_signature=[spec])
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], model)
-    return _write(out, lambda path: path.write_bytes(converter.convert()))
+    if None in list(model.inputs[0].shape)[1:]:
+        raise ConvertError(f"{file}: the input shape {list(model.inputs[0].shape)} must be fixed apart from the batch")
+    with tempfile.TemporaryDirectory(prefix="enfpire-keras-") as folder:
+        model.export(folder, verbose=False)
+        return from_saved_model(Path(folder), out)
 
 
 def _write(out: Path, write: Callable[[Path], Any]) -> Path:

@@ -80,15 +80,14 @@ class Env:
 
 
 def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
-            config: ServerConfig | None = None, extractor: Extractor | None = None) -> Env:
+            config: ServerConfig | None = None) -> Env:
     """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
-    alone, split again, so settings are chosen without ever seeing a query.
-    ``extractor`` defaults to the configured model."""
+    alone, split again, so settings are chosen without ever seeing a query."""
     data = ds.load_dataset(dataset)
     gallery, queries, left_out = ds.split(data)
     if tune:
         gallery, queries, _ = ds.split(data, rows=gallery, min_photos=1)
-    extractor = extractor or Extractor(ClientConfig().model_path())
+    extractor = Extractor(ClientConfig().model_path())
     features = ds.features(data, extractor, cache)
     key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}".encode()).hexdigest()[:16]
     index_dir = cache / f"eval-index-{key}"
