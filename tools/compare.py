@@ -72,5 +72,5 @@ def summary(report: dict[str, Any]) -> str:
     """A few lines a person reads."""
     f, q, c = report["float"], report["quantized"], report["cosine"]
     return (f"top-1 on {report['queries']} queries: float {f['top1']:.3f}, quantized {q['top1']:.3f} "
-            f"({report['top1_drop_points']:+.1f} points lost)\n"
+            f"(top-1 drop: {report['top1_drop_points']:.1f} points)\n"
             f"feature cosine over {c['photos']} photos: min {c['min']:.4f}, median {c['median']:.4f}")
