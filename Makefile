@@ -16,14 +16,14 @@ DEVICE := .venv-device
 DPY    := $(DEVICE)/bin/python
 DSTAMP := $(DEVICE)/.installed
 
-.PHONY: setup setup-device demo test test-main test-device soak bench evaluate clean
+.PHONY: setup setup-device demo test test-main test-device soak bench evaluate clean convert-check
 
 setup: $(STAMP) $(MODEL)
 
 # Reinstall only when the package's declared dependencies change.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp,quantize]'
 	touch $(STAMP)
 
 $(MODEL): $(STAMP) models/manifest.json tools/cut.py
@@ -55,6 +55,19 @@ test-device: setup $(DSTAMP)
 	ENFPIRE_SERVER_PYTHON=$(CURDIR)/$(PY) $(DPY) -m pytest -q --confcutdir=tests/device tests/device
 endif
 
+# Bring your own model: PyTorch and Keras conversion need torch and TensorFlow, kept out of .venv
+# so `make test` stays lean; their own venv gets the main extras too and runs the conversion tests.
+CONVERT := .venv-convert
+CSTAMP  := $(CONVERT)/.installed
+$(CSTAMP): setup.cfg pyproject.toml
+	test -x $(CONVERT)/bin/python || $(PYTHON) -m venv $(CONVERT)
+	$(CONVERT)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e '.[litert,server,dev,quantize,torch,tensorflow]'
+	touch $(CSTAMP)
+
+convert-check: $(CSTAMP)
+	$(CONVERT)/bin/python -m pytest -q -rs tests/test_convert.py
+
 soak: setup
 	$(PY) -m pytest -q -m soak --run-soak tests
 
@@ -65,4 +78,4 @@ evaluate: setup
 	$(PY) -m tools.evaluate privacy --dataset ../shared/datasets/wa-landmarks --out $(OUT)/privacy --sweep
 
 clean:
-	rm -rf $(VENV) $(DEVICE) $(OUT) .cache models/*.tflite
+	rm -rf $(VENV) $(DEVICE) $(CONVERT) $(OUT) .cache models/*.tflite

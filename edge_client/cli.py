@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("extract", help="print a photo's feature vector")
     p.add_argument("photo")
-    p.add_argument("--model", help="extractor .tflite (default: models/ or ~/.enfpire/models)")
+    p.add_argument("--model", help="extractor .tflite or registered model name (default: models/ or ~/.enfpire/models)")
     p.add_argument("--json", action="store_true", help="one JSON object with the feature and the model")
     p = sub.add_parser("recognize", help="which spot is in a photo (privately)")
     p.add_argument("photo", nargs="?")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+from . import registry
 from .errors import ConfigError
 
 ENV_PREFIX = "ENFPIRE_"
@@ -40,7 +41,9 @@ def default_model_path() -> Path:
 class ClientConfig:
     """Everything the device side can be told. Empty or ``None`` means "the default"."""
 
-    model: str = ""                 # path of the extractor; "" = default_model_path()
+    model: str = ""                 # extractor: a path, or a name registered in the models' manifest.json;
+                                    # "" = default_model_path()
+    model_dir: str = ""             # where registered names are looked up; "" = default_model_dir()
     num_threads: int = 0            # interpreter threads; 0 = CPU count
     max_pixels: int = 100_000_000   # larger photos are refused (decompression bombs)
     server: str = "http://127.0.0.1:8080"
@@ -76,7 +79,13 @@ class ClientConfig:
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
 
     def model_path(self) -> Path:
-        return Path(self.model).expanduser() if self.model else default_model_path()
+        """The extractor's file: ``model`` as a path, or the file registered under that name."""
+        if not self.model:
+            return default_model_path()
+        if registry.is_name(self.model):
+            return registry.resolve(self.model, Path(self.model_dir).expanduser() if self.model_dir
+                                    else default_model_dir())
+        return Path(self.model).expanduser()
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".enfpire"

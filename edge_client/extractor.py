@@ -1,7 +1,6 @@
 """The on-device feature extractor: photo in, L2-normalised float32 vector out."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -13,19 +12,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import interpreter as tfl
+from . import registry
 from .errors import ModelNotFoundError, PhotoError
 from .photo import Photo, load_rgb
+from .registry import Norm, file_sha256  # file_sha256: kept importable from here
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -43,7 +35,9 @@ class Extractor:
     encoded bytes, a PIL image or an HxWx3 uint8 array; see
     :mod:`edge_client.photo` for the orientation, resize and crop policy.
     ``mean``/``std`` describe the float model's input normalisation
-    ``(pixel - mean) / std`` (MobileNet: 128, 128).
+    ``(pixel - mean) / std``, a scalar or one value per RGB channel; left out,
+    they are the ones registered for this file's sha256 in the manifest beside
+    it (:mod:`edge_client.registry`), else MobileNet's 128, 128.
     """
 
     def __init__(
@@ -51,8 +45,8 @@ class Extractor:
         model_path: str | os.PathLike[str],
         num_threads: int = 0,
         max_pixels: int = 100_000_000,
-        mean: float = 128.0,
-        std: float = 128.0,
+        mean: Norm | None = None,
+        std: Norm | None = None,
     ):
         path = Path(model_path)
         if not path.is_file():
@@ -63,7 +57,9 @@ class Extractor:
         self.model_path = path
         self.sha256 = file_sha256(path)
         self.max_pixels = max_pixels
-        self.mean, self.std = mean, std
+        registered = registry.normalisation(path, self.sha256)
+        self.mean = registered[0] if mean is None else mean
+        self.std = registered[1] if std is None else std
         self.num_threads = num_threads or os.cpu_count() or 1
         self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads)
         self._input = self._interpreter.get_input_details()[0]
@@ -82,9 +78,13 @@ class Extractor:
         """Decode and resize ``photo`` to the model's input as HxWx3 uint8."""
         return load_rgb(photo, self.input_size, self.max_pixels, fast=fast)
 
+    def input_tensor(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels as this model's input tensor (normalised, quantized if it is)."""
+        return tfl.quantize_input(pixels, self._input, self.mean, self.std)
+
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Feature of already-preprocessed pixels: invoke and L2-normalise."""
-        tensor = tfl.quantize_input(pixels, self._input, self.mean, self.std)
+        tensor = self.input_tensor(pixels)
         with self._lock:
             self._interpreter.set_tensor(self._input["index"], tensor)
             self._interpreter.invoke()

@@ -96,21 +96,23 @@ def input_size(details: dict[str, Any]) -> tuple[int, int]:
     return int(shape[2]), int(shape[1])
 
 
-def quantize_input(pixels: np.ndarray, details: dict[str, Any], mean: float, std: float) -> np.ndarray:
+def quantize_input(pixels: np.ndarray, details: dict[str, Any], mean: Any, std: Any) -> np.ndarray:
     """Map uint8 RGB ``pixels`` to the model's input tensor.
 
-    The float model sees ``(pixel - mean) / std``; a quantized input stores that
-    as ``real / scale + zero_point``. When the two affine maps cancel (MobileNet's
+    The float model sees ``(pixel - mean) / std`` (``mean`` and ``std`` a scalar
+    or one value per channel); a quantized input stores that as
+    ``real / scale + zero_point``. When the two affine maps cancel (MobileNet's
     uint8 input: scale 1/128, zero point 128 with mean = std = 128) the pixels go
     in untouched, which is both exact and fastest.
     """
     dtype = details["dtype"]
     scale, zero_point = details["quantization"]
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if dtype == np.float32:
         return ((pixels.astype(np.float32) - mean) / std)[np.newaxis]
     if scale == 0:
         raise ModelError("quantized input without a scale")
-    if dtype == np.uint8 and abs(scale * std - 1) < 1e-5 and abs(mean - zero_point) < 1e-5:
+    if dtype == np.uint8 and np.all(np.abs(scale * std - 1) < 1e-5) and np.all(np.abs(mean - zero_point) < 1e-5):
         return pixels[np.newaxis]
     info = np.iinfo(dtype)
     # float32 then clip: no intermediate ever wraps around the integer range.

@@ -32,7 +32,7 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    model = Path(args.model) if args.model else ClientConfig().model_path()
+    model = load_config(ClientConfig, model=args.model).model_path()
     extractor = Extractor(model, num_threads=args.threads or 0)
     index = build_index(Path(args.photos), Path(args.out), extractor,
                         Path(args.spots) if args.spots else None,
@@ -42,7 +42,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    model = Path(args.model) if args.model else ClientConfig().model_path()
+    model = load_config(ClientConfig, model=args.model).model_path()
     index = add_spots(Path(args.index), Path(args.photos), Extractor(model, num_threads=args.threads or 0),
                       Path(args.spots) if args.spots else None,
                       progress=_progress_bar if sys.stderr.isatty() else None)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", required=True, help="one sub-folder per spot (folder name = spot id)")
     p.add_argument("--spots", help="CSV: first column the spot id; name, lat, lon and info columns")
     p.add_argument("--out", required=True, help="index directory (a new version is added)")
-    p.add_argument("--model", help="extractor .tflite (default: the prepared model)")
+    p.add_argument("--model", help="extractor .tflite or registered model name (default: the prepared model)")
     p.add_argument("--threads", type=int, help="interpreter threads")
     p.set_defaults(func=_build)
     p = index.add_parser("add", help="add spots or photos: a new version beside the old, swapped atomically")

@@ -34,39 +34,62 @@ def load_schema() -> ModuleType:
     raise CutError("no TFLite schema module: pip install ai-edge-litert")
 
 
+def read_model(model_bytes: bytes) -> tuple[ModuleType, Any]:
+    """(schema module, object tree) of a TFLite model, every buffer's data held inline.
+
+    Models over 2 GB, and every model ai-edge-quantizer writes, keep constant data
+    after the flatbuffer, found by each buffer's ``offset`` and ``size``; packing the
+    tree again would lose it, so it is copied into the buffers first.
+    """
+    schema = load_schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    for buffer in model.buffers or []:
+        if getattr(buffer, "offset", 0) > 1:
+            end = buffer.offset + buffer.size
+            if end > len(model_bytes):
+                raise CutError(f"a buffer points past the end of the model ({end} > {len(model_bytes)} bytes)")
+            buffer.data = np.frombuffer(model_bytes[buffer.offset:end], dtype=np.uint8)
+            buffer.offset = buffer.size = 0
+    return schema, model
+
+
+def pack(model: Any, size_hint: int) -> bytes:
+    """The object tree as TFLite bytes; the same tree always packs to the same bytes."""
+    builder = __import__("flatbuffers").Builder(size_hint)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def tensor_name(tensor: Any) -> str:
+    """A tensor's name as text."""
+    name = tensor.name
+    return name.decode("utf-8") if isinstance(name, bytes) else str(name)
+
+
 def tensor_names(model_bytes: bytes) -> list[str]:
     """Names of the first subgraph's tensors, in index order."""
-    schema = load_schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
-    return [_name(t) for t in model.subgraphs[0].tensors]
+    _, model = read_model(model_bytes)
+    return [tensor_name(t) for t in model.subgraphs[0].tensors]
 
 
-def cut(model_bytes: bytes, tensor_name: str) -> bytes:
-    """A new model whose only output is ``tensor_name`` reshaped to ``[1, D]``."""
-    schema = load_schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+def cut(model_bytes: bytes, name: str) -> bytes:
+    """A new model whose only output is the tensor ``name`` reshaped to ``[1, D]``."""
+    schema, model = read_model(model_bytes)
     if len(model.subgraphs) != 1:
         raise CutError(f"expected one subgraph, found {len(model.subgraphs)}")
     graph = model.subgraphs[0]
-    target = _find_tensor(graph, tensor_name)
+    target = _find_tensor(graph, name)
     graph.operators = _ops_feeding(graph, target)
     output = _append_reshape(schema, model, graph, target)
     graph.outputs = np.array([output], dtype=np.int32)
     model.signatureDefs = []  # they name the old outputs
     _prune(model, graph)
-    builder = __import__("flatbuffers").Builder(len(model_bytes))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def _name(tensor: Any) -> str:
-    name = tensor.name
-    return name.decode("utf-8") if isinstance(name, bytes) else str(name)
+    return pack(model, len(model_bytes))
 
 
 def _find_tensor(graph: Any, name: str) -> int:
     for index, tensor in enumerate(graph.tensors):
-        if _name(tensor) == name:
+        if tensor_name(tensor) == name:
             return index
     raise CutError(f"no tensor named {name!r} in the model")
 
@@ -79,7 +102,7 @@ def _ops_feeding(graph: Any, target: int) -> list[Any]:
             keep.append(op)
             needed.update(int(i) for i in op.inputs if i >= 0)
     if target not in {int(i) for i in graph.inputs} and not keep:
-        raise CutError(f"tensor {_name(graph.tensors[target])!r} is not computed by any operator")
+        raise CutError(f"tensor {tensor_name(graph.tensors[target])!r} is not computed by any operator")
     return keep[::-1]
 
 
@@ -93,9 +116,9 @@ def _append_reshape(schema: ModuleType, model: Any, graph: Any, target: int) -> 
     dim = int(np.prod(source.shape))
     shape_buffer = _add_buffer(schema, model, np.array([1, dim], dtype="<i4").tobytes())
     shape_index = _add_tensor(schema, graph, "feature_shape", [2], schema.TensorType.INT32, shape_buffer)
-    out_index = _add_tensor(schema, graph, _name(source), [1, dim], source.type, _add_buffer(schema, model, b""))
+    out_index = _add_tensor(schema, graph, tensor_name(source), [1, dim], source.type, _add_buffer(schema, model, b""))
     graph.tensors[out_index].quantization = source.quantization
-    source.name = (_name(source) + "/unreshaped").encode()
+    source.name = (tensor_name(source) + "/unreshaped").encode()
     op = schema.OperatorT()
     op.opcodeIndex = _opcode_index(schema, model, RESHAPE)
     op.inputs = np.array([target, shape_index], dtype=np.int32)
