@@ -92,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(ServerConfig, args.config, **_overrides(args))
     check_token(config)
+    if args.ray is not None:
+        from .ray_serve import serve_ray
+
+        serve_ray(config, args.ray or None, args.replicas)
+        return 0
     app = create_app(config)
     service = app.extensions[EXTENSION]
     threads = config.threads + config.max_pending + HEADROOM
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--keys", dest="ohttp_keys", help="the key file itself")
         p.add_argument("--config", help="JSON config file")
         p.set_defaults(func=func)
-    p = sub.add_parser("serve", help="serve an index with waitress")
+    p = sub.add_parser("serve", help="serve an index with waitress, or on Ray Serve with --ray")
     p.add_argument("--index")
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--host"); p.add_argument("--port", type=int); p.add_argument("--threads", type=int)
@@ -211,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-peers", action="store_const", const=True,
                    help="log each request's peer address (with -v): what the server sees")
     p.add_argument("--ohttp-keys", help="OHTTP key file (default <index>/ohttp-keys.json; 'off' = no gateway)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve on Ray Serve: join the cluster at ADDRESS (auto, host:port, ray://...) or, without "
+                        "one, start a local cluster (the ray extra); the lookup port is Ray's HTTP proxy")
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas of the app (with --ray; default 2)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
     return parser

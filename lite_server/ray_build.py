@@ -95,6 +95,7 @@ class RayExtraction:
         for batch in extracted.iter_batches(batch_size=None, batch_format="numpy"):
             for position, feature, ok in zip(batch["position"], batch["feature"], batch["ok"]):
                 landed[int(position)] = feature if ok else None
+            log.info("%d of %d photos extracted", len(landed) + next_position, len(items))
             while next_position in landed:
                 yield landed.pop(next_position)
                 next_position += 1
