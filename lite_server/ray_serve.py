@@ -50,7 +50,7 @@ BOARD = "enfpire-board"
 #: Seconds between a replica's looks at ``current`` (and its reports to the board).
 POLL = 0.5
 #: A replica silent for this long is gone (stopped, crashed, its node lost).
-STALE = 5.0
+STALE = 10.0
 #: Seconds the driver waits for the replicas to start or to switch versions.
 SWITCH_TIMEOUT = 300.0
 
@@ -100,6 +100,7 @@ class Replica:
         self.flask.before_request(self._fleet_readyz)
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="index-watch", daemon=True).start()
+        threading.Thread(target=self._heartbeat, name="board-report", daemon=True).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         """The ASGI app Ray Serve's ingress calls: the Flask app through a2wsgi."""
@@ -111,8 +112,13 @@ class Replica:
     def __del__(self) -> None:
         self._stop.set()
 
+    def _heartbeat(self) -> None:
+        """Tell the board what this replica serves, every round (also while a reload runs)."""
+        while not self._stop.wait(POLL):
+            self.board.report.remote(self.name, self._state())
+
     def _watch(self) -> None:
-        """Follow ``current``; report to the board each round."""
+        """Follow ``current``: switch when it moves."""
         index_dir = Path(self.service.config.index)
         while not self._stop.wait(POLL):
             try:
@@ -123,7 +129,6 @@ class Replica:
                                 "switched to" if switched else "serving", version)
             except EnfPireError as exc:  # a bad version: keep serving the old one
                 log.error("replica %s: reload failed, still serving the old version: %s", self.name, exc)
-            self.board.report.remote(self.name, self._state())
 
     def _state(self) -> dict[str, Any]:
         lookup = self.service.lookup
