@@ -88,7 +88,8 @@ class RayExtraction:
         extracted = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             ExtractBatch, fn_constructor_kwargs={"model": str(extractor.model_path.resolve()),
                                                  "sha256": extractor.sha256, "threads": self.threads},
-            batch_size=self.batch_size, batch_format="numpy", concurrency=workers, num_cpus=1)
+            batch_size=self.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1)
         log.info("extracting %d photos on Ray: %d workers, batches of %d", len(items), workers, self.batch_size)
         landed: dict[int, np.ndarray | None] = {}
         next_position = 0

@@ -3,8 +3,8 @@ command itself starts (as an operator's one command would) and shuts down again.
 
 - the Ray build of real photos (one unreadable) equals the local build bit for bit, although
   one worker is killed with SIGKILL while batches are in flight;
-- ``serve --ray --replicas 2`` answers exactly as waitress does, ``/readyz`` speaks for both
-  replicas, and index swaps under 16 clients fail no request;
+- ``serve --ray --replicas 2`` answers as waitress does, ``/readyz`` speaks for both replicas,
+  and index swaps under 16 clients fail no request (``make soak``: Serve takes minutes to start here);
 - without Ray, ``--ray`` is a clear error naming the extra.
 """
 from __future__ import annotations
@@ -122,6 +122,7 @@ def ray_server(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     assert not [c for c in psutil.Process().children(recursive=True) if c.pid == server.process.pid]
 
 
+@pytest.mark.soak  # a Ray cluster and Serve start take a minute or more on two busy cores
 def test_serve_ray_answers_as_waitress_does(ray_server: tuple[LiveServer, Path, str], live_server: LiveServer,
                                             bodies: list[bytes], extractor: Extractor,  # noqa: F811
                                             held_out: list[tuple[str, Path]]) -> None:
@@ -151,6 +152,7 @@ def test_serve_ray_answers_as_waitress_does(ray_server: tuple[LiveServer, Path, 
         assert ray_session.get(server.url + "/admin/v1/status").status_code == 404  # admin only on its listener
 
 
+@pytest.mark.soak
 def test_serve_ray_swaps_index_under_16_clients_without_a_failed_request(
         ray_server: tuple[LiveServer, Path, str], bodies: list[bytes],  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
