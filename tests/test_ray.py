@@ -9,7 +9,6 @@ command itself starts (as an operator's one command would) and shuts down again.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
