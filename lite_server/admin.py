@@ -34,6 +34,7 @@ from edge_client.extractor import Extractor
 from .app import Service, _json_body, _no_identifiers
 from .config import ServerConfig
 from .errors import ApiError, register_error_handlers
+from .structure import StructureParams
 from .updates import add_spots, reload_service, remove_spots
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def _routes(service: Service) -> Blueprint:
         body = _fields(_json_body(), {"photos"}, {"spots_csv"})
         photos, csv = _path(body["photos"], dir=True), body.get("spots_csv")
         index = _guard(lambda: add_spots(Path(service.config.index), photos, _extractor(service, extractor),
-                                         _path(csv, dir=False) if csv is not None else None))
+                                         _path(csv, dir=False) if csv is not None else None,
+                                         params=StructureParams.from_config(service.config)))
         log.info("admin: added photos, index version %s", index.version)
         return jsonify({**_switch(service), "n_spots": len(index.spots), "n_photos": int(len(index.photo_spot))})
 
@@ -102,7 +104,8 @@ def _routes(service: Service) -> Blueprint:
         ids = _fields(_json_body(), {"ids"}, set())["ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise ApiError(400, "bad_ids", "ids must be a non-empty list of spot ids")
-        index = _guard(lambda: remove_spots(Path(service.config.index), ids))
+        index = _guard(lambda: remove_spots(Path(service.config.index), ids,
+                                            StructureParams.from_config(service.config)))
         log.info("admin: removed %d spot(s), index version %s", len(ids), index.version)
         return jsonify({**_switch(service), "n_spots": len(index.spots), "n_photos": int(len(index.photo_spot))})
 

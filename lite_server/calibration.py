@@ -18,11 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_client import wire
-from edge_client.extractor import l2_normalize
 from edge_client.recognizer import VOTE_TEMPERATURE, soft_max
 
-from .cells import spherical_kmeans, spot_photos
+from .cells import spherical_kmeans
 
 #: Gallery photos scored leave-one-out (a fixed random sample): about a second of work at load.
 SAMPLE = 800
@@ -33,53 +31,58 @@ COVERAGE_WEIGHT = 0.5
 #: Published quantile levels: every 1%.
 LEVELS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
-Encoder = Callable[[np.ndarray], dict[str, Any]]
-Projector = Callable[[np.ndarray], np.ndarray]
+#: Queries scored against every look at once (bounded memory on a national catalogue).
+CHUNK = 64
+
+Quantizer = Callable[[np.ndarray], np.ndarray]
 
 
-def leave_one_out_scores(features: np.ndarray, groups: list[np.ndarray], per_spot: int, encode: Encoder,
-                         project: Projector, published: list[np.ndarray], coverage: Callable[[np.ndarray], float],
+def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage: np.ndarray,
+                         looks: np.ndarray, look_spot: np.ndarray, per_spot: int, quantize: Quantizer,
                          sample: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """The phone's evidence (rerank score + weighted coverage) for sampled gallery photos it
     would answer correctly.
 
-    Each photo is scored against every spot's ``published`` prototypes (decoded, as the phone
-    gets them), its own spot's recomputed without it; it counts when its own spot comes first,
-    as a correct answer the phone would give. Spots of one photo take no part (nothing is left).
+    ``vectors`` are unit photo vectors in the codec space (``groups`` their rows per spot,
+    ``coverage`` their coverage); ``looks`` the spots' published looks, which ``quantize``
+    turns into what the phone decodes. Each photo is scored against every spot's looks, its
+    own spot's recomputed without it; it counts when its own spot comes first, as a correct
+    answer the phone would give. Spots of one photo take no part (nothing is left).
     """
     owners = [(spot, i) for spot, rows in enumerate(groups) if len(rows) > 1 for i in range(len(rows))]
-    if not owners:
+    if not owners or not len(looks):
         return np.zeros(0, np.float32)
     picks = np.sort(np.random.default_rng(seed).choice(len(owners), min(sample, len(owners)), replace=False))
-    looked = [s for s, m in enumerate(published) if len(m)]  # a spot without looks scores nothing
-    coded, starts = _unit_rows([published[s] for s in looked])
-    position = {s: i for i, s in enumerate(looked)}
-    scores, loaded, photos = [], -1, np.zeros(0, np.float32)
-    for pick in picks:  # owners run spot by spot: each spot's photos are read once
-        spot, i = owners[pick]
-        if spot != loaded:
-            loaded, photos = spot, l2_normalize(spot_photos(features, groups[spot]))
-        rest = np.delete(photos, i, axis=0)
-        protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
-        query = project(photos[i])
-        own = soft_max(_unit_rows([wire.decode(encode(protos)).reshape(len(protos), -1)])[0] @ query)
-        others = np.delete(_spot_soft_max(coded @ query, starts), position[spot])
-        if not len(others) or own > others.max():
-            scores.append(own + COVERAGE_WEIGHT * coverage(photos[i]))
+    spots = np.array([owners[p][0] for p in picks])
+    rows = np.array([groups[s][i] for s, i in (owners[p] for p in picks)])
+    looked, starts = np.unique(look_spot, return_index=True)  # a spot without looks scores nothing
+    column = np.full(len(groups), -1)
+    column[looked] = np.arange(len(looked))
+    published = _unit(quantize(looks))
+    scores = []
+    for start in range(0, len(picks), CHUNK):
+        part = slice(start, start + CHUNK)
+        others = _spot_soft_max(vectors[rows[part]] @ published.T, starts)
+        own_column = column[spots[part]]
+        others[np.arange(len(others))[own_column >= 0], own_column[own_column >= 0]] = -np.inf
+        for spot, row, rival in zip(spots[part], rows[part], others.max(axis=1, initial=-np.inf)):
+            rest = vectors[groups[spot][groups[spot] != row]]
+            protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
+            own = soft_max(_unit(quantize(protos)) @ vectors[row])
+            if own > rival:
+                scores.append(own + COVERAGE_WEIGHT * coverage[row])
     return np.asarray(scores, np.float32)
 
 
-def _unit_rows(matrices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of ``matrices`` stacked and scaled to unit length, and where each matrix starts."""
-    rows = np.concatenate(matrices).astype(np.float64)
-    starts = np.cumsum([0] + [len(m) for m in matrices[:-1]])
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12), starts
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def _spot_soft_max(cosines: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """:func:`soft_max` of every spot's run of ``cosines`` at once."""
-    top = float(cosines.max())
-    sums = np.add.reduceat(np.exp((cosines - top) / VOTE_TEMPERATURE), starts)
+    """:func:`soft_max` of every spot's run of columns of ``cosines``, for every row at once."""
+    top = cosines.max(axis=1, keepdims=True)
+    sums = np.add.reduceat(np.exp((cosines - top) / VOTE_TEMPERATURE), starts, axis=1)
     return top + VOTE_TEMPERATURE * np.log(sums)
 
 

@@ -9,8 +9,11 @@
 
 Both are computed from at most ``SAMPLE_PER_SPOT`` photos of a spot (a fixed
 random subset), so deriving them costs the same for a 1M-photo gallery as
-for a 100k one; no spot of the real dataset has that many photos, so there
-they use every photo.
+for a 100k one. Both scale to national catalogues: the per-spot k-means runs
+batched over every spot with the same number of photos, and the cells are
+found block by block (a balanced bisection splits the spots into blocks of
+at most ``BLOCK_CELLS`` cells, then capacitated k-means runs in each block),
+so 100,000 spots cost about what 100,000 / 640 small clusterings cost.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ from edge_client.extractor import l2_normalize
 from .backends import release_pages
 
 SAMPLE_PER_SPOT = 512
+#: Capacitated k-means runs on at most this many cells at once; catalogues of up to
+#: ``BLOCK_CELLS * min_spots`` spots (640 with the default 10) are one block.
+BLOCK_CELLS = 64
+#: Spots x photos x dims held at once by the batched k-means (float32 elements, ~64 MB).
+BATCH_ELEMENTS = 1 << 24
 
 
 def spot_groups(photo_spot: np.ndarray, n_spots: int) -> list[np.ndarray]:
@@ -43,18 +51,79 @@ def spot_photos(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return photos
 
 
-def prototypes(features: np.ndarray, groups: list[np.ndarray], m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(unit vectors [P, dim], owning spot [P]): up to ``m`` k-means centres per spot.
+def prototypes(vectors: np.ndarray, groups: list[np.ndarray], m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(unit centres [P, dim], owning spot [P]): up to ``m`` k-means centres of each
+    spot's unit ``vectors[rows]``, the heaviest (most photos) first.
 
-    A spot with ``m`` photos or fewer is represented by its photos.
+    A spot with ``m`` photos or fewer is represented by its photos. Spots with the
+    same number of photos are clustered together in one batched k-means.
     """
-    vectors, owners = [], []
-    for spot, rows in enumerate(groups):
-        photos = l2_normalize(spot_photos(features, rows))
-        chosen = spherical_kmeans(photos, m) if len(photos) > m else photos
-        vectors.append(chosen)
-        owners.append(np.full(len(chosen), spot))
-    return np.concatenate(vectors), np.concatenate(owners)
+    centres: list[np.ndarray | None] = [None] * len(groups)
+    sizes = np.array([len(rows) for rows in groups])
+    for n in np.unique(sizes):
+        spots = np.flatnonzero(sizes == n)
+        if n <= m:
+            for spot in spots:
+                centres[spot] = np.asarray(vectors[groups[spot]], np.float32)
+            continue
+        chunk = max(1, BATCH_ELEMENTS // int(n * vectors.shape[1]))
+        for start in range(0, len(spots), chunk):
+            part = spots[start:start + chunk]
+            batch = np.stack([np.asarray(vectors[groups[s]], np.float32) for s in part])
+            found = batched_kmeans(batch, m, np.random.default_rng([seed, int(n), start]))
+            for spot, rows in zip(part, found):
+                centres[spot] = rows
+    dim = vectors.shape[1]
+    stacked = [c if c is not None else np.zeros((0, dim), np.float32) for c in centres]
+    owners = np.repeat(np.arange(len(groups)), [len(c) for c in stacked])
+    return (np.concatenate(stacked) if stacked else np.zeros((0, dim), np.float32)), owners
+
+
+def batched_kmeans(x: np.ndarray, m: int, rng: np.random.Generator, iterations: int = 10,
+                   restarts: int = 3) -> np.ndarray:
+    """Cosine k-means of many small sets at once: ``x`` is [sets, n, dim] of unit rows;
+    returns [sets, m, dim] unit centres, each set's heaviest centre first.
+
+    k-means++ seeding, a few Lloyd rounds and each set's best of ``restarts``
+    runs: the per-set algorithm of :func:`spherical_kmeans`, vectorised over sets.
+    """
+    best, best_fit = x[:, :m].copy(), np.full(len(x), -np.inf)
+    for _ in range(restarts):
+        centres = _batched_lloyd(x, _batched_plus_plus(x, m, rng), iterations)
+        fit = np.matmul(x, centres.transpose(0, 2, 1)).max(axis=2).sum(axis=1)
+        better = fit > best_fit
+        best[better], best_fit[better] = centres[better], fit[better]
+    labels = np.matmul(x, best.transpose(0, 2, 1)).argmax(axis=2)
+    weight = (labels[:, :, None] == np.arange(m)).sum(axis=1)
+    order = np.argsort(-weight, axis=1, kind="stable")
+    return np.take_along_axis(best, order[:, :, None], axis=1)
+
+
+def _batched_plus_plus(x: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    sets, n, _ = x.shape
+    every = np.arange(sets)
+    chosen = [x[every, rng.integers(n, size=sets)]]
+    distance = np.maximum(1.0 - np.einsum("snd,sd->sn", x, chosen[0]), 0.0)
+    for j in range(1, m):
+        weights = np.cumsum(distance ** 2, axis=1)
+        target = rng.random(sets) * weights[:, -1]
+        pick = np.minimum((weights < target[:, None]).sum(axis=1), n - 1)
+        pick = np.where(weights[:, -1] > 0, pick, min(j, n - 1))  # all points on the centres
+        chosen.append(x[every, pick])
+        distance = np.minimum(distance, np.maximum(1.0 - np.einsum("snd,sd->sn", x, chosen[-1]), 0.0))
+    return np.stack(chosen, axis=1)
+
+
+def _batched_lloyd(x: np.ndarray, centres: np.ndarray, iterations: int) -> np.ndarray:
+    m = centres.shape[1]
+    for _ in range(iterations):
+        labels = np.matmul(x, centres.transpose(0, 2, 1)).argmax(axis=2)
+        members = (labels[:, :, None] == np.arange(m)).astype(x.dtype)  # [sets, n, m]
+        sums = np.matmul(members.transpose(0, 2, 1), x)
+        empty = members.sum(axis=1) == 0
+        sums[empty] = centres[empty]  # an emptied centre stays where it was
+        centres = l2_normalize(sums)
+    return centres
 
 
 def spherical_kmeans(vectors: np.ndarray, m: int, iterations: int = 10, restarts: int = 3,
@@ -97,44 +166,89 @@ def _lloyd(vectors: np.ndarray, centres: np.ndarray, iterations: int) -> np.ndar
     return centres
 
 
-def spot_means(features: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """The normalised mean of every spot's (unit) photos."""
-    return l2_normalize(np.stack([spot_photos(features, rows).mean(axis=0) for rows in groups]))
+def spot_means(vectors: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """The normalised mean of every spot's unit ``vectors[rows]``."""
+    return l2_normalize(np.stack([spot_photos(vectors, rows).mean(axis=0) for rows in groups]))
 
 
 def balanced_cells(means: np.ndarray, min_spots: int, seed: int = 0, iterations: int = 20) -> np.ndarray:
-    """The cell of every spot: k-means with capacity, every cell >= ``min_spots`` spots.
+    """The cell of every spot: balanced clusters of ``min_spots`` or more look-alike spots.
 
-    ``n_cells = n_spots // min_spots``; each round assigns (spot, cell) pairs
-    greedily from the most similar, never over a cell's capacity, then moves
-    the centres; sizes end in {floor, ceil}(n_spots / n_cells).
+    ``n_cells = n_spots // min_spots``. A balanced bisection cuts the spots into
+    blocks of at most :data:`BLOCK_CELLS` cells (each side gets spots in
+    proportion to its cells); in each block, k-means with capacity assigns
+    (spot, cell) pairs from the most similar, never over a cell's capacity,
+    then moves the centres. Sizes end in {floor, ceil}(block spots / block cells).
     """
-    from sklearn.cluster import KMeans
+    n_cells = max(1, len(means) // max(1, min_spots))
+    assign = np.zeros(len(means), np.int64)
+    first = 0
+    for rows, cells in _blocks(means, np.arange(len(means)), n_cells, seed):
+        assign[rows] = first + _capacitated_kmeans(means[rows], cells, min_spots, seed, iterations)
+        first += cells
+    return assign
 
+
+def _blocks(means: np.ndarray, rows: np.ndarray, cells: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """(rows, cells) blocks of at most BLOCK_CELLS cells, look-alike spots together."""
+    if cells <= BLOCK_CELLS:
+        return [(rows, cells)]
+    left_cells = cells // 2
+    # floor: both sides keep at least min_spots spots per cell
+    left, right = _bisect(means, rows, len(rows) * left_cells // cells, seed)
+    return _blocks(means, left, left_cells, seed) + _blocks(means, right, cells - left_cells, seed)
+
+
+def _bisect(means: np.ndarray, rows: np.ndarray, n_left: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` cut into two look-alike parts, the first of ``n_left`` rows: the spots
+    ranked by how far they lean to one of two 2-means poles."""
+    vectors = means[rows]
+    poles = spherical_kmeans(vectors, 2, seed=seed)
+    order = np.argsort(-(vectors @ (poles[0] - poles[1])), kind="stable")
+    return rows[order[:n_left]], rows[order[n_left:]]
+
+
+def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: int, iterations: int) -> np.ndarray:
     n_spots = len(means)
-    n_cells = max(1, n_spots // max(1, min_spots))
-    centres = KMeans(n_cells, n_init=5, random_state=seed).fit(means).cluster_centers_
+    centres = spherical_kmeans(means, n_cells, seed=seed) if n_spots > n_cells else means
     capacity = int(np.ceil(n_spots / n_cells))
     assign = np.zeros(n_spots, np.int64)
     for _ in range(iterations):
         similarity = means @ centres.T
         assign = _fill_small_cells(_capacitated_assign(similarity, capacity), similarity, min_spots)
-        moved = l2_normalize(np.stack([means[assign == c].mean(axis=0) for c in range(n_cells)]))
+        moved = cell_centres(means, assign, n_cells)
         if np.allclose(moved, centres, atol=1e-6):
             break
         centres = moved
     return assign
 
 
+def cell_centres(means: np.ndarray, assign: np.ndarray, n_cells: int) -> np.ndarray:
+    """The normalised mean of each cell's spot means (an empty cell's is zero)."""
+    sums = np.zeros((n_cells, means.shape[1]), np.float64)
+    np.add.at(sums, assign, means)
+    return l2_normalize(sums.astype(np.float32))
+
+
 def _capacitated_assign(similarity: np.ndarray, capacity: int) -> np.ndarray:
+    """Each spot's cell, no cell over ``capacity``: the greedy assignment from the most
+    similar pair down, found as deferred acceptance (spots propose in order of preference,
+    cells keep their most similar proposers). Both preferences come from one similarity,
+    so the stable assignment is unique and is the greedy one, here in vectorised rounds."""
     n_spots, n_cells = similarity.shape
-    assign = np.full(n_spots, -1)
-    load = np.zeros(n_cells, np.int64)
-    for flat in np.argsort(-similarity, axis=None):
-        spot, cell = divmod(int(flat), n_cells)
-        if assign[spot] < 0 and load[cell] < capacity:
-            assign[spot] = cell
-            load[cell] += 1
+    preference = np.argsort(-similarity, axis=1, kind="stable")
+    tried = np.zeros(n_spots, np.int64)
+    assign = np.full(n_spots, -1, np.int64)
+    free = np.arange(n_spots)
+    while len(free):
+        assign[free] = preference[free, tried[free]]
+        tried[free] += 1
+        spots = np.flatnonzero(assign >= 0)
+        order = np.lexsort((-similarity[spots, assign[spots]], assign[spots]))
+        cell = assign[spots[order]]
+        rank = np.arange(len(order)) - np.searchsorted(cell, cell, side="left")
+        free = spots[order[rank >= capacity]]
+        assign[free] = -1
     return assign
 
 
@@ -150,4 +264,56 @@ def _fill_small_cells(assign: np.ndarray, similarity: np.ndarray, min_spots: int
             sizes[assign[spot]] -= 1
             assign[spot] = cell
             sizes[cell] += 1
+    return assign
+
+
+def update_cells(means: np.ndarray, kept: np.ndarray, min_spots: int, seed: int = 0) -> np.ndarray:
+    """Cells after an index update, changing as few spots' cells as the rules allow.
+
+    ``kept`` is each spot's previous cell (-1 for a new spot). New spots join
+    their most similar cell; a cell left with fewer than ``min_spots`` spots
+    takes the most similar spots of cells that can spare one, or else is
+    dissolved into its neighbours (the last cell takes its number); a cell of
+    ``2 * min_spots`` or more is cut in two by a balanced bisection (the new
+    half takes the next number). Every other spot keeps its cell, so a phone's
+    update is small. A full rebuild (:func:`balanced_cells`) rebalances everything.
+    """
+    assign = kept.astype(np.int64).copy()
+    n_cells = int(assign.max()) + 1 if (assign >= 0).any() else 0
+    if n_cells == 0 or len(means) < 2 * min_spots:
+        return balanced_cells(means, min_spots, seed)
+    new = assign < 0
+    similarity = means @ cell_centres(means[~new], assign[~new], n_cells).T
+    assign[new] = np.argmax(similarity[new], axis=1)
+    # A cell that lost spots first takes the most similar spots of cells with some to spare.
+    assign = _fill_small_cells(assign, similarity, min_spots)
+    assign, n_cells = _dissolve_small(means, assign, n_cells, min_spots)
+    return _split_large(means, assign, n_cells, min_spots, seed)
+
+
+def _dissolve_small(means: np.ndarray, assign: np.ndarray, n_cells: int, min_spots: int) -> tuple[np.ndarray, int]:
+    while n_cells > 1:
+        sizes = np.bincount(assign, minlength=n_cells)
+        cell = int(np.argmin(sizes))
+        if sizes[cell] >= min_spots:
+            break
+        members = np.flatnonzero(assign == cell)
+        similarity = means[members] @ cell_centres(means, assign, n_cells).T
+        similarity[:, cell] = -np.inf
+        assign[members] = np.argmax(similarity, axis=1)
+        n_cells -= 1
+        assign[assign == n_cells] = cell  # the last cell takes the freed number
+    return assign, n_cells
+
+
+def _split_large(means: np.ndarray, assign: np.ndarray, n_cells: int, min_spots: int, seed: int) -> np.ndarray:
+    work = list(range(n_cells))
+    while work:
+        cell = work.pop()
+        members = np.flatnonzero(assign == cell)
+        if len(members) >= 2 * min_spots:
+            _, right = _bisect(means, members, len(members) // 2, seed)
+            assign[right] = n_cells
+            work += [cell, n_cells]
+            n_cells += 1
     return assign

@@ -36,6 +36,13 @@ class PCACodec:
         self.basis_ = top.astype(np.float16).astype(np.float32)
         return self
 
+    @classmethod
+    def from_basis(cls, basis: np.ndarray) -> "PCACodec":
+        """A fitted codec with a stored ``basis`` (rows = code dimensions)."""
+        codec = cls(int(basis.shape[0]))
+        codec.basis_ = np.asarray(basis, np.float32)
+        return codec
+
     def project(self, features: np.ndarray) -> np.ndarray:
         return l2_normalize(np.asarray(features, np.float32) @ self.basis_.T)
 

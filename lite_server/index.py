@@ -7,6 +7,7 @@ Layout of an index directory::
     INDEX_DIR/versions/<version>/manifest.json
                                  spots.sqlite
                                  features.npy    float16 [n_photos, dim]
+                                 structure.npz   the public structure (lite_server.structure)
 
 A build writes a new version into a temporary folder, renames it into
 ``versions/`` and only then repoints ``current``; a crash at any moment leaves
@@ -33,6 +34,8 @@ import numpy as np
 
 from edge_client.errors import EnfPireError
 from edge_client.extractor import Extractor
+
+from .structure import Structure, StructureParams, derive
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +210,23 @@ def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: in
             "dim": extractor.dim, "n_spots": n_spots, "n_photos": n_photos, "skipped": skipped}
 
 
-def publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
-            rows: Iterable[tuple[str, str]], features: np.ndarray) -> Index:
-    """Write a complete version beside the others, then repoint ``current`` atomically."""
+def publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: Iterable[tuple[str, str]],
+            features: np.ndarray, params: StructureParams | None = None, update: bool = False,
+            structure: Structure | None = None) -> Index:
+    """Write a complete version beside the others, then repoint ``current`` atomically.
+
+    The version carries its public ``structure``, derived here with ``params`` (the
+    defaults when None) unless the caller already did; an ``update`` derives it from
+    the current version's, so that what the phones hold changes only where spots did.
+    """
     with index_lock(out_dir):
-        return _publish(out_dir, manifest, spots, rows, features)
+        return _publish(out_dir, manifest, spots, list(rows), features, params or StructureParams(), update,
+                        structure)
 
 
-def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
-             rows: Iterable[tuple[str, str]], features: np.ndarray) -> Index:
+def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: list[tuple[str, str]],
+             features: np.ndarray, params: StructureParams, update: bool, structure: Structure | None) -> Index:
+    previous = _current_structure(out_dir) if update and structure is None else None
     _clear_leftovers(out_dir)
     version = new_version()
     versions = out_dir / "versions"
@@ -229,6 +240,11 @@ def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
         with open(tmp / "features.npy", "wb") as handle:
             np.save(handle, np.ascontiguousarray(features, dtype=np.float16))
             _fsync(handle)
+        if structure is None:
+            row_of = {spot.id: i for i, spot in enumerate(spots)}
+            photo_spot = np.array([row_of[spot_id] for spot_id, _ in rows], np.int64)
+            structure = derive(features, photo_spot, [spot.id for spot in spots], params, previous)
+        structure.save(tmp)
         _write_durably(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
         os.rename(tmp, versions / version)
     except BaseException:
@@ -237,6 +253,13 @@ def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot],
     _point_current(out_dir, version)
     _prune_versions(out_dir, keep=version)
     return Index.load(out_dir)
+
+
+def _current_structure(out_dir: Path) -> Structure | None:
+    try:
+        return Structure.load(resolve_version(out_dir))
+    except BadIndexError:
+        return None
 
 
 def _write_sqlite(path: Path, spots: list[Spot], rows: Iterable[tuple[str, str]]) -> None:

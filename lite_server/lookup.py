@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from typing import Any
 
 import numpy as np
 
 from . import calibration
-from . import cells as public
 from .backends import Backend, make_backend, release_pages
 from .batching import BatchingBackend
 from .codec import PCACodec
 from .config import ServerConfig
 from .index import Index
+from .structure import Structure, StructureParams, derive
 from edge_client import wire
 from edge_client.extractor import l2_normalize
+
+log = logging.getLogger(__name__)
 
 
 class Lookup:
     """Answers candidate queries over one loaded :class:`Index`.
 
-    At load it also derives the public structure the transforms need (spot
-    prototypes, balanced cells, the PCA codec); all of it is a deterministic
-    function of the index, so every replica publishes the same parameters.
+    At load it takes the public structure the transforms need (the PCA
+    codec, spot looks and prototypes, balanced cells, calibration) from the
+    index version, where the build stored it (:mod:`lite_server.structure`);
+    it is a deterministic function of the index, so every replica publishes
+    the same parameters.
     """
 
     def __init__(self, index: Index, config: ServerConfig | None = None):
@@ -39,21 +44,15 @@ class Lookup:
         if config.max_batch > 1:  # concurrent requests share one scan of the gallery
             self.backend = BatchingBackend(self.backend, config.max_batch)
         n_spots = len(index.spots)
-        groups = public.spot_groups(index.photo_spot, n_spots)
-        self.popularity = np.array([len(g) for g in groups], np.float64) / max(1, len(index.photo_spot))
-        self.codec = PCACodec(config.codec_dim).fit(index.features) if config.codec_dim else None
-        looks = public.sample_groups(groups)  # bounded work per spot, however large the gallery
-        reps, rep_spot = public.prototypes(index.features, looks, config.features_per_spot)
-        bounds = np.searchsorted(rep_spot, np.arange(n_spots + 1))
+        self.popularity = np.bincount(index.photo_spot, minlength=n_spots) / max(1, len(index.photo_spot))
+        structure = load_structure(index, StructureParams.from_config(config))
+        self.codec = PCACodec.from_basis(structure.basis) if structure.basis is not None else None
+        bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
-        self._encoded = [self.encode(reps[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
-        published = [wire.decode(e).reshape(-1, self.codec.dim if self.codec else index.dim) for e in self._encoded]
-        self.calibration = calibration.public(calibration.leave_one_out_scores(
-            index.features, looks, config.features_per_spot, self.encode, self.project, published, self.coverage))
-        protos, self.prototype_spot = public.prototypes(index.features, looks, config.prototypes_per_spot)
-        self.prototypes = protos
-        self.spot_cell = public.balanced_cells(public.spot_means(index.features, looks), config.cell_min_spots) \
-            if n_spots else np.zeros(0, np.int64)
+        self._encoded = [self.encode(structure.looks[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
+        self.calibration = calibration.public(structure.scores)
+        self.prototypes, self.prototype_spot = structure.prototypes, structure.prototype_spot
+        self.spot_cell = structure.spot_cell
         release_pages(index.features)  # read once above: keep them out of the resident set
         # A candidate's JSON text is fixed per index version and json.dumps of its ~27 kB of
         # base64 costs more than the lookup's re-score: cached per instance, at most ~75 MB.
@@ -89,16 +88,13 @@ class Lookup:
         return np.flatnonzero(np.isin(self.spot_cell, np.asarray(cells, dtype=np.int64)))
 
     def encode(self, vectors: np.ndarray) -> dict[str, Any]:
-        """Features as they travel: PCA int8 codes, or float16 without a codec."""
-        return self.codec.encode(vectors) if self.codec else wire.encode(vectors, self.config.feature_dtype)
+        """Vectors of the comparison space (see :meth:`project`) as they travel: int8 codes
+        with a codec, else in the configured dtype."""
+        return wire.encode(l2_normalize(vectors), "int8" if self.codec else self.config.feature_dtype)
 
     def project(self, feature: np.ndarray) -> np.ndarray:
         """A feature in the space candidates are compared in on the phone (the codec's, or as it is)."""
         return self.codec.project(feature) if self.codec else np.asarray(feature, np.float32)
-
-    def coverage(self, feature: np.ndarray) -> float:
-        """The length of a unit feature inside the codec's subspace, as the phone measures it."""
-        return float(np.linalg.norm(self.codec.basis_ @ l2_normalize(feature))) if self.codec else 1.0
 
     def candidate(self, spot_row: int) -> dict[str, Any]:
         """Everything the phone needs to compare and show one spot."""
@@ -121,3 +117,14 @@ class Lookup:
                 "prototypes": self.encode(self.prototypes), "prototype_spot": self.prototype_spot.tolist(),
             }
         return out
+
+
+def load_structure(index: Index, params: StructureParams) -> Structure:
+    """The structure stored in ``index``'s version, or derived now when it has none for
+    ``params`` (an index built before structures were stored, or other server settings)."""
+    stored = Structure.load(index.path)
+    if stored is not None and stored.matches([s.id for s in index.spots], params):
+        return stored
+    log.info("deriving the public structure of %s at load (%d spots): store it with a rebuild",
+             index.version, len(index.spots))
+    return derive(index.features, index.photo_spot, [s.id for s in index.spots], params)

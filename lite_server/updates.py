@@ -21,6 +21,7 @@ from edge_client.errors import EnfPireError
 from edge_client.extractor import Extractor
 
 from .index import ExtractFn, Index, Spot, extract_photos, index_lock, publish, read_spots_csv, scan_photos
+from .structure import StructureParams
 
 if TYPE_CHECKING:
     from .app import Service
@@ -51,7 +52,8 @@ def _carried_manifest(index: Index, n_spots: int, n_photos: int, skipped: int) -
 
 
 def add_spots(index_dir: Path, photos_dir: Path, extractor: Extractor, spots_csv: Path | None = None,
-              progress: Callable[[int, int], None] | None = None, extract: ExtractFn | None = None) -> Index:
+              progress: Callable[[int, int], None] | None = None, params: StructureParams | None = None,
+              extract: ExtractFn | None = None) -> Index:
     """Add the photos of ``photos_dir`` (one sub-folder per spot) to the index: new spots are
     appended, photos of a known spot join it, photos already indexed are skipped. ``extract``
     runs the extraction (default: in this process; see ``index.ExtractFn``)."""
@@ -71,7 +73,8 @@ def add_spots(index_dir: Path, photos_dir: Path, extractor: Extractor, spots_csv
         spots = _merged_spots(base.spots, (s for s, _ in added_rows), read_spots_csv(spots_csv) if spots_csv else {})
         features = np.concatenate([np.asarray(base.features), added])
         rows += added_rows
-        return publish(index_dir, _carried_manifest(base, len(spots), len(rows), skipped), spots, rows, features)
+        return publish(index_dir, _carried_manifest(base, len(spots), len(rows), skipped), spots, rows, features,
+                       params, update=True)
 
 
 def _merged_spots(existing: list[Spot], new_ids: Iterable[str], catalogue: dict[str, Spot]) -> list[Spot]:
@@ -81,7 +84,7 @@ def _merged_spots(existing: list[Spot], new_ids: Iterable[str], catalogue: dict[
     return merged + [catalogue.get(s) or Spot(s, s) for s in sorted(set(new_ids) - known)]
 
 
-def remove_spots(index_dir: Path, spot_ids: Iterable[str]) -> Index:
+def remove_spots(index_dir: Path, spot_ids: Iterable[str], params: StructureParams | None = None) -> Index:
     """Drop spots and all their photos; unknown ids or removing every spot is an :class:`UpdateError`."""
     doomed = set(spot_ids)
     with index_lock(index_dir):
@@ -97,7 +100,7 @@ def remove_spots(index_dir: Path, spot_ids: Iterable[str]) -> Index:
         rows = [row for row, kept in zip(rows, keep) if kept]
         features = np.asarray(base.features)[keep]
         manifest = _carried_manifest(base, len(spots), len(rows), 0)
-        return publish(index_dir, manifest, spots, rows, features)
+        return publish(index_dir, manifest, spots, rows, features, params, update=True)
 
 
 def reload_service(service: "Service") -> tuple[bool, str]:

@@ -167,7 +167,7 @@ class CellsBayesAttacker:
         for f in range(self.folds):
             train = fold != f
             groups = public.spot_groups(index.photo_spot[train], n_spots)
-            protos, owner = public.prototypes(features[train], groups, lookup.config.prototypes_per_spot)
+            protos, owner = public.prototypes(lookup.project(features[train]), groups, lookup.config.prototypes_per_spot)
             simulated = _refit(transform, lookup, protos, owner)
             for row in np.flatnonzero(~train):
                 # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.

@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -56,7 +56,10 @@ from edge_client.transforms import make_transform
 from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
 from lite_server.index import Index, base_manifest, publish
 from tools.dataset import Dataset, features, load_dataset
+from tools.bench_catalogue import TARGETS as CATALOGUE_TARGETS
+from tools.bench_catalogue import run_catalogue
 from tools.live import LiveRelay, LiveServer
+from tools.timing import cells_bodies, interleaved, label, median_ms, post, serve
 
 JITTER = 0.1
 K_PRIVATE = 40
@@ -65,9 +68,10 @@ TARGETS = {  # key: (limit, "max" = at most / "min" = at least)
     "http_p50_ms_100k": 30.0, "rss_mb_1m": 1500.0, "private_vs_plain_ratio": 1.5,
     "answer_added_latency_s": 0.5,
     "ohttp_vs_direct_ratio": 1.3,
+    **CATALOGUE_TARGETS,
     "ray_build_ratio": (0.8, "min"), "ray_serve_p50_ratio": 1.5,
 }
-ONLY = ("answer-latency", "ohttp", "ray")
+ONLY = ("answer-latency", "ohttp", "catalogue", "ray")
 
 
 @dataclass(frozen=True)
@@ -83,38 +87,15 @@ class Plan:
     load_seconds: float          # the 16-client throughput run
     clients: int = 16
     real_photos: int = 0         # 0 = every dataset photo; fewer skips extracting all 4,625 (smoke)
+    spots: tuple[int, ...] = (1_000, 10_000, 100_000)  # synthetic catalogues (tools.bench_catalogue)
 
 
 PLANS = {
     "full": Plan((10_000, 100_000, 1_000_000), (10_000, 100_000, 1_000_000), 100_000, 25, 100_000, 16, 10.0),
     # Under a minute: the 100k lookup in-process, the server only at 10k.
-    "quick": Plan((10_000, 100_000), (10_000,), 10_000, 5, 10_000, 3, 3.0),
-    "smoke": Plan((3_000,), (3_000,), 3_000, 3, 3_000, 1, 1.0, clients=4, real_photos=300),
+    "quick": Plan((10_000, 100_000), (10_000,), 10_000, 5, 10_000, 3, 3.0, spots=(1_000, 10_000)),
+    "smoke": Plan((3_000,), (3_000,), 3_000, 3, 3_000, 1, 1.0, clients=4, real_photos=300, spots=(300,)),
 }
-
-
-def label(n: int) -> str:
-    """10000 -> "10k", 1000000 -> "1m"."""
-    for unit, name in ((1_000_000, "m"), (1_000, "k")):
-        if n >= unit and n % unit == 0:
-            return f"{n // unit}{name}"
-    return str(n)
-
-
-def median_ms(samples: list[float]) -> float:
-    return round(float(np.median(samples)) * 1e3, 3)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds of each call, ``repeats`` rounds of all of them in turn, after ``warmup`` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 # ---------------------------------------------------------------- phone side
@@ -238,29 +219,10 @@ def bench_batch(ours: QuantizedBackend, qs: np.ndarray, tag: str, single: list[f
 
 # ---------------------------------------------------------------- the real server
 
-def serve(index: Path, backend: str | None = None) -> LiveServer:
-    """The real server on ``index`` with 4 threads; a 1M index may take minutes to load."""
-    return LiveServer(index, "--threads", "4", *(["--backend", backend] if backend else []), ready_timeout=1800.0)
-
-
-def post(session: Any, url: str, body: bytes) -> int:
-    """One candidates round trip; the response's bytes."""
-    response = session.post(url + "/v1/candidates", data=body, headers={"Content-Type": "application/json"})
-    response.raise_for_status()
-    return len(response.content)
-
-
 def private_bodies(qs: np.ndarray, k: int = K_PRIVATE) -> list[bytes]:
     """Noise-transformed query bodies: a vector query, the one that makes the server scan."""
     transform, rng = make_transform("noise", k=k), np.random.default_rng(2)
     return [json.dumps(transform.transform(q, rng), separators=(",", ":")).encode() for q in qs]
-
-
-def cells_bodies(server: LiveServer, extractor: Extractor, qs: np.ndarray) -> list[bytes]:
-    """Bodies of the default transform (cells), fitted to the server's public parameters."""
-    with Client(ClientConfig(server=server.url, transform="cells", seed=2, cache=False), extractor=extractor) as client:
-        client.check_model()
-        return [json.dumps(client.transform.transform(q, client.rng), separators=(",", ":")).encode() for q in qs]
 
 
 def bench_http(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.ndarray, tag: str) -> dict[str, Any]:
@@ -458,6 +420,15 @@ def run_ohttp_only(plan: Plan, work: Path) -> dict[str, Any]:
     return result
 
 
+def run_catalogue_only(plan: Plan, work: Path) -> dict[str, Any]:
+    """``--only catalogue``: the figures that grow with the number of spots."""
+    result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan), "only": "catalogue"}
+    result.update(run_catalogue(plan.spots, Extractor(default_model_path()), work, plan.repeats))
+    result["targets"] = verdicts(result)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
 # ---------------------------------------------------------------- run, report
 
 def machine() -> dict[str, Any]:
@@ -480,6 +451,7 @@ def run(plan: Plan, out: Path, work: Path) -> dict[str, Any]:
     result.update(bench_extraction(plan, extractor, dataset))
     for n in plan.sizes:
         result.update(bench_size(plan, n, dataset, real, extractor, qs, work))
+    result.update(run_catalogue(plan.spots, extractor, work, plan.repeats))
     result["targets"] = verdicts(result)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
@@ -627,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="enfpire-bench-") as work:
         from tools.bench_ray import run_ray_only
 
-        runs = {"answer-latency": run_answer_latency, "ohttp": run_ohttp_only, "ray": run_ray_only}
+        runs = {"answer-latency": run_answer_latency, "ohttp": run_ohttp_only, "catalogue": run_catalogue_only,
+                "ray": run_ray_only}
         result = runs[args.only](plan, Path(work)) if args.only else run(plan, args.out, Path(work))
     result["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,188 @@
+"""The public structure of one index version, derived at build time and stored in it.
+
+Besides the features, answering and the private transforms need: the PCA
+codec's basis, each spot's looks (the representative features a candidate
+carries), its prototypes (what the phone chooses cells with), the balanced
+cells and the open-set calibration scores. All are deterministic functions of
+the gallery, worked out in the codec's space (where the phone compares).
+Deriving them for 100,000 spots takes minutes, so index builds and updates
+store them in the version folder (``structure.npz``) and a server start only
+loads them. An update derives from the previous version's structure: the
+basis stays, spots with the same photos keep their looks and prototypes, and
+cells change only where spots came or went (:func:`cells.update_cells`), so a
+phone's update is small.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.extractor import l2_normalize
+
+from . import calibration
+from . import cells
+from .codec import PCACodec
+
+log = logging.getLogger(__name__)
+
+FILE = "structure.npz"
+FORMAT = 1
+#: Rows projected into the codec space at once (bounded memory on a 1M-photo gallery).
+CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class StructureParams:
+    """The server settings the structure depends on (a change means a new derivation)."""
+
+    codec_dim: int = 128            # PCA dimensions; 0 = no codec, full float16 features
+    features_per_spot: int = 8      # looks per spot (what a candidate carries)
+    prototypes_per_spot: int = 3    # public prototypes per spot (what the phone chooses cells with)
+    cell_min_spots: int = 10        # every public cell holds at least this many spots
+
+    @classmethod
+    def from_config(cls, config: Any) -> "StructureParams":
+        """The parameters of a :class:`lite_server.config.ServerConfig` (or anything with those fields)."""
+        return cls(**{name: int(getattr(config, name)) for name in asdict(cls())})
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything public about one index version except the spots' own fields."""
+
+    params: StructureParams
+    spot_ids: np.ndarray        # str [n_spots], the spots it was derived for, in index order
+    spot_photos: np.ndarray     # int64 [n_spots]: photos per spot (an update reuses unchanged spots)
+    basis: np.ndarray | None    # float32 [codec_dim, dim], float16-exact; None without a codec
+    looks: np.ndarray           # float32 [L, D]: unit vectors in the codec space, by spot
+    look_spot: np.ndarray       # int64 [L]
+    prototypes: np.ndarray      # float32 [P, D]
+    prototype_spot: np.ndarray  # int64 [P]
+    spot_cell: np.ndarray       # int64 [n_spots]
+    scores: np.ndarray          # float32: leave-one-out evidence of correct answers (calibration)
+
+    def matches(self, spot_ids: list[str], params: StructureParams) -> bool:
+        """Whether this structure was derived for these spots with these parameters."""
+        return self.params == params and list(self.spot_ids) == list(spot_ids)
+
+    def save(self, folder: Path) -> None:
+        """Write ``folder/structure.npz`` (the caller makes the folder durable and atomic)."""
+        arrays = {k: v for k, v in self.__dict__.items() if k != "params" and v is not None}
+        header = {"format": FORMAT, "params": asdict(self.params)}
+        with open(folder / FILE, "wb") as handle:
+            np.savez(handle, header=np.array(json.dumps(header)), **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @classmethod
+    def load(cls, folder: Path) -> "Structure | None":
+        """The structure stored in ``folder``, or None when there is none of this format."""
+        try:
+            with np.load(folder / FILE, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                if header.get("format") != FORMAT:
+                    return None
+                arrays = {k: data[k] for k in data.files if k != "header"}
+            return cls(params=StructureParams(**header["params"]), basis=arrays.pop("basis", None), **arrays)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("ignoring the stored structure in %s: %s", folder, exc)
+            return None
+
+
+def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
+           params: StructureParams = StructureParams(), previous: Structure | None = None) -> Structure:
+    """The structure of a gallery; with ``previous`` (the last version's), an update of it."""
+    n_spots = len(spot_ids)
+    if previous is not None and previous.params != params:
+        previous = None  # other settings: nothing carries over
+    basis = previous.basis if previous is not None else _fit_basis(features, params.codec_dim)
+    groups = cells.sample_groups(cells.spot_groups(photo_spot, n_spots))
+    vectors, coverage, local = project(features, groups, basis)
+    photos = np.bincount(photo_spot, minlength=n_spots).astype(np.int64)
+    before = _previous_rows(spot_ids, previous)
+    # Updates only add photos to spots or remove whole spots: the same count means the same photos.
+    reused = np.where((before >= 0) & (previous.spot_photos[np.maximum(before, 0)] == photos), before, -1) \
+        if previous is not None else before
+    looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look")
+    protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype")
+    means = cells.spot_means(vectors, local) if n_spots else np.zeros((0, vectors.shape[1]), np.float32)
+    if previous is not None and n_spots:  # spots that gained photos keep their cell too
+        kept = np.where(before >= 0, previous.spot_cell[np.maximum(before, 0)], -1)
+        spot_cell = cells.update_cells(means, kept, params.cell_min_spots)
+    else:
+        spot_cell = cells.balanced_cells(means, params.cell_min_spots) if n_spots else np.zeros(0, np.int64)
+    scores = calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot,
+                                              params.features_per_spot, codes(basis))
+    return Structure(params, np.asarray(spot_ids, dtype=str), photos, basis, looks, look_spot,
+                     protos, proto_spot, spot_cell.astype(np.int64), scores)
+
+
+def _fit_basis(features: np.ndarray, dim: int) -> np.ndarray | None:
+    return PCACodec(dim).fit(features).basis_ if dim and len(features) else None
+
+
+def project(features: np.ndarray, groups: list[np.ndarray],
+            basis: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(unit vectors in the codec space, each photo's coverage, each spot's rows in them)
+    for the photos ``groups`` name, read in chunks. Coverage is the length of the unit
+    photo feature inside the codec's subspace, as the phone measures it."""
+    rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    dim = basis.shape[0] if basis is not None else features.shape[1]
+    vectors = np.zeros((len(rows), dim), np.float32)
+    coverage = np.ones(len(rows), np.float32)
+    for start in range(0, len(rows), CHUNK):
+        photos = l2_normalize(cells.spot_photos(features, rows[start:start + CHUNK]))
+        if basis is not None:
+            photos = photos @ basis.T
+            coverage[start:start + len(photos)] = np.linalg.norm(photos, axis=1)
+        vectors[start:start + len(photos)] = l2_normalize(photos)
+    bounds = np.cumsum([0] + [len(g) for g in groups])
+    return vectors, coverage, [np.arange(bounds[s], bounds[s + 1]) for s in range(len(groups))]
+
+
+def codes(basis: np.ndarray | None) -> calibration.Quantizer:
+    """What a vector of the codec space becomes on the wire and back: int8 codes with a
+    codec, float16 without (see :meth:`lite_server.lookup.Lookup.encode`)."""
+    from edge_client import wire
+
+    dtype = "int8" if basis is not None else "float16"
+
+    def roundtrip(vectors: np.ndarray) -> np.ndarray:  # in chunks: wire bounds what one message holds
+        parts = [wire.decode(wire.encode(vectors[i:i + CHUNK], dtype)) for i in range(0, len(vectors), CHUNK)]
+        return np.concatenate(parts).reshape(vectors.shape) if parts else vectors
+    return roundtrip
+
+
+def _previous_rows(spot_ids: list[str], previous: Structure | None) -> np.ndarray:
+    """Each spot's row in ``previous`` (-1 for a spot it did not have)."""
+    if previous is None:
+        return np.full(len(spot_ids), -1, np.int64)
+    before = {spot: row for row, spot in enumerate(previous.spot_ids.tolist())}
+    return np.array([before.get(s, -1) for s in spot_ids], np.int64)
+
+
+def _per_spot(vectors: np.ndarray, local: list[np.ndarray], m: int, reused: np.ndarray,
+              previous: Structure | None, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``m`` centres per spot: carried over from ``previous`` for reused spots,
+    k-means for the others; rows ordered by spot."""
+    fresh = np.flatnonzero(reused < 0)
+    centres, owner = cells.prototypes(vectors, [local[s] for s in fresh], m)
+    parts, owners = [centres], [fresh[owner]]
+    if previous is not None and (reused >= 0).any():
+        old_vectors = previous.looks if kind == "look" else previous.prototypes
+        old_owner = previous.look_spot if kind == "look" else previous.prototype_spot
+        new_row = np.full(len(previous.spot_ids), -1, np.int64)
+        new_row[reused[reused >= 0]] = np.flatnonzero(reused >= 0)
+        carried = new_row[old_owner] >= 0
+        parts.append(old_vectors[carried])
+        owners.append(new_row[old_owner[carried]])
+    owner_all = np.concatenate(owners)
+    order = np.argsort(owner_all, kind="stable")
+    return np.concatenate(parts)[order], owner_all[order]
