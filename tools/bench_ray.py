@@ -73,7 +73,8 @@ def bench_ray_serve(plan: Any, folder: Path, extractor: Extractor, qs: np.ndarra
     """The cells query through ``serve --ray`` (1 and 2 replicas) against waitress, same gallery."""
     import requests
 
-    from tools.bench import bench_throughput, cells_bodies, interleaved, median_ms, post, serve
+    from tools.bench import bench_throughput
+    from tools.timing import cells_bodies, interleaved, median_ms, post, serve
     from tools.live import LiveServer
 
     waitress = serve(folder)
@@ -109,7 +110,8 @@ def _renamed(figures: dict[str, Any], server: str) -> dict[str, Any]:
 def run_ray_only(plan: Any, work: Path) -> dict[str, Any]:
     """``--only ray``: the build and serving comparisons."""
     from edge_client.config import default_model_path
-    from tools.bench import label, limited, machine, publish_gallery, queries, verdicts
+    from tools.bench import limited, machine, publish_gallery, queries, verdicts
+    from tools.timing import label
     from tools.dataset import features, load_dataset
 
     model = default_model_path()
