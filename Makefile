@@ -23,7 +23,7 @@ setup: $(STAMP) $(MODEL)
 # Reinstall only when the package's declared dependencies change.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp,quantize]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp,quantize,ray]'
 	touch $(STAMP)
 
 $(MODEL): $(STAMP) models/manifest.json tools/cut.py

@@ -7,15 +7,16 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edge_client.config import ClientConfig
 from edge_client.errors import ConfigError, EnfPireError
 from edge_client.extractor import Extractor
 
 from .config import ServerConfig, load_config
-from .index import Index, build_index
+from .index import ExtractFn, Index, build_index
 from .updates import add_spots, reload_service, remove_spots
 
 log = logging.getLogger(__name__)
@@ -32,22 +33,38 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    model = load_config(ClientConfig, model=args.model).model_path()
-    extractor = Extractor(model, num_threads=args.threads or 0)
-    index = build_index(Path(args.photos), Path(args.out), extractor,
-                        Path(args.spots) if args.spots else None,
-                        progress=_progress_bar if sys.stderr.isatty() else None)
+    with _extraction(args) as extract:
+        index = build_index(Path(args.photos), Path(args.out), _extractor(args), Path(args.spots) if args.spots else None,
+                            progress=_progress_bar if sys.stderr.isatty() else None, extract=extract)
     print(json.dumps(index.manifest, indent=2))
     return 0
 
 
 def _add(args: argparse.Namespace) -> int:
-    model = load_config(ClientConfig, model=args.model).model_path()
-    index = add_spots(Path(args.index), Path(args.photos), Extractor(model, num_threads=args.threads or 0),
-                      Path(args.spots) if args.spots else None,
-                      progress=_progress_bar if sys.stderr.isatty() else None)
+    with _extraction(args) as extract:
+        index = add_spots(Path(args.index), Path(args.photos), _extractor(args), Path(args.spots) if args.spots else None,
+                          progress=_progress_bar if sys.stderr.isatty() else None, extract=extract)
     print(json.dumps(index.manifest, indent=2))
     return 0
+
+
+def _extractor(args: argparse.Namespace) -> Extractor:
+    """The driver's extractor: it extracts a local build; for a Ray build it names the model and its dim."""
+    model = load_config(ClientConfig, model=args.model).model_path()
+    return Extractor(model, num_threads=(args.threads or 0) if args.ray is None else 1)
+
+
+@contextmanager
+def _extraction(args: argparse.Namespace) -> Iterator[ExtractFn | None]:
+    """``None`` (extract in this process), or with ``--ray`` the Ray extraction, connected to its cluster."""
+    if args.ray is None:
+        yield None
+        return
+    from .ray_build import RayExtraction
+    from .ray_cluster import cluster
+
+    with cluster(args.ray or None):
+        yield RayExtraction(workers=args.workers or 0, threads=args.threads or 1, batch_size=args.batch_size)
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -75,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(ServerConfig, args.config, **_overrides(args))
     check_token(config)
+    if args.ray is not None:
+        from .ray_serve import serve_ray
+
+        serve_ray(config, args.ray or None, args.replicas)
+        return 0
     app = create_app(config)
     service = app.extensions[EXTENSION]
     threads = config.threads + config.max_pending + HEADROOM
@@ -140,6 +162,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _ray_build_flags(parser: argparse.ArgumentParser) -> None:
+    from .ray_build import BATCH
+
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="extract on a Ray cluster: ADDRESS (auto, host:port, ray://...) or, without one, "
+                             "a local cluster started for this build (the ray extra)")
+    parser.add_argument("--workers", type=int, help="Ray worker actors (default: one per cluster CPU)")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"photos per Ray batch (default {BATCH})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enfpire-server", description="EnfPire lookup server")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -150,14 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spots", help="CSV: first column the spot id; name, lat, lon and info columns")
     p.add_argument("--out", required=True, help="index directory (a new version is added)")
     p.add_argument("--model", help="extractor .tflite or registered model name (default: the prepared model)")
-    p.add_argument("--threads", type=int, help="interpreter threads")
+    p.add_argument("--threads", type=int, help="interpreter threads (per Ray worker with --ray)")
+    _ray_build_flags(p)
     p.set_defaults(func=_build)
     p = index.add_parser("add", help="add spots or photos: a new version beside the old, swapped atomically")
     p.add_argument("index", help="index directory")
     p.add_argument("--photos", required=True, help="one sub-folder per spot; known spots gain photos")
     p.add_argument("--spots", help="CSV of spot metadata (as for build)")
     p.add_argument("--model", help="extractor .tflite (must be the index's model)")
-    p.add_argument("--threads", type=int, help="interpreter threads")
+    p.add_argument("--threads", type=int, help="interpreter threads (per Ray worker with --ray)")
+    _ray_build_flags(p)
     p.set_defaults(func=_add)
     p = index.add_parser("remove", help="remove spots and their photos (new version, atomic swap)")
     p.add_argument("index", help="index directory")
@@ -174,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--keys", dest="ohttp_keys", help="the key file itself")
         p.add_argument("--config", help="JSON config file")
         p.set_defaults(func=func)
-    p = sub.add_parser("serve", help="serve an index with waitress")
+    p = sub.add_parser("serve", help="serve an index with waitress, or on Ray Serve with --ray")
     p.add_argument("--index")
     p.add_argument("--config", help="JSON config file")
     p.add_argument("--host"); p.add_argument("--port", type=int); p.add_argument("--threads", type=int)
@@ -182,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-peers", action="store_const", const=True,
                    help="log each request's peer address (with -v): what the server sees")
     p.add_argument("--ohttp-keys", help="OHTTP key file (default <index>/ohttp-keys.json; 'off' = no gateway)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve on Ray Serve: join the cluster at ADDRESS (auto, host:port, ray://...) or, without "
+                        "one, start a local cluster (the ray extra); the lookup port is Ray's HTTP proxy")
+    p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas of the app (with --ray; default 2)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
     return parser

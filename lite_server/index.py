@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 KEEP_VERSIONS = 3
+
+#: How a build turns (spot id, photo) pairs into rows and features: :func:`extract_photos` in this
+#: process, or ``lite_server.ray_build.RayExtraction`` on a Ray cluster. Same arguments, same result.
+ExtractFn = Callable[[list[tuple[str, Path]], Path, Extractor, Optional[Callable[[int, int], None]]],
+                     tuple[list[tuple[str, str]], np.ndarray, int]]
 
 
 class BadIndexError(EnfPireError):
@@ -154,13 +159,15 @@ def build_index(
     extractor: Extractor,
     spots_csv: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    extract: ExtractFn | None = None,
 ) -> Index:
-    """Extract every photo and publish a new index version under ``out_dir``.
+    """Extract every photo (``extract``: default in this process) and publish a new
+    index version under ``out_dir``.
 
     Undecodable photos are skipped and counted in the manifest, never fatal.
     """
     catalogue = read_spots_csv(spots_csv) if spots_csv else {}
-    rows, matrix, skipped = extract_photos(scan_photos(photos_dir), photos_dir, extractor, progress)
+    rows, matrix, skipped = (extract or extract_photos)(scan_photos(photos_dir), photos_dir, extractor, progress)
     spot_ids = sorted({spot_id for spot_id, _ in rows})
     spots = [catalogue.get(s) or Spot(s, s) for s in spot_ids]
     return publish(out_dir, base_manifest(extractor, len(spots), len(rows), skipped), spots, rows, matrix)
@@ -171,20 +178,30 @@ def extract_photos(photos: list[tuple[str, Path]], photos_dir: Path, extractor: 
                    ) -> tuple[list[tuple[str, str]], np.ndarray, int]:
     """Features of (spot id, photo) pairs: (rows with paths relative to ``photos_dir``,
     float16 matrix, number of undecodable photos skipped)."""
-    skipped: list[str] = []
+    vectors = extractor.extract_many((p for _, p in photos), on_error=lambda p, e: log.info("undecodable: %s", e))
+    return collect_rows(photos, photos_dir, vectors, extractor.dim, progress)
+
+
+def collect_rows(photos: list[tuple[str, Path]], photos_dir: Path, vectors: Iterable[np.ndarray | None], dim: int,
+                 progress: Callable[[int, int], None] | None = None,
+                 ) -> tuple[list[tuple[str, str]], np.ndarray, int]:
+    """The index rows of ``photos`` from their features in the same order (``None``: undecodable,
+    skipped and counted): (rows, float16 matrix, skipped). Every extraction ends here."""
+    skipped = 0
     rows: list[tuple[str, str]] = []
     features: list[np.ndarray] = []
-    vectors = extractor.extract_many((p for _, p in photos), on_error=lambda p, e: skipped.append(str(p)))
-    for done, ((spot_id, path), vector) in enumerate(zip(photos, vectors), 1):
-        if vector is not None:
+    for done, ((spot_id, path), vector) in enumerate(zip(photos, vectors, strict=True), 1):
+        if vector is None:
+            skipped += 1
+        else:
             rows.append((spot_id, str(path.relative_to(photos_dir))))
             features.append(vector)
         if progress:
             progress(done, len(photos))
     if skipped:
-        log.warning("skipped %d undecodable photo(s)", len(skipped))
-    matrix = np.stack(features).astype(np.float16) if features else np.zeros((0, extractor.dim), np.float16)
-    return rows, matrix, len(skipped)
+        log.warning("skipped %d undecodable photo(s)", skipped)
+    matrix = np.stack(features).astype(np.float16) if features else np.zeros((0, dim), np.float16)
+    return rows, matrix, skipped
 
 
 def base_manifest(extractor: Extractor, n_spots: int, n_photos: int, skipped: int = 0) -> dict[str, Any]:

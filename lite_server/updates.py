@@ -20,7 +20,7 @@ import numpy as np
 from edge_client.errors import EnfPireError
 from edge_client.extractor import Extractor
 
-from .index import Index, Spot, extract_photos, index_lock, publish, read_spots_csv, scan_photos
+from .index import ExtractFn, Index, Spot, extract_photos, index_lock, publish, read_spots_csv, scan_photos
 from .structure import StructureParams
 
 if TYPE_CHECKING:
@@ -52,9 +52,11 @@ def _carried_manifest(index: Index, n_spots: int, n_photos: int, skipped: int) -
 
 
 def add_spots(index_dir: Path, photos_dir: Path, extractor: Extractor, spots_csv: Path | None = None,
-              progress: Callable[[int, int], None] | None = None, params: StructureParams | None = None) -> Index:
+              progress: Callable[[int, int], None] | None = None, params: StructureParams | None = None,
+              extract: ExtractFn | None = None) -> Index:
     """Add the photos of ``photos_dir`` (one sub-folder per spot) to the index: new spots are
-    appended, photos of a known spot join it, photos already indexed are skipped."""
+    appended, photos of a known spot join it, photos already indexed are skipped. ``extract``
+    runs the extraction (default: in this process; see ``index.ExtractFn``)."""
     with index_lock(index_dir):
         base = Index.load(index_dir)
         if extractor.sha256 != base.model_sha256:
@@ -65,7 +67,7 @@ def add_spots(index_dir: Path, photos_dir: Path, extractor: Extractor, spots_csv
         fresh = [(s, p) for s, p in scan_photos(photos_dir) if (s, str(p.relative_to(photos_dir))) not in known]
         if not fresh:
             raise UpdateError(f"{photos_dir} holds no photos that are not indexed already")
-        added_rows, added, skipped = extract_photos(fresh, photos_dir, extractor, progress)
+        added_rows, added, skipped = (extract or extract_photos)(fresh, photos_dir, extractor, progress)
         if not added_rows:
             raise UpdateError(f"none of the {len(fresh)} new photo(s) could be decoded")
         spots = _merged_spots(base.spots, (s for s, _ in added_rows), read_spots_csv(spots_csv) if spots_csv else {})
