@@ -120,11 +120,13 @@ class Client:
                 f"the server uses model {str(info['model_sha256'])[:12]}..., this device {mine[:12]}...: "
                 "both must run the same extractor")
         if self._project is None:
-            public = self.public()
-            project, dim = projector(public.basis)
-            self.transform.fit(public)
+            # A server that publishes no document (no "public" in its info) serves only vector queries.
+            public = self.public() if info.get("public") else None
+            basis = public.basis if public is not None else None
+            project, dim = projector(basis)
+            self.transform.fit(public if public is not None else {})
             self._calibration = Calibration.from_public(info.get("calibration"))
-            self._coverage = coverage(public.basis)
+            self._coverage = coverage(basis)
             # Only a complete fit counts: a failure above is retried on the next call.
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
