@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from edge_client import wire
 from edge_client.extractor import l2_normalize
@@ -35,6 +36,7 @@ from .lookup import Lookup
 
 log = logging.getLogger(__name__)
 FILE = "public.json.gz"
+SPREAD_SPOTS = 2000  # the dummies' photo spread is measured on at most this many spots
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _cache: "weakref.WeakKeyDictionary[Lookup, PublicParams]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -111,23 +113,34 @@ def _unsigned(values: np.ndarray) -> np.ndarray:
     return values.astype(np.uint8 if top < 1 << 8 else np.uint16 if top < 1 << 16 else np.uint32)
 
 
-def spread(lookup: Lookup) -> dict[str, float]:
+def spread(lookup: Lookup, max_spots: int = SPREAD_SPOTS, seed: int = 0) -> dict[str, float]:
     """Leave-one-out photo-to-spot spread: ``cos_median`` of a photo with its spot's
     L2-normalised mean, and ``log_tan_sigma``, the standard deviation of the log
     tangent of that angle (how much photos differ in how typical they are), so
-    dummy photos can be calibrated to it."""
+    dummy photos can be calibrated to it. Measured on every spot up to
+    ``max_spots`` (the real datasets), on a fixed random ``max_spots`` of them beyond:
+    a median needs no million photos, and a server start should not read them all."""
     index = lookup.index
     labels = np.asarray(index.photo_spot)
-    sums = np.zeros((len(index.spots), index.dim), np.float64)
+    n_spots = len(index.spots)
+    rows = np.arange(len(labels))
+    if n_spots > max_spots:
+        chosen = np.zeros(n_spots, bool)
+        chosen[np.random.default_rng(seed).choice(n_spots, max_spots, replace=False)] = True
+        rows = rows[chosen[labels]]
+    sums = np.zeros((n_spots, index.dim), np.float64)
+    for start in range(0, len(rows), 4096):  # bounded memory on big indexes
+        part = rows[start:start + 4096]
+        # Summed per spot as a sparse product: np.add.at is many times slower.
+        member = sparse.csr_matrix((np.ones(len(part)), (labels[part], np.arange(len(part)))), shape=(n_spots, len(part)))
+        sums += member @ np.asarray(index.features[part], np.float64)
+    counts = np.bincount(labels[rows], minlength=n_spots)
     cos = []
-    for start in range(0, len(labels), 4096):  # bounded memory on big indexes
-        np.add.at(sums, labels[start:start + 4096], np.asarray(index.features[start:start + 4096], np.float64))
-    counts = np.bincount(labels, minlength=len(index.spots))
-    for start in range(0, len(labels), 4096):
-        rows = np.arange(start, min(start + 4096, len(labels)))
-        rows = rows[counts[labels[rows]] > 1]
-        x = np.asarray(index.features[rows], np.float64)
-        others = sums[labels[rows]] - x
+    for start in range(0, len(rows), 4096):
+        part = rows[start:start + 4096]
+        part = part[counts[labels[part]] > 1]
+        x = np.asarray(index.features[part], np.float64)
+        others = sums[labels[part]] - x
         cos.append((x * others).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(others, axis=1), 1e-12))
     values = np.clip(np.concatenate(cos) if cos else np.zeros(0), 1e-3, 1 - 1e-6)
     if len(values) < 2:
