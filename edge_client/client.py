@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
+from urllib.parse import quote
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,13 +29,13 @@ import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 
-from . import wire
 from .cache import AnswerCache
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
 from .extractor import Extractor
 from .oblivious import Answer, ObliviousTransport
 from .photo import Photo
+from .public import PublicError, PublicParams, PublicStore, apply_delta, parse
 from .recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .state import decoy_seed, device_secret
 from .transforms import Transform, make_transform
@@ -63,6 +64,9 @@ class Client:
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
         self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self._info: dict[str, Any] | None = None
+        self._public: PublicParams | None = None  # the public document, kept on disk too
+        self.public_store = PublicStore(public_path(self.config) if self.config.cache else None)
+        self.last_public: tuple[str, int] = ("", 0)  # how the document last came: (full|delta|kept, bytes)
         self._project: Projector | None = None  # set with the server's public parameters
         self._compare_dim = 0
         self._calibration: Calibration | None = None  # open-set answers, set with the rest
@@ -116,14 +120,50 @@ class Client:
                 f"the server uses model {str(info['model_sha256'])[:12]}..., this device {mine[:12]}...: "
                 "both must run the same extractor")
         if self._project is None:
-            public = info.get("transforms") or {}
-            project, dim = projector(public.get("codec") or {})
-            self.transform.fit(public)
+            # A server that publishes no document (no "public" in its info) serves only vector queries.
+            public = self.public() if info.get("public") else None
+            basis = public.basis if public is not None else None
+            project, dim = projector(basis)
+            self.transform.fit(public if public is not None else {})
             self._calibration = Calibration.from_public(info.get("calibration"))
-            self._coverage = coverage(public.get("codec") or {})
+            self._coverage = coverage(basis)
             # Only a complete fit counts: a failure above is retried on the next call.
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
+
+    def public(self) -> PublicParams:
+        """The public document of the server's index version (``/v1/public``).
+
+        The copy kept on disk is used while it is the version ``/v1/info``
+        names; otherwise the phone asks for the change since its version and
+        applies the delta (a delta that fails its checks, or any unusable
+        answer, is replaced by the full document).
+        """
+        info = self.info()
+        wanted = info.get("public") or {}
+        current = self._public is not None and self._public.version == info["index_version"]
+        kept = self._public if current else self._public or self.public_store.load()
+        if kept is not None and kept.version == info["index_version"] and kept.digest == wanted.get("digest"):
+            if not current:
+                self._public, self.last_public = kept, ("kept", 0)
+            return kept
+        doc = None
+        if kept is not None:
+            payload, _, received = self._request("GET", "/v1/public?since=" + quote(kept.version, safe=""))
+            try:
+                doc = apply_delta(kept, payload) if payload.get("kind") == "delta" else parse(payload)
+                self.last_public = (str(payload.get("kind")), received)
+            except (PublicError, AttributeError) as exc:
+                log.warning("the public delta is unusable (%s): downloading the whole document", exc)
+        if doc is None:
+            payload, _, received = self._request("GET", "/v1/public")
+            doc = parse(payload)
+            self.last_public = ("full", received)
+        self.public_store.save(doc)
+        self._public = doc
+        if doc.version != info["index_version"]:  # the server moved on meanwhile: the info is stale too
+            self._info, self._project = None, None
+        return doc
 
     def _rerank(self, feature: np.ndarray, candidates: list[dict[str, Any]]) -> Recognition:
         """The phone's pick among ``candidates``, open set: the same rule for fresh and cached answers.
@@ -135,13 +175,10 @@ class Client:
                       self.config.threshold, self._calibration, self.config.keep, self._coverage(feature))
 
     def catalogue(self) -> "Catalogue":
-        """The server's public spot catalogue (``/v1/spots``), for dummy requests."""
+        """The spot catalogue of the public document, for dummy requests."""
         from .catalogue import Catalogue
 
-        payload, _, _ = self._request("GET", "/v1/spots")
-        codec = (self.info().get("transforms") or {}).get("codec") or {}
-        basis = wire.decode(codec["basis"]) if codec.get("kind") == "pca" else None
-        return Catalogue.from_payload(payload, int(self.info()["dim"]), basis)
+        return Catalogue.from_public(self.public(), int(self.info()["dim"]))
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""
@@ -298,9 +335,16 @@ def cache_path(config: ClientConfig) -> Path:
     return config.state_path() / "cache" / f"{name}.json.gz"
 
 
+def public_path(config: ClientConfig) -> Path:
+    """The kept public document of ``config.server``, beside its answer cache."""
+    return cache_path(config).with_suffix("").with_suffix(".public.json.gz")
+
+
 def clear_caches(config: ClientConfig, every_server: bool = False) -> int:
-    """Delete the answer cache of ``config.server`` (``every_server``: all of them); how many files went."""
-    files = sorted((config.state_path() / "cache").glob("*.json.gz")) if every_server else [cache_path(config)]
+    """Delete the answer cache and public document of ``config.server`` (``every_server``: all of
+    them); how many files went."""
+    files = sorted((config.state_path() / "cache").glob("*.json.gz")) if every_server \
+        else [cache_path(config), public_path(config)]
     removed = 0
     for path in files:
         try:

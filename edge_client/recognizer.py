@@ -14,18 +14,15 @@ from .extractor import l2_normalize
 Projector = Callable[[np.ndarray], np.ndarray]
 
 
-def projector(codec: Mapping[str, Any]) -> tuple[Projector, int | None]:
+def projector(basis: np.ndarray | None) -> tuple[Projector, int | None]:
     """The map into the space candidate features travel in, and that space's dimension.
 
-    With a PCA codec (``/v1/info`` ``transforms.codec``) the phone projects
-    its own feature on the published basis; otherwise features compare as they are.
+    With a PCA codec (its ``basis`` is in the public document, ``edge_client.public``)
+    the phone projects its own feature on it; otherwise features compare as they are.
     """
-    if codec.get("kind") != "pca":
+    if basis is None:
         return (lambda feature: feature), None
-    try:
-        basis = wire.decode(codec["basis"])
-    except (KeyError, ValueError) as exc:
-        raise BadResponseError(f"the server's codec is malformed: {exc}") from None
+    basis = np.asarray(basis, np.float32)
     if basis.ndim != 2:
         raise BadResponseError("the server's codec basis must be a matrix")
     return (lambda feature: l2_normalize(basis @ feature)), int(basis.shape[0])
@@ -118,11 +115,11 @@ class Calibration:
         return float(np.interp(1.0 - keep, self.levels, self.scores))
 
 
-def coverage(codec: Mapping[str, Any]) -> Callable[[np.ndarray], float]:
+def coverage(basis: np.ndarray | None) -> Callable[[np.ndarray], float]:
     """The length of a unit feature inside the codec's subspace (1.0 without a codec)."""
-    if codec.get("kind") != "pca":
+    if basis is None:
         return lambda feature: 1.0
-    basis = wire.decode(codec["basis"])
+    basis = np.asarray(basis, np.float32)
     return lambda feature: float(np.linalg.norm(basis @ l2_normalize(feature)))
 
 

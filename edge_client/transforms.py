@@ -2,7 +2,8 @@
 
 A transform turns the phone's L2-normalised feature into the body of a
 ``/v1/candidates`` request. It may need public parameters that the server
-publishes in ``/v1/info`` under ``transforms`` (``fit`` takes that object),
+publishes in ``/v1/public`` (``fit`` takes the parsed document,
+:class:`edge_client.public.PublicParams`, or its JSON payload),
 and it draws all its randomness from the generator it is handed, so a seed
 fixes every query. Every request a transform makes has one size on the
 wire (``pad``), so the size says nothing about the query.
@@ -17,7 +18,8 @@ import numpy as np
 from . import wire
 from .errors import ConfigError
 from .extractor import l2_normalize
-from .recognizer import projector
+from .public import PublicParams, parse
+from .recognizer import Projector, projector
 
 
 class Transform:
@@ -39,8 +41,8 @@ class Transform:
     def k_(self) -> int:
         return int(self.k or self.default_k)
 
-    def fit(self, public: Mapping[str, Any]) -> "Transform":
-        """Take the server's public parameters (``/v1/info`` ``transforms``); returns self."""
+    def fit(self, public: PublicParams | Mapping[str, Any]) -> "Transform":
+        """Take the server's public parameters (``/v1/public``); returns self."""
         return self
 
     def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
@@ -103,14 +105,12 @@ class Mix(Transform):
     decoys = 3
     decoy_noise = 0.5
 
-    def fit(self, public: Mapping[str, Any]) -> "Mix":
-        cells = public.get("cells") or {}
-        codec = public.get("codec") or {}
-        if not cells or codec.get("kind") != "pca":
+    def fit(self, public: PublicParams | Mapping[str, Any]) -> "Mix":
+        doc = params(public)
+        if not doc.n_cells or doc.basis is None:
             raise ConfigError("the mix transform needs the server's published prototypes and codec")
-        basis = wire.decode(codec["basis"])
-        self.pool_ = l2_normalize(wire.decode(cells["prototypes"]) @ basis)
-        popularity = np.asarray(cells["popularity"], dtype=np.float64)[np.asarray(cells["prototype_spot"])]
+        self.pool_ = l2_normalize(doc.blocks["prototypes"].decode() @ doc.basis.astype(np.float32))
+        popularity = doc.popularity[doc.spot_of("prototypes")]
         self.weights_ = popularity / popularity.sum()
         return self
 
@@ -162,15 +162,22 @@ class Cells(Transform):
     def margin_(self) -> float:
         return self.default_margin if self.margin is None else float(self.margin)
 
-    def fit(self, public: Mapping[str, Any]) -> "Cells":
-        cells = public.get("cells")
-        if not cells:
+    def fit(self, public: PublicParams | Mapping[str, Any]) -> "Cells":
+        doc = params(public)
+        if not doc.n_cells:
             raise ConfigError("the server publishes no cells: it cannot answer the cells transform")
-        self.project_, _ = projector(public.get("codec") or {})
-        self.prototypes_ = wire.decode(cells["prototypes"])
-        self.prototype_spot_ = np.asarray(cells["prototype_spot"], dtype=np.int64)
-        spot_cell = np.asarray(cells["spot_cell"], dtype=np.int64)
-        self.n_cells_ = int(cells["n_cells"])
+        return self.fit_arrays(projector(doc.basis)[0], doc.blocks["prototypes"].decode(), doc.spot_of("prototypes"),
+                               doc.columns["cell"], doc.n_cells, doc.popularity)
+
+    def fit_arrays(self, project: Projector, prototypes: np.ndarray, prototype_spot: np.ndarray,
+                   spot_cell: np.ndarray, n_cells: int, popularity: np.ndarray) -> "Cells":
+        """Fit on the structure itself (:meth:`fit` reads it from the document; the evaluation's
+        attackers refit on prototypes of their own)."""
+        self.project_ = project
+        self.prototypes_ = np.asarray(prototypes, np.float32)
+        self.prototype_spot_ = np.asarray(prototype_spot, dtype=np.int64)
+        spot_cell = np.asarray(spot_cell, dtype=np.int64)
+        self.n_cells_ = int(n_cells)
         # Prototypes grouped by cell, so a cell's best score is one reduceat.
         cell_of = spot_cell[self.prototype_spot_]
         order = np.argsort(cell_of, kind="stable")
@@ -178,7 +185,8 @@ class Cells(Transform):
         self.cell_starts_ = np.searchsorted(cell_of[order], np.arange(self.n_cells_))
         if len(np.unique(cell_of)) != self.n_cells_:
             raise ConfigError("every published cell must hold at least one prototype")
-        popularity = np.asarray(cells["popularity"], dtype=np.float64)
+        # A decoy starts from a prototype of its spot: a spot without one is never drawn.
+        popularity = np.asarray(popularity, np.float64) * (np.bincount(self.prototype_spot_, minlength=len(spot_cell)) > 0)
         self.popularity_ = popularity / popularity.sum()
         return self
 
@@ -213,6 +221,11 @@ class Cells(Transform):
         most = min(self.n_cells_, self.k_ * (1 + int(round(self.strength_))))
         widest = [self.n_cells_ - 1 - i for i in range(most)]
         return len(_dumps({"cells": widest, "pad": ""}))
+
+
+def params(public: PublicParams | Mapping[str, Any]) -> PublicParams:
+    """The parsed public document (a payload is parsed: one parser on the phone)."""
+    return public if isinstance(public, PublicParams) else parse(public)
 
 
 def _dumps(body: Mapping[str, Any]) -> str:

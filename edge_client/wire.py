@@ -6,6 +6,11 @@ its little-endian bytes. ``float16`` is exact enough for cosine ranking;
 is a mean of ReLU6 outputs) with one ``scale`` per matrix: ``x = q * scale``.
 ``int8`` is for signed codes (projected features), with one scale per row
 (a list) so every vector keeps its full 8-bit resolution.
+
+Arrays that must arrive bit-exact (the public parameters, see
+:mod:`edge_client.public`) travel with :func:`encode_array` in their own dtype,
+integers included; their int8 codes carry their per-row scales as such an
+array of float16 rather than a JSON list of floats.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from typing import Any
 import numpy as np
 
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1"), "int8": np.dtype("i1")}
+#: Exact arrays (encode_array / decode_array) may also be integers of these widths.
+ARRAY_DTYPES = {**DTYPES, "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"), "uint32": np.dtype("<u4"),
+                "int32": np.dtype("<i4")}
 MAX_ELEMENTS = 1 << 24  # a bound on what one decoded matrix may allocate
 
 
@@ -49,17 +57,31 @@ def encode(matrix: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
     return out
 
 
-def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
-    """Decode an encoded matrix to float32, checking every field; ``WireError`` otherwise.
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """Encode ``array`` (one or two axes) exactly, in its own dtype (one of :data:`ARRAY_DTYPES`)."""
+    array = np.asarray(array)
+    name = next((n for n, d in ARRAY_DTYPES.items() if d == array.dtype.newbyteorder("<")), None)
+    if name is None:
+        raise WireError(f"dtype {array.dtype} does not travel exactly")
+    raw = np.ascontiguousarray(array, dtype=ARRAY_DTYPES[name])
+    return {"dtype": name, "shape": list(array.shape), "data": base64.b64encode(raw.tobytes()).decode("ascii")}
 
-    With ``expect_dim`` the last axis must have that length.
+
+def decode_array(obj: Any, dtype: str | tuple[str, ...] | None = None) -> np.ndarray:
+    """Decode an :func:`encode_array` object to its exact values (no scale, no finiteness check).
+
+    ``dtype`` restricts what is accepted (a name or several).
     """
     if not isinstance(obj, dict):
-        raise WireError("an encoded matrix must be an object with dtype, shape and data")
+        raise WireError("an encoded array must be an object with dtype, shape and data")
     name = obj.get("dtype")
-    dtype = DTYPES.get(name) if isinstance(name, str) else None  # a list or dict is unhashable
-    if dtype is None:
-        raise WireError(f"dtype must be one of {sorted(DTYPES)}")
+    allowed = (dtype,) if isinstance(dtype, str) else dtype
+    if not isinstance(name, str) or name not in ARRAY_DTYPES or (allowed and name not in allowed):
+        raise WireError(f"dtype must be one of {sorted(allowed or ARRAY_DTYPES)}")
+    return _raw(obj, ARRAY_DTYPES[name])
+
+
+def _raw(obj: dict[str, Any], dtype: np.dtype) -> np.ndarray:
     shape = _shape(obj.get("shape"))
     data = obj.get("data")
     if not isinstance(data, str):
@@ -71,9 +93,24 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
     if len(raw) != math.prod(shape) * dtype.itemsize:
         raise WireError(f"data holds {len(raw)} bytes, shape {shape} of {dtype.name} needs "
                         f"{math.prod(shape) * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
+    """Decode an encoded matrix to float32, checking every field; ``WireError`` otherwise.
+
+    With ``expect_dim`` the last axis must have that length.
+    """
+    if not isinstance(obj, dict):
+        raise WireError("an encoded matrix must be an object with dtype, shape and data")
+    name = obj.get("dtype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None  # a list or dict is unhashable
+    if dtype is None:
+        raise WireError(f"dtype must be one of {sorted(DTYPES)}")
+    matrix = _raw(obj, dtype).astype(np.float32)
+    shape = list(matrix.shape)
     if expect_dim is not None and (not shape or shape[-1] != expect_dim):
         raise WireError(f"expected vectors of dimension {expect_dim}, got shape {shape}")
-    matrix = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float32)
     if dtype == np.uint8:
         matrix *= _scale(obj.get("scale"))
     elif dtype == np.int8:
@@ -81,6 +118,25 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
     if not np.isfinite(matrix).all():
         raise WireError("values must be finite (no NaN or infinity)")
     return matrix
+
+
+def encode_codes(codes: np.ndarray, scales: np.ndarray) -> dict[str, Any]:
+    """int8 rows with their float16 per-row scales, each an exact array (see :func:`quantize`)."""
+    return {**encode_array(np.asarray(codes, np.int8)), "scale": encode_array(np.asarray(scales, np.float16))}
+
+
+def quantize(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes [R, D], float16 scales [R]) of float rows: ``row ~ codes * scale``.
+
+    The scale is rounded to float16 *before* the codes are taken, so the phone
+    decodes exactly what the server quantized against.
+    """
+    matrix = np.asarray(matrix, np.float32)
+    rows = matrix.reshape(-1, matrix.shape[-1])
+    peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+    scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float16)
+    codes = np.clip(np.rint(rows / scales.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
 
 
 def _shape(shape: Any) -> list[int]:
@@ -94,6 +150,8 @@ def _shape(shape: Any) -> list[int]:
 
 def _row_scales(scales: Any, shape: list[int]) -> np.ndarray:
     rows = shape[0] if len(shape) == 2 else 1
+    if isinstance(scales, dict):  # exact float16 scales (encode_codes)
+        scales = decode_array(scales, "float16").astype(np.float64).tolist()
     if not isinstance(scales, list) or len(scales) != rows:
         raise WireError(f"an int8 matrix needs a list of {rows} scale(s), one per row")
     column = np.array([_scale(s) for s in scales], dtype=np.float32)

@@ -4,7 +4,7 @@
     GET  /readyz           index loaded, with its counts
     GET  /v1/info          what a client needs before it asks
     POST /v1/candidates    a transformed query in, candidate spots out
-    GET  /v1/spots         the public spot catalogue (for dummy requests)
+    GET  /v1/public        the public parameters of the index version (?since=VERSION: a delta)
     GET  /openapi.json     the description of all of the above
     GET  /.well-known/ohttp-gateway, POST /ohttp   Oblivious HTTP (lite_server.ohttp)
 """
@@ -27,6 +27,7 @@ from .errors import ApiError, register_error_handlers
 from .index import Index
 from .lookup import Lookup
 from .openapi import spec
+from .publication import Publisher, document
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1
@@ -40,12 +41,14 @@ class Service:
     def __init__(self, config: ServerConfig, index: Index | None = None, lookup: Lookup | None = None):
         self.config = config
         self._lock = threading.Lock()
+        self.publisher = Publisher()
         self.lookup: Lookup | None = lookup
         if lookup is None and (index is not None or config.index):
             self.load(index or Index.load(config.index))
 
     def load(self, index: Index) -> Lookup:
         lookup = Lookup(index, self.config)
+        document(lookup)  # built (and kept beside the index, for later deltas) before the first phone asks
         with self._lock:
             self.lookup = lookup
         log.info("serving index version %s (%d spots, %d photos)", index.version,
@@ -116,6 +119,7 @@ def _gzip(response: Response) -> Response:
     the bytes a phone pays for on its data plan.
     """
     if (response.status_code != 200 or response.direct_passthrough or response.mimetype != "application/json"
+            or "Content-Encoding" in response.headers
             or "gzip" not in request.headers.get("Accept-Encoding", "")):
         return response
     data = response.get_data()
@@ -159,11 +163,15 @@ def _routes() -> Any:
         body = f'{{"index_version":{json.dumps(lookup.index.version)},"candidates":{lookup.candidates_json(rows)}}}'
         return Response(body, mimetype="application/json")
 
-    @api.get("/v1/spots")
-    def spots() -> Response:
-        from .catalogue import catalogue
-
-        return jsonify(catalogue(service().ready()))
+    @api.get("/v1/public")
+    def public() -> Response:
+        svc = service()
+        text, packed = svc.publisher.answer(svc.ready(), request.args.get("since", "")[:200] or None)
+        if "gzip" not in request.headers.get("Accept-Encoding", ""):
+            return Response(text, mimetype="application/json")
+        response = Response(packed, mimetype="application/json")  # compressed once, not per phone
+        response.headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return response
 
     @api.get("/openapi.json")
     def openapi() -> Response:
@@ -187,7 +195,7 @@ def info_payload(svc: Service) -> dict[str, Any]:
         "limits": {"max_k": config.max_k, "max_body": config.max_body,
                    "features_per_spot": config.features_per_spot},
         "query_kinds": ["vector", "cells"],
-        "transforms": lookup.public(),
+        "public": {"index_version": index.version, "digest": document(lookup).digest},
         "calibration": lookup.calibration,
     }
 

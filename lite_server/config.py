@@ -26,6 +26,10 @@ class ServerConfig:
     codec_dim: int = 128             # PCA dimensions of candidate features (int8 codes); 0 = full float16
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
     cell_min_spots: int = 10         # every public cell holds at least this many spots
+    # Bytes of per-spot int8 rows in the public document (GET /v1/public): what fits is published
+    # whole (the real datasets), beyond it the looks go and then prototypes, never below one a spot.
+    # 1.3 MB keeps the gzipped document under 2 MB at 10,000 spots (BENCHMARKS.md).
+    public_budget: int = 1_300_000
     max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
     queue_timeout: float = 8.0       # seconds a queued request waits for a slot, then 503 (under the phone's 10 s read timeout)
     retry_after: int = 1             # seconds a refused client is told to wait (Retry-After)

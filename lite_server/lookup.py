@@ -107,17 +107,6 @@ class Lookup:
     def _dump_candidate(self, spot_row: int) -> str:
         return json.dumps(self.candidate(spot_row), separators=(",", ":"))
 
-    def public(self) -> dict[str, Any]:
-        """The transforms' public parameters, for ``/v1/info``."""
-        out: dict[str, Any] = {"codec": self.codec.public() if self.codec else {"kind": "none"}}
-        if self.n_cells:
-            out["cells"] = {
-                "n_cells": self.n_cells, "spot_cell": self.spot_cell.tolist(),
-                "popularity": [round(float(p), 6) for p in self.popularity],
-                "prototypes": self.encode(self.prototypes), "prototype_spot": self.prototype_spot.tolist(),
-            }
-        return out
-
 
 def load_structure(index: Index, params: StructureParams) -> Structure:
     """The structure stored in ``index``'s version, or derived now when it has none for

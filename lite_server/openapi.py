@@ -19,6 +19,45 @@ MATRIX = {
                   "description": "uint8: one scale, value = q * scale; int8: one scale per row"},
     },
 }
+ARRAY = {
+    "type": "object", "required": ["dtype", "shape", "data"],
+    "description": "an exact array: base64 of its little-endian values in its own dtype",
+    "properties": {
+        "dtype": {"enum": ["float16", "float32", "uint8", "int8", "uint16", "int16", "uint32", "int32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+        "data": {"type": "string"},
+    },
+}
+CODES = {"allOf": [{"$ref": "#/components/schemas/Array"}, {
+    "type": "object", "required": ["scale"], "description": "int8 rows [R, D]: row = codes * scale",
+    "properties": {"dtype": {"const": "int8"}, "scale": {"$ref": "#/components/schemas/Array"}}}]}
+SPOT_ROWS = {
+    "type": "object", "description": "per spot, rows aligned with ids; prototypes and looks are the "
+                                     "concatenation of each spot's rows (n_prototypes, n_looks of them)",
+    "required": ["ids", "lat", "lon", "cell", "photos", "n_prototypes", "n_looks", "prototypes", "looks"],
+    "properties": {"ids": {"type": "array", "items": {"type": "string"}},
+                   **{c: {"$ref": "#/components/schemas/Array"} for c in ("lat", "lon", "cell", "photos",
+                                                                        "n_prototypes", "n_looks")},
+                   "prototypes": {"$ref": "#/components/schemas/Codes"}, "looks": {"$ref": "#/components/schemas/Codes"}},
+}
+PUBLIC = {
+    "type": "object", "required": ["format", "kind", "index_version", "digest", "globals", "spots"],
+    "description": "kind full: the whole document; kind delta: what turns base_version's document into "
+                   "index_version's (drop removed and upserted ids, add the spots rows, take the globals "
+                   "sent); digest: sha256 of the resulting document's canonical form (edge_client.public)",
+    "properties": {
+        "format": {"const": 1}, "kind": {"enum": ["full", "delta"]}, "index_version": {"type": "string"},
+        "base_version": {"type": "string"}, "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "removed": {"type": "array", "items": {"type": "string"}},
+        "globals": {"type": "object", "properties": {
+            "n_cells": {"type": "integer", "minimum": 0}, "codec": {"type": "object", "required": ["kind"]},
+            "basis": {"$ref": "#/components/schemas/Array"},
+            "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
+                       "description": "leave-one-out spread of photos around their spot's mean"}}},
+        "spots": {"$ref": "#/components/schemas/SpotRows"},
+    },
+    "if": {"properties": {"kind": {"const": "delta"}}}, "then": {"required": ["base_version", "removed"]},
+}
 ERROR = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["code", "message"],
@@ -44,14 +83,15 @@ SCHEMAS: dict[str, Any] = {
     },
     "Info": {
         "type": "object",
-        "required": ["protocol", "model_sha256", "dim", "n_spots", "index_version", "limits", "transforms"],
+        "required": ["protocol", "model_sha256", "dim", "n_spots", "index_version", "limits", "public"],
         "properties": {
             "protocol": {"type": "integer"}, "model_sha256": {"type": "string"}, "dim": {"type": "integer"},
             "n_spots": {"type": "integer"}, "n_photos": {"type": "integer"},
             "index_version": {"type": "string"}, "feature_dtype": {"type": "string"},
             "limits": {"type": "object", "required": ["max_k", "max_body"]},
             "query_kinds": {"type": "array", "items": {"type": "string"}},
-            "transforms": {"type": "object", "description": "public parameters of the privacy transforms"},
+            "public": {"type": "object", "required": ["index_version", "digest"],
+                       "description": "the digest of this version's public document (GET /v1/public)"},
             "calibration": {"$ref": "#/components/schemas/Calibration"},
         },
     },
@@ -68,21 +108,10 @@ SCHEMAS: dict[str, Any] = {
         },
         "dependentRequired": {"kind": ["n", "coverage_weight", "levels", "scores"]},
     },
-    "Catalogue": {
-        "type": "object", "required": ["index_version", "dim", "spots", "spread"],
-        "properties": {
-            "index_version": {"type": "string"}, "dim": {"type": "integer"},
-            "spots": {"type": "array", "items": {"allOf": [
-                {"$ref": "#/components/schemas/Candidate"},
-                {"type": "object", "required": ["popularity"],
-                 "properties": {"popularity": {"type": "number", "minimum": 0,
-                                               "description": "share of the gallery's photos"}}}]}},
-            "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
-                       "description": "leave-one-out spread of photos around their spot's mean",
-                       "properties": {"cos_median": {"type": "number"}, "log_tan_sigma": {"type": "number"},
-                                      "n": {"type": "integer"}}},
-        },
-    },
+    "Array": ARRAY,
+    "Codes": CODES,
+    "SpotRows": SPOT_ROWS,
+    "Public": PUBLIC,
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     "Ready": {"type": "object", "required": ["status", "index_version", "n_spots", "n_photos"]},
 }
@@ -170,15 +199,20 @@ def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None =
     candidates request is described exactly."""
     candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
     candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
+    public = _op("The public parameters (cells, prototypes, dummies' catalogue, codec) of the index version; "
+                 "with since=VERSION a delta from that version when it is still kept, else the full document",
+                 "Public", (503,))
+    public["parameters"] = [{"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                             "description": "the version of the document the phone holds"}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "EnfPire lite_server", "version": "1"},
         "paths": {
             "/healthz": {"get": _op("Liveness", "Health")},
             "/readyz": {"get": _op("Readiness: index loaded", "Ready", (503,))},
-            "/v1/info": {"get": _op("Model, index, limits and public transform parameters", "Info", (503,))},
+            "/v1/info": {"get": _op("Model, index, limits, calibration and the public document's digest", "Info", (503,))},
             "/v1/candidates": {"post": candidates},
-            "/v1/spots": {"get": _op("Public spot catalogue for dummy requests", "Catalogue", (503,))},
+            "/v1/public": {"get": public},
             **_ohttp_paths(),
         },
         "components": {"schemas": {**SCHEMAS, "CandidatesRequest": candidates_request(dim, max_k, n_cells)}},

@@ -55,9 +55,9 @@ def test_a_repeated_photo_is_answered_on_the_phone_with_no_request(
     spot, photo = held_out[0]
     phone = Phone(fine_app, extractor, tmp_path)
     body, first = phone.ask(photo)
-    assert body is not None and phone.requests == ["/v1/info", "/v1/candidates"]
+    assert body is not None and phone.requests == ["/v1/info", "/v1/public", "/v1/candidates"]
     body, again = phone.ask(photo)
-    assert body is None and phone.requests == ["/v1/info", "/v1/candidates"]  # nothing more left the phone
+    assert body is None and phone.requests == ["/v1/info", "/v1/public", "/v1/candidates"]  # nothing more left the phone
     assert again.spot_id == first.spot_id and again.bytes_sent == 0
     # A new process (an app restart) reads the cache file: no request at all, not even /v1/info.
     restarted = Phone(fine_app, extractor, tmp_path)

@@ -219,7 +219,7 @@ def test_catalogue_and_dummies_go_through_the_relay_too(gateway: LiveServer, rel
     assert future.result(timeout=0).candidates and [s.kind for s in sent].count("dummy") == 2
     log = gateway.output()[mark:]
     assert set(_peers(log)) == {RELAY_HOST}
-    assert "GET /v1/spots inside OHTTP" in log and log.count("POST /v1/candidates inside OHTTP") == 3
+    assert "GET /v1/public inside OHTTP" in log and log.count("POST /v1/candidates inside OHTTP") == 3
 
 
 def test_android_entry_points_take_the_relay_from_config_json(gateway: LiveServer, relay: LiveRelay,

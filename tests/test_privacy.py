@@ -11,6 +11,7 @@ import pytest
 from edge_client import wire
 from edge_client.transforms import TRANSFORMS, Transform, make_transform
 from lite_server.config import ServerConfig
+from lite_server.publication import document
 from tests.conftest import make_subset
 from tools.live import LiveServer
 from tools import attackers as atk
@@ -40,7 +41,7 @@ def fine_env(data: tuple[Path, Path]) -> ev.Env:
 
 def _fitted(env: ev.Env, name: str, **settings: Any) -> Transform:
     transform = make_transform(name, settings.get("strength"), settings.get("k"))
-    return transform.fit(env.lookup.public())
+    return transform.fit(document(env.lookup))
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))

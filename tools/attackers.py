@@ -248,9 +248,11 @@ def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray
     """A copy of the phone's cells transform fitted on other prototypes (same cells, same codec)."""
     import copy
 
-    public = lookup.public()
-    public["cells"] = {**public["cells"], "prototypes": lookup.encode(protos), "prototype_spot": owner.tolist()}
-    return copy.copy(transform).fit(public)
+    from edge_client.recognizer import projector
+
+    codes = wire.decode(lookup.encode(protos)).reshape(len(protos), -1)
+    project = projector(lookup.codec.basis_ if lookup.codec else None)[0]
+    return copy.copy(transform).fit_arrays(project, codes, owner, lookup.spot_cell, lookup.n_cells, lookup.popularity)
 
 
 class ExplainAwayAttacker:

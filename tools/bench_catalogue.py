@@ -15,7 +15,6 @@ as distinguishable as the real wa-landmarks ones, ~10 photos each), measures:
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from edge_client.extractor import Extractor
 from lite_server.config import ServerConfig
 from lite_server.index import Index, publish
 from lite_server.lookup import Lookup
+from lite_server.publication import PublicParams, build, delta_bytes, public_bytes
 from lite_server.structure import Structure, StructureParams, derive
 from lite_server.updates import photo_rows, remove_spots
 from tools.synthetic import SyntheticCatalogue, generate, publish_catalogue
@@ -34,6 +34,7 @@ from tools.timing import cells_bodies, interleaved, label, median_ms, post, serv
 
 SPOTS = (1_000, 10_000, 100_000)
 TARGETS = {"public_bytes_10k_spots": 2 * 2**20, "public_bytes_100k_spots": 16 * 2**20,
+           "delta_bytes_share_1pct_100k": 0.05,
            "derive_s_100k_spots": 300.0, "http_p50_ms_cells_100k_spots": 30.0}
 
 
@@ -60,28 +61,19 @@ def bench_catalogue(n: int, extractor: Extractor, work: Path, repeats: int, tag:
     started = time.monotonic()
     lookup = Lookup(Index.load(folder), ServerConfig())
     out[f"load_s_{tag}_spots"] = round(time.monotonic() - started, 2)
-    out[f"public_bytes_{tag}_spots"] = public_bytes(lookup)
-    out.update(bench_cells_http(folder, extractor, queries, repeats, tag))
+    public = build(lookup)
+    out[f"public_bytes_{tag}_spots"] = public_bytes(public)
     del lookup
-    out.update(bench_update(folder, catalogue, tag))
+    out.update(bench_cells_http(folder, extractor, queries, repeats, tag))
+    out.update(bench_update(folder, catalogue, public, tag))
     return out
 
 
-def public_bytes(lookup: Lookup) -> int:
-    """Bytes on the wire (gzip) of what the phone downloads once per index version."""
-    import gzip
-
-    from lite_server.catalogue import catalogue
-
-    info = json.dumps({"transforms": lookup.public(), "calibration": lookup.calibration}, separators=(",", ":"))
-    spots = json.dumps(catalogue(lookup), separators=(",", ":"))
-    return len(gzip.compress(info.encode(), 6)) + len(gzip.compress(spots.encode(), 6))
-
-
-def bench_update(folder: Path, catalogue: SyntheticCatalogue, tag: str) -> dict[str, Any]:
+def bench_update(folder: Path, catalogue: SyntheticCatalogue, public: PublicParams, tag: str) -> dict[str, Any]:
     """An update that changes 1% of the spots, as ``index add`` makes them: half of them
-    gain a photo (their held-out query), half are new spots. Its derivation time, and how
-    many spots' cells moved; then the same for removing 1% of the spots."""
+    gain a photo (their held-out query), half are new spots. Its derivation time, how many
+    spots' cells moved and the phone's delta from ``public`` (the version before); then the
+    cells moved by removing 1% of the spots."""
     index = Index.load(folder)
     n = len(index.spots)
     grown = np.arange(0, n, 200)[: max(1, n // 200)]
@@ -96,6 +88,8 @@ def bench_update(folder: Path, catalogue: SyntheticCatalogue, tag: str) -> dict[
     after = publish(folder, manifest, index.spots + new_spots, rows, features, update=True)
     out: dict[str, Any] = {f"update_s_1pct_{tag}": round(time.monotonic() - started, 2),
                            f"cells_moved_1pct_{tag}": cells_moved(index, after)}
+    out[f"delta_bytes_1pct_{tag}"] = delta_bytes(public, build(Lookup(after, ServerConfig())))
+    out[f"delta_bytes_share_1pct_{tag}"] = round(out[f"delta_bytes_1pct_{tag}"] / public_bytes(public), 4)
     doomed = [s.id for s in index.spots[1::100]]
     removed = remove_spots(folder, doomed)
     out[f"cells_moved_remove_1pct_{tag}"] = cells_moved(after, removed)

@@ -26,6 +26,7 @@ import numpy as np
 from edge_client.cache import AnswerCache
 from edge_client.transforms import Transform
 from tools import attackers as atk
+from lite_server.publication import document
 from tools.testbed import Env
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior:
 def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
              bayes: atk.CellsBayesAttacker | None = None) -> dict[str, Any]:
     """``{"defended": {m: figures}, "undefended": {m: figures}}`` for a cells ``transform``."""
-    transform.fit(env.lookup.public())  # as every phone does; the attacker knows the same parameters
+    transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
     bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}}
     for m in links:

@@ -1,0 +1,215 @@
+"""The public document (GET /v1/public): its contract, its size, and phones catching up on
+index updates by delta (one and two versions behind), or by the full document when the base
+version is gone or the delta does not check out."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import requests
+
+from edge_client import wire
+from edge_client.client import Client, public_path
+from edge_client.config import ClientConfig
+from edge_client.extractor import Extractor
+from edge_client.public import PublicError, PublicParams, PublicStore, Rows, apply_delta, canonical, parse
+from lite_server.config import ServerConfig
+from lite_server.index import Index
+from lite_server.publication import budget_rule, build, delta, delta_bytes, public_bytes
+from lite_server.updates import add_spots, remove_spots
+from tests.conftest import copy_index, make_subset
+from tools.live import LiveServer
+
+
+def test_document_is_described_by_openapi_and_carries_what_candidates_carry(
+        app: Any, client: Any, index_dir: Path) -> None:
+    import jsonschema
+
+    from lite_server.openapi import spec
+
+    payload = client.get("/v1/public").get_json()
+    jsonschema.validate(payload, {"$ref": "#/components/schemas/Public", "components": spec()["components"]})
+    doc = parse(payload)
+    info = client.get("/v1/info").get_json()
+    assert info["public"] == {"index_version": doc.version, "digest": doc.digest}
+    index = Index.load(index_dir)
+    assert doc.ids.tolist() == sorted(s.id for s in index.spots)
+    assert doc.columns["photos"].sum() == len(index.photo_spot)
+    # A small catalogue publishes everything it did before: every prototype and look of every spot ...
+    lookup = app.extensions["enfpire"].lookup
+    order = np.argsort([s.id for s in index.spots], kind="stable")
+    assert (doc.columns["n_prototypes"] == np.bincount(lookup.prototype_spot, minlength=len(order))[order]).all()
+    assert (doc.columns["n_looks"] == [lookup._encoded[r]["shape"][0] for r in order]).all()
+    # ... and the looks are nothing beyond what a candidates answer already carries for the same spot.
+    first = np.asarray(index.features[index.photo_spot == 0][:1], np.float32)
+    answer = client.post("/v1/candidates", json={"vector": wire.encode(first[0]), "k": 1}).get_json()["candidates"][0]
+    row = int(np.flatnonzero(doc.ids == answer["id"])[0])
+    start = int(doc.columns["n_looks"][:row].sum())
+    published = doc.blocks["looks"].decode()[start:start + int(doc.columns["n_looks"][row])]
+    assert np.abs(published - wire.decode(answer["features"])).max() < 0.02
+
+
+def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
+    payload = client.get("/v1/public").get_json()
+    doc = parse(payload)
+    for broken in ({**payload, "digest": "0" * 64}, {**payload, "kind": "delta"},
+                   {**payload, "spots": {**payload["spots"], "ids": payload["spots"]["ids"][1:]}}):
+        with pytest.raises(PublicError):
+            parse(broken)
+    same = client.get("/v1/public", query_string={"since": doc.version}).get_json()
+    assert same["kind"] == "delta" and not same["removed"] and not same["spots"]["ids"]
+    assert apply_delta(doc, same).digest == doc.digest
+    with pytest.raises(PublicError):
+        apply_delta(doc, {**same, "base_version": "another"})
+
+
+# --- size ---------------------------------------------------------------------------------------------
+
+def _synthetic(n: int, seed: int = 0, dim: int = 128) -> PublicParams:
+    """A random but valid document of ``n`` spots, shaped as the budget rule publishes it."""
+    rng = np.random.default_rng(seed)
+    looks, per_spot = budget_rule(n, 3 * n, 8 * n, dim, ServerConfig().public_budget)
+    per_spot = min(per_spot, 3)
+    rows = rng.standard_normal((n * per_spot, dim)) * np.linspace(2, 0.3, dim)  # PCA-like spread
+    look_rows = rng.standard_normal((8 * n if looks else 0, dim))
+    columns = {"lat": rng.uniform(30, 45, n).astype(np.float32), "lon": rng.uniform(130, 145, n).astype(np.float32),
+               "cell": rng.integers(0, max(1, n // 10), n).astype(np.uint16),
+               "photos": rng.zipf(1.8, n).clip(1, 60000).astype(np.uint16),
+               "n_prototypes": np.full(n, per_spot, np.uint8), "n_looks": np.full(n, 8 if looks else 0, np.uint8)}
+    return canonical(PublicParams(
+        "v1", np.array([f"spot-{i:06d}" for i in rng.permutation(n)]), columns,
+        {"prototypes": Rows(*wire.quantize(rows)), "looks": Rows(*wire.quantize(look_rows.reshape(-1, dim)))},
+        (rng.standard_normal((dim, 1280)) / 36).astype(np.float16),
+        {"n_cells": max(1, n // 10), "spread": {"cos_median": 0.8, "log_tan_sigma": 0.25}, "codec": {"kind": "pca", "dim": dim}}))
+
+
+def _one_percent_changed(doc: PublicParams, seed: int = 1) -> PublicParams:
+    """``doc`` with 0.5% of its spots removed and as many new ones (the rest keep their rows)."""
+    rng = np.random.default_rng(seed)
+    n, m = len(doc), max(1, len(doc) // 200)
+    keep = np.sort(rng.choice(n, n - m, replace=False))
+    like = rng.choice(keep, m)  # new spots shaped like existing ones, with fresh prototypes
+    count = doc.columns["n_prototypes"]
+    fresh = Rows(*wire.quantize(rng.standard_normal((int(count[like].sum()), doc.blocks["prototypes"].codes.shape[1]))))
+    kept = doc.blocks["prototypes"].take(count, keep)
+    rows = np.concatenate([keep, like])
+    return canonical(dataclasses.replace(
+        doc, version="v2", ids=np.concatenate([doc.ids[keep], [f"new-{i:06d}" for i in range(m)]]),
+        columns={c: a[rows] for c, a in doc.columns.items()},
+        blocks={"prototypes": Rows(np.concatenate([kept.codes, fresh.codes]), np.concatenate([kept.scales, fresh.scales])),
+                "looks": doc.blocks["looks"].take(doc.columns["n_looks"], rows)}))
+
+
+def test_document_size_per_spot_is_within_budget_and_a_one_percent_delta_is_small() -> None:
+    for n, target in ((3000, 2 << 20), (10000, 2 << 20)):  # the issue's 2 MB at 10,000 spots
+        doc = _synthetic(n)
+        full = public_bytes(doc)
+        assert full <= target, f"{n} spots: {full} bytes"
+        new = _one_percent_changed(doc)
+        assert delta_bytes(doc, new) <= 0.05 * full
+        assert apply_delta(doc, json.loads(json.dumps(delta(doc, new)))).digest == new.digest
+    # The rule publishes what fits whole: the real datasets' sizes keep every prototype and look.
+    assert budget_rule(296, 3 * 296, 8 * 296, 128, ServerConfig().public_budget) == (True, 888)
+    assert budget_rule(100_000, 300_000, 800_000, 128, ServerConfig().public_budget) == (False, 1)
+
+
+def test_fewer_prototypes_a_spot_when_the_budget_is_small(app: Any) -> None:
+    lookup = app.extensions["enfpire"].lookup
+    index = lookup.index
+    doc = build(lookup, budget=130 * len(index.spots))
+    assert (doc.columns["n_prototypes"] == 1).all() and not doc.columns["n_looks"].any()
+    heaviest = doc.blocks["prototypes"].decode()  # each spot's first prototype, in codec space
+    row = int(np.flatnonzero(doc.ids == index.spots[0].id)[0])
+    first = lookup.codec.project(lookup.prototypes[lookup.prototype_spot == 0][:1])[0]
+    assert float(heaviest[row] @ first) / float(np.linalg.norm(heaviest[row])) > 0.999
+
+
+# --- phones catching up on index updates --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_index(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_index(index_dir, tmp_path_factory.mktemp("public"))
+
+
+@pytest.fixture(scope="module")
+def server(own_index: Path) -> Iterator[LiveServer]:
+    live = LiveServer(own_index)
+    yield live
+    live.stop()
+
+
+def _switch(server: LiveServer, index: Index) -> None:
+    """SIGHUP the server and wait until it serves ``index``'s version."""
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if requests.get(server.url + "/readyz", timeout=10).json().get("index_version") == index.version:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server did not switch")
+
+
+def _phone(server: LiveServer, home: Path, extractor: Extractor) -> Client:
+    return Client(ClientConfig(server=server.url, state_dir=str(home), seed=1), extractor)
+
+
+def _catch_up(server: LiveServer, home: Path, extractor: Extractor) -> tuple[Client, PublicParams]:
+    with _phone(server, home, extractor) as phone:
+        phone.info(refresh=True)
+        doc = phone.public()
+        phone.check_model()  # the transform fits on what arrived
+        return phone, doc
+
+
+def test_phones_catch_up_by_delta_or_full_download(
+        server: LiveServer, own_index: Path, extractor: Extractor, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    homes = {name: tmp_path / name for name in ("one", "two", "gone", "corrupt")}
+    for home in homes.values():  # every phone starts on the first version: one full download each
+        phone, doc = _catch_up(server, home, extractor)
+        assert phone.last_public[0] == "full" and public_path(phone.config).exists()
+    full_bytes = phone.last_public[1]
+    first = Index.load(own_index)
+
+    second = remove_spots(own_index, [first.spots[0].id])
+    _switch(server, second)
+    phone, doc = _catch_up(server, homes["one"], extractor)  # one version behind: a delta
+    # Its size is what changed: on this branch every version re-derives the codec basis and cells, so
+    # nearly everything does; with a derivation that keeps them, a 1% update costs ~0.5% (BENCHMARKS.md).
+    assert phone.last_public[0] == "delta" and phone.last_public[1] <= full_bytes * 1.05
+    assert doc.version == second.version and first.spots[0].id not in doc.ids
+    assert doc.digest == requests.get(server.url + "/v1/info", timeout=10).json()["public"]["digest"]
+
+    again = _catch_up(server, homes["one"], extractor)[0]  # up to date: nothing is downloaded
+    assert again.last_public == ("kept", 0)
+
+    added = make_subset(tmp_path_factory.mktemp("added"), spots=1, per_spot=2, first=30)
+    third = add_spots(own_index, added / "images", extractor)
+    _switch(server, third)
+    phone, doc = _catch_up(server, homes["two"], extractor)  # two versions behind: a delta from two back
+    assert phone.last_public[0] == "delta" and doc.version == third.version
+    assert len(doc) == len(third.spots) and set(doc.ids) == {s.id for s in third.spots}
+
+    # A phone whose kept document is not what the server had for that version: the delta cannot check out.
+    store = PublicStore(public_path(_phone(server, homes["corrupt"], extractor).config))
+    kept = store.load()
+    assert kept is not None
+    extra = canonical(dataclasses.replace(  # a spot the server never had: no delta removes it
+        kept, ids=np.append(kept.ids, "zz-not-a-spot"), columns={c: np.append(a, a[:1]) for c, a in kept.columns.items()},
+        blocks={b: Rows(*(np.concatenate([x, x[:int(kept.columns["n_" + b][0])]]) for x in (r.codes, r.scales)))
+                for b, r in kept.blocks.items()}))
+    store.save(extra)
+    phone, doc = _catch_up(server, homes["corrupt"], extractor)
+    assert phone.last_public[0] == "full" and doc.version == third.version
+
+    fourth = remove_spots(own_index, [third.spots[-1].id])  # the first version leaves the disk
+    _switch(server, fourth)
+    assert not (own_index / "versions" / first.version).exists()
+    phone, doc = _catch_up(server, homes["gone"], extractor)
+    assert phone.last_public[0] == "full" and doc.version == fourth.version
