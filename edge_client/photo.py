@@ -10,8 +10,10 @@ A camera frame (:class:`~edge_client.frame.Frame`, or an HxWx3 RGB array) skips
 decoding altogether: the cheapest input when the app controls the capture.
 
 Speed: a JPEG is decoded at a reduced scale (libjpeg's DCT scaling through
-``Image.draft``) to no less than the input size, then resized once with an
-antialiased bilinear filter, so a 12-megapixel photo never exists at full size.
+``Image.draft``) to no less than the input size, then shrunk by a whole factor
+with a box filter and resized with an antialiased bilinear one
+(:func:`edge_client.frame.squash`), so a 12-megapixel photo never exists at
+full size.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PhotoError
-from .frame import Frame
+from .frame import Frame, squash
 
 Photo = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, Frame]
 
@@ -58,9 +60,10 @@ def load_rgb(photo: Photo, size: tuple[int, int], max_pixels: int, fast: bool = 
             image.draft("RGB", _draft_size(image, size))
         image = ImageOps.exif_transpose(image) or image
         image = image.convert("RGB")
-        if image.size != size:
-            resample = Image.Resampling.BILINEAR if fast else Image.Resampling.LANCZOS
-            image = image.resize(size, resample)
+        if fast:
+            image = squash(image, size)
+        elif image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image, dtype=np.uint8)
     except PhotoError:
         raise

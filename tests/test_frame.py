@@ -104,13 +104,14 @@ def test_rotation_turns_the_sensors_frame_upright(extractor: Extractor, scenes: 
 
 
 def test_a_frame_and_the_12mp_jpeg_of_one_scene_agree(extractor: Extractor) -> None:
-    """The capture path's point: a preview frame stands in for the full photo."""
+    """The capture path's point: a preview frame stands in for the full photo, as closely as the
+    12 MP JPEG's own fast path stands in for its careful decode (0.98, tests/test_extractor.py)."""
     for photo in dataset_photos(spots=3, per_spot=1):
         full = Image.open(photo).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
         jpeg = io.BytesIO()
         full.save(jpeg, "JPEG", quality=92)
         frame = np.asarray(full.resize(SIZE, Image.Resampling.BILINEAR, reducing_gap=3.0))
-        assert cosine(extractor.extract(frame), extractor.extract(jpeg.getvalue())) >= ROUNDING
+        assert cosine(extractor.extract(frame), extractor.extract(jpeg.getvalue())) > 0.98
 
 
 @pytest.mark.parametrize("bad, words", [
