@@ -18,7 +18,8 @@ from .scheduler import DummyScheduler
 
 def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
     """One feature per photo (one JSON line each with --json), decoding ahead of the interpreter."""
-    extractor = Extractor(config.model_path(), num_threads=config.num_threads, max_pixels=config.max_pixels)
+    extractor = Extractor(config.model_path(), num_threads=config.num_threads, max_pixels=config.max_pixels,
+                          reference_kernels=config.reference_kernels)
     if not args.json:
         print(f"{extractor!r}")
     for photo, feature in zip(args.photo, extractor.extract_many(args.photo)):
@@ -26,7 +27,7 @@ def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
             print(json.dumps({
                 "photo": photo, "dim": extractor.dim, "feature": [round(float(x), 7) for x in feature],
                 "model": extractor.model_path.name, "model_sha256": extractor.sha256,
-                "interpreter": extractor.runtime,
+                "interpreter": extractor.runtime, "kernels": "reference" if extractor.reference_kernels else "fast",
             }), flush=True)
         else:
             print(" ".join(f"{x:.5f}" for x in feature))
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photo", nargs="+")
     p.add_argument("--model", help="extractor .tflite (default: models/ or ~/.enfpire/models)")
     p.add_argument("--json", action="store_true", help="one JSON object a line: the photo, its feature and the model")
+    p.add_argument("--reference-kernels", action="store_const", const=True, dest="reference_kernels",
+                   help="TFLite's reference kernels: the same feature on every CPU (x86-64, aarch64), far slower")
     p = sub.add_parser("recognize", help="which spot is in a photo (privately)")
     p.add_argument("photo", nargs="?")
     p.add_argument("--camera", action="store_true", help="capture one frame with picamera2")
@@ -132,7 +135,7 @@ def _relay_flags(p: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
     names = ("model", "server", "transform", "strength", "k", "keep", "threshold", "dummies", "seed", "cache", "relay",
-             "gateway_keys")
+             "gateway_keys", "reference_kernels")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -43,7 +43,8 @@ class Extractor:
     encoded bytes, a PIL image or an HxWx3 uint8 array; see
     :mod:`edge_client.photo` for the orientation, resize and crop policy.
     ``mean``/``std`` describe the float model's input normalisation
-    ``(pixel - mean) / std`` (MobileNet: 128, 128).
+    ``(pixel - mean) / std`` (MobileNet: 128, 128). ``reference_kernels`` trades speed for
+    features that are bit-identical on every CPU (see :func:`edge_client.interpreter.make_interpreter`).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class Extractor:
         max_pixels: int = 100_000_000,
         mean: float = 128.0,
         std: float = 128.0,
+        reference_kernels: bool = False,
     ):
         path = Path(model_path)
         if not path.is_file():
@@ -65,7 +67,8 @@ class Extractor:
         self.max_pixels = max_pixels
         self.mean, self.std = mean, std
         self.num_threads = num_threads or os.cpu_count() or 1
-        self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads)
+        self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads, reference=reference_kernels)
+        self.reference_kernels = reference_kernels
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_size = tfl.input_size(self._input)
