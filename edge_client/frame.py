@@ -88,6 +88,8 @@ class Frame:
         if self.pixel_format in YUV and (self.width % 2 or self.height % 2):
             raise PhotoError(f"a {self.pixel_format} frame needs an even width and height, "
                              f"got {self.width}x{self.height}")
+        if self.pixel_format == "i420" and self.row_stride % 2:
+            raise PhotoError(f"an i420 frame's chroma rows are half the stride: {self.row_stride} is odd")
         row = self.width * PACKED[self.pixel_format][0] if self.pixel_format in PACKED else self.width
         if self.row_stride and self.row_stride < row:
             raise PhotoError(f"row_stride {self.row_stride} is shorter than a row of {row} bytes")
@@ -107,7 +109,7 @@ class Frame:
         return self.height * 3 // 2 if self.pixel_format in YUV else self.height
 
     def buffer(self) -> memoryview:
-        """The buffer as flat bytes, never copied."""
+        """The buffer as flat bytes; copied only when it is a non-contiguous array."""
         return memoryview(self.data).cast("B") if not isinstance(self.data, np.ndarray) \
             else memoryview(np.ascontiguousarray(self.data)).cast("B")
 

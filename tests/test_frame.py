@@ -121,6 +121,7 @@ def test_a_frame_and_the_12mp_jpeg_of_one_scene_agree(extractor: Extractor) -> N
     (dict(width=0), "no pixels"),
     (dict(row_stride=100), "shorter than a row"),
     (dict(data=b"\0" * (641 * 480 * 3 // 2), width=641, pixel_format="nv21"), "even width"),
+    (dict(data=b"\0" * (641 * 720), pixel_format="i420", row_stride=641), "odd"),
 ])
 def test_a_malformed_frame_is_a_photo_error_when_made(bad: dict[str, object], words: str) -> None:
     fields = {"data": b"\0" * (640 * 480 * 3), "width": 640, "height": 480, "pixel_format": "rgb", **bad}
