@@ -77,5 +77,15 @@ bench: setup
 evaluate: setup
 	$(PY) -m tools.evaluate privacy --dataset ../shared/datasets/wa-landmarks --out $(OUT)/privacy --sweep
 
+# The device side on arm64 (not part of `make test`): Debian's debootstrap, proot and qemu-user-static,
+# installed with apt-get when missing; the arm64 root is cached in .cache/arm64. Needs root or sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARM_TOOLS := debootstrap debian-archive-keyring proot qemu-user-static
+.PHONY: arm-check
+arm-check: setup
+	dpkg -s $(ARM_TOOLS) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(ARM_TOOLS); }
+	$(SUDO) $(PY) -m tools.arm_check
+
 clean:
 	rm -rf $(VENV) $(DEVICE) $(CONVERT) $(OUT) .cache models/*.tflite

@@ -17,25 +17,28 @@ from .scheduler import DummyScheduler
 
 
 def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
-    extractor = Extractor(config.model_path(), num_threads=config.num_threads, max_pixels=config.max_pixels)
-    feature = extractor.extract(args.photo)
-    if args.json:
-        print(json.dumps({
-            "dim": extractor.dim, "feature": [round(float(x), 7) for x in feature],
-            "model": extractor.model_path.name, "model_sha256": extractor.sha256,
-            "interpreter": extractor.runtime,
-        }))
-    else:
+    """One feature per photo (one JSON line each with --json), decoding ahead of the interpreter."""
+    extractor = Extractor(config.model_path(), num_threads=config.num_threads, max_pixels=config.max_pixels,
+                          reference_kernels=config.reference_kernels)
+    if not args.json:
         print(f"{extractor!r}")
-        print(" ".join(f"{x:.5f}" for x in feature))
+    for photo, feature in zip(args.photo, extractor.extract_many(args.photo)):
+        if args.json:
+            print(json.dumps({
+                "photo": photo, "dim": extractor.dim, "feature": [round(float(x), 7) for x in feature],
+                "model": extractor.model_path.name, "model_sha256": extractor.sha256,
+                "interpreter": extractor.runtime, "kernels": "reference" if extractor.reference_kernels else "fast",
+            }), flush=True)
+        else:
+            print(" ".join(f"{x:.5f}" for x in feature))
     return 0
 
 
 def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
     if args.camera:
-        from .camera import capture_jpeg
+        from .camera import capture_frame
 
-        photo: object = capture_jpeg()
+        photo: object = capture_frame()
     elif args.photo:
         photo = args.photo
     else:
@@ -91,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON config file (ENFPIRE_* variables and flags override it)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("extract", help="print a photo's feature vector")
-    p.add_argument("photo")
+    p = sub.add_parser("extract", help="print photos' feature vectors")
+    p.add_argument("photo", nargs="+")
     p.add_argument("--model", help="extractor .tflite or registered model name (default: models/ or ~/.enfpire/models)")
-    p.add_argument("--json", action="store_true", help="one JSON object with the feature and the model")
+    p.add_argument("--json", action="store_true", help="one JSON object a line: the photo, its feature and the model")
+    p.add_argument("--reference-kernels", action="store_const", const=True, dest="reference_kernels",
+                   help="TFLite's reference kernels: the same feature on every CPU (x86-64, aarch64), far slower")
     p = sub.add_parser("recognize", help="which spot is in a photo (privately)")
     p.add_argument("photo", nargs="?")
     p.add_argument("--camera", action="store_true", help="capture one frame with picamera2")
@@ -130,7 +135,7 @@ def _relay_flags(p: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
     names = ("model", "server", "transform", "strength", "k", "keep", "threshold", "dummies", "seed", "cache", "relay",
-             "gateway_keys")
+             "gateway_keys", "reference_kernels")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -88,7 +88,8 @@ class Client:
 
     def _extractor(self) -> Extractor:
         if self.extractor is None:
-            self.extractor = Extractor(self.config.model_path(), self.config.num_threads, self.config.max_pixels)
+            self.extractor = Extractor(self.config.model_path(), self.config.num_threads, self.config.max_pixels,
+                                       reference_kernels=self.config.reference_kernels)
         return self.extractor
 
     def _default_cache(self) -> AnswerCache | None:

@@ -46,6 +46,7 @@ class ClientConfig:
     model_dir: str = ""             # where registered names are looked up; "" = default_model_dir()
     num_threads: int = 0            # interpreter threads; 0 = CPU count
     max_pixels: int = 100_000_000   # larger photos are refused (decompression bombs)
+    reference_kernels: bool = False # TFLite's reference kernels: the same feature on every CPU, far slower
     server: str = "http://127.0.0.1:8080"
     transform: str = ""             # "" = the library's default transform
     strength: float | None = None   # None = the transform's default strength

@@ -38,6 +38,8 @@ class Extractor:
     ``(pixel - mean) / std``, a scalar or one value per RGB channel; left out,
     they are the ones registered for this file's sha256 in the manifest beside
     it (:mod:`edge_client.registry`), else MobileNet's 128, 128.
+    ``reference_kernels`` trades speed for features that are bit-identical on every CPU
+    (see :func:`edge_client.interpreter.make_interpreter`).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Extractor:
         max_pixels: int = 100_000_000,
         mean: Norm | None = None,
         std: Norm | None = None,
+        reference_kernels: bool = False,
     ):
         path = Path(model_path)
         if not path.is_file():
@@ -61,7 +64,8 @@ class Extractor:
         self.mean = registered[0] if mean is None else mean
         self.std = registered[1] if std is None else std
         self.num_threads = num_threads or os.cpu_count() or 1
-        self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads)
+        self._interpreter, self.runtime = tfl.make_interpreter(str(path), self.num_threads, reference=reference_kernels)
+        self.reference_kernels = reference_kernels
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_size = tfl.input_size(self._input)

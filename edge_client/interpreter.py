@@ -44,13 +44,19 @@ def find_runtime() -> tuple[str, Any]:
     )
 
 
-def make_interpreter(model_path: str, num_threads: int = 0, **kwargs: Any) -> tuple[Any, str]:
+def make_interpreter(model_path: str, num_threads: int = 0, reference: bool = False,
+                     **kwargs: Any) -> tuple[Any, str]:
     """Build and allocate an interpreter for ``model_path``; returns it and the runtime name.
 
-    ``num_threads`` 0 means one thread per CPU.
+    ``num_threads`` 0 means one thread per CPU. ``reference`` selects TFLite's reference
+    kernels: integer arithmetic fixed by the spec, so every CPU gives the same bits, where the
+    fast kernels (XNNPACK, ruy) round differently on x86-64 and aarch64 (features ~0.997 apart
+    in cosine, about as far as either is from the reference).
     """
     name, interpreter_cls = find_runtime()
     threads = num_threads or os.cpu_count() or 1
+    if reference:
+        kwargs["experimental_op_resolver_type"] = _resolver_types(interpreter_cls).BUILTIN_REF
     try:
         with native_stderr_to_log():
             interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads, **kwargs)
@@ -58,6 +64,15 @@ def make_interpreter(model_path: str, num_threads: int = 0, **kwargs: Any) -> tu
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{model_path} is not a usable TFLite model: {exc}") from exc
     return interpreter, name
+
+
+def _resolver_types(interpreter_cls: Any) -> Any:
+    """The runtime's ``OpResolverType`` enum, beside its ``Interpreter``."""
+    module = sys.modules[interpreter_cls.__module__]
+    types = getattr(module, "OpResolverType", None)
+    if types is None:
+        raise InterpreterNotFoundError(f"{module.__name__} cannot select reference kernels (no OpResolverType)")
+    return types
 
 
 @contextmanager

@@ -6,9 +6,14 @@ fill the frame edge to edge and the gallery is built with the same policy,
 so squashing loses less than cropping. A photo already at the input size is
 not resampled at all.
 
+A camera frame (:class:`~edge_client.frame.Frame`, or an HxWx3 RGB array) skips
+decoding altogether: the cheapest input when the app controls the capture.
+
 Speed: a JPEG is decoded at a reduced scale (libjpeg's DCT scaling through
-``Image.draft``) to no less than the input size, then resized once with an
-antialiased bilinear filter, so a 12-megapixel photo never exists at full size.
+``Image.draft``) to no less than the input size, then shrunk by a whole factor
+with a box filter and resized with an antialiased bilinear one
+(:func:`edge_client.frame.squash`), so a 12-megapixel photo never exists at
+full size.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PhotoError
+from .frame import Frame, squash
 
-Photo = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
+Photo = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, Frame]
 
 # EXIF orientations 5-8 swap width and height.
 _TRANSPOSING = {5, 6, 7, 8}
@@ -43,6 +49,8 @@ def load_rgb(photo: Photo, size: tuple[int, int], max_pixels: int, fast: bool = 
     ``fast=False`` decodes at full size and resizes with Lanczos: the careful
     reference the fast path is measured against.
     """
+    if isinstance(photo, Frame):
+        return photo.to_rgb(size)
     if isinstance(photo, np.ndarray):
         return _from_array(photo, size)
     image = photo if isinstance(photo, Image.Image) else _open(photo)
@@ -52,9 +60,10 @@ def load_rgb(photo: Photo, size: tuple[int, int], max_pixels: int, fast: bool = 
             image.draft("RGB", _draft_size(image, size))
         image = ImageOps.exif_transpose(image) or image
         image = image.convert("RGB")
-        if image.size != size:
-            resample = Image.Resampling.BILINEAR if fast else Image.Resampling.LANCZOS
-            image = image.resize(size, resample)
+        if fast:
+            image = squash(image, size)
+        elif image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
         return np.asarray(image, dtype=np.uint8)
     except PhotoError:
         raise
@@ -99,5 +108,4 @@ def _from_array(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise PhotoError("an array photo has no pixels")
     if (array.shape[1], array.shape[0]) == size:
         return np.ascontiguousarray(array)
-    image = Image.fromarray(array).resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    return Frame(array, array.shape[1], array.shape[0], "rgb").to_rgb(size)

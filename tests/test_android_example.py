@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from edge_client import android
+from edge_client.frame import FORMATS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "android"
 ACTIVITY = EXAMPLE / "app" / "src" / "main" / "java" / "org" / "enfpire" / "example" / "MainActivity.kt"
@@ -46,11 +47,22 @@ def test_every_python_call_of_the_activity_exists_with_its_arity() -> None:
     source = ACTIVITY.read_text(encoding="utf-8")
     assert 'getModule("edge_client.android")' in source
     calls = call_attrs(source)
-    assert {name for name, _ in calls} >= {"recognize_jpeg", "recognize_feature", "clear_cache", "close_all"}
+    assert {name for name, _ in calls} >= {"recognize_jpeg", "recognize_frame", "recognize_feature", "clear_cache",
+                                           "close_all"}
     for name, count in calls:
         function = getattr(android, name, None)
         assert callable(function) and not name.startswith("_"), f"edge_client.android has no {name}"
         inspect.signature(function).bind(*range(count))  # TypeError when the arity is wrong
+
+
+def test_the_camera_frame_call_names_a_known_pixel_format() -> None:
+    source = ACTIVITY.read_text(encoding="utf-8")
+    call = re.search(r'callAttr\(\s*"recognize_frame",([^)]*)\)', source)
+    assert call is not None
+    arguments = [a.strip() for a in call.group(1).split(",")]
+    assert list(inspect.signature(android.recognize_frame).parameters)[3] == "pixel_format"
+    assert arguments[3].strip('"') in FORMATS and "OUTPUT_IMAGE_FORMAT_RGBA_8888" in source
+    assert arguments[6] == "plane.rowStride" and arguments[7] == "image.imageInfo.rotationDegrees"
 
 
 def test_the_build_asks_for_chaquopys_python_and_numpy_1() -> None:

@@ -28,6 +28,7 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
         assert 0 < result[key] < 10_000, key
     # Timing noise can put a ratio a little under 1; far under would mean the peer was mismeasured.
     assert 0.7 < result["extract_ratio_224"] < 10 and 0.7 < result["extract_ratio_12mp"] < 30
+    assert 0.7 < result["extract_ratio_camera_frame"] < 10 and result["extract_frame_nv21_ms"] > 0
     assert result["extract_cosine_fast_vs_careful_min"] > 0.95
     assert result["same_rows_as_faiss_3k"] > 0.95  # the default is exact: ties aside, FAISS's rows
     # 40 candidates carry their features (in whatever wire encoding), one plain candidate far less.

@@ -143,3 +143,14 @@ def test_cli_bad_photo_exits_with_a_message(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "edge_client.cli", "extract", str(tmp_path / "none.jpg")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "none.jpg" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_reference_kernels_give_the_fast_feature_within_rounding(model_path: Path, extractor: Extractor,
+                                                                 photos: list[Path]) -> None:
+    """The arm64 check (make arm-check) compares these across CPUs; here: close to the fast kernels,
+    and the same bits whatever the thread count, as integer arithmetic fixed by the spec must be."""
+    one, two = (Extractor(model_path, num_threads=n, reference_kernels=True) for n in (1, 2))
+    for photo in photos[:2]:
+        exact = one.extract(photo)
+        assert np.array_equal(exact, two.extract(photo))
+        assert 0.99 <= float(exact @ extractor.extract(photo)) < 1.0 - 1e-7  # other kernels, other rounding

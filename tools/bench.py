@@ -1,7 +1,8 @@
 """``python -m tools.bench --out OUT [--quick | --smoke]``: phone and server speed,
 each figure beside its peer measured in the same run.
 
-- Phone: extraction of a 224x224 photo and of a 12-megapixel JPEG against the
+- Phone: extraction of a 224x224 photo, of a 12-megapixel JPEG and of a 640x480
+  camera frame (CameraX RGBA; NV21 and a thumbnail JPEG beside it) against the
   bare ``invoke()`` of the same model, and the cosine between the fast decode
   and the careful one (full-size decode, Lanczos) on real photos made 12 MP.
 - Server: the default exact lookup against FAISS ``IndexFlatIP`` (and the old
@@ -51,6 +52,7 @@ from edge_client.client import Client
 from edge_client.config import ClientConfig, default_model_path
 from edge_client.dummies import PersonaGenerator
 from edge_client.extractor import Extractor, l2_normalize
+from edge_client.frame import Frame
 from edge_client.scheduler import DummyScheduler
 from edge_client.transforms import make_transform
 from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
@@ -64,14 +66,15 @@ from tools.timing import cells_bodies, interleaved, label, median_ms, post, serv
 JITTER = 0.1
 K_PRIVATE = 40
 TARGETS = {  # key: (limit, "max" = at most / "min" = at least)
-    "extract_ratio_224": 1.3, "extract_ratio_12mp": 3.0, "lookup_ratio_vs_faiss_100k": 1.5,
+    "extract_ratio_224": 1.3, "extract_ratio_12mp": 3.0, "extract_ratio_camera_frame": 1.3,
+    "lookup_ratio_vs_faiss_100k": 1.5,
     "http_p50_ms_100k": 30.0, "rss_mb_1m": 1500.0, "private_vs_plain_ratio": 1.5,
     "answer_added_latency_s": 0.5,
     "ohttp_vs_direct_ratio": 1.3,
     **CATALOGUE_TARGETS,
     "ray_build_ratio": (0.8, "min"), "ray_serve_p50_ratio": 1.5,
 }
-ONLY = ("answer-latency", "ohttp", "catalogue", "ray")
+ONLY = ("answer-latency", "ohttp", "extract", "catalogue", "ray")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,18 @@ def twelve_megapixel(photo: Path) -> bytes:
     return buffer.getvalue()
 
 
+def camera_frames(photo: Path) -> dict[str, Any]:
+    """The photo as a 640x480 camera hands it over: CameraX RGBA_8888 (the headline), NV21, a thumbnail JPEG."""
+    scene = Image.open(photo).convert("RGB").resize((640, 480), Image.Resampling.BICUBIC)
+    rgb = np.asarray(scene)
+    y, cb, cr = (np.asarray(p) for p in scene.convert("YCbCr").split())
+    vu = np.stack([np.asarray(Image.fromarray(c).reduce(2)) for c in (cr, cb)], -1)
+    thumbnail = io.BytesIO()
+    scene.save(thumbnail, "JPEG", quality=90)
+    return {"frame": Frame(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]).tobytes(), 640, 480, "rgba"),
+            "frame_nv21": Frame(y.tobytes() + vu.tobytes(), 640, 480, "nv21"), "thumbnail": thumbnail.getvalue()}
+
+
 def bench_extraction(plan: Plan, extractor: Extractor, dataset: Dataset) -> dict[str, Any]:
     """Extraction against bare ``invoke()`` of a second interpreter of the same model."""
     photo = dataset.photos[0][1]
@@ -115,8 +130,10 @@ def bench_extraction(plan: Plan, extractor: Extractor, dataset: Dataset) -> dict
     bare, _ = tfl.make_interpreter(str(extractor.model_path), extractor.num_threads)
     details = bare.get_input_details()[0]
     bare.set_tensor(details["index"], tfl.quantize_input(extractor.preprocess(photo), details, 128.0, 128.0))
+    frames = camera_frames(photo)
     times = interleaved({"bare": bare.invoke, "224": lambda: extractor.extract(photo),
-                         "12mp": lambda: extractor.extract(jpeg)}, plan.repeats * 2)
+                         "12mp": lambda: extractor.extract(jpeg),
+                         **{name: (lambda f=f: extractor.extract(f)) for name, f in frames.items()}}, plan.repeats * 2)
     cosines = [float(extractor.extract(big) @ extractor.extract(big, fast=False)) for big in
                (twelve_megapixel(p) for _, p in dataset.photos[::max(1, len(dataset.photos) // plan.photos_12mp)]
                 [:plan.photos_12mp])]
@@ -128,6 +145,9 @@ def bench_extraction(plan: Plan, extractor: Extractor, dataset: Dataset) -> dict
            "extract_cosine_photos": len(cosines)}
     out["extract_ratio_224"] = round(out["extract_224_ms"] / out["extract_bare_ms"], 3)
     out["extract_ratio_12mp"] = round(out["extract_12mp_ms"] / out["extract_bare_ms"], 3)
+    for name in frames:  # 640x480: a camera frame (RGBA, NV21) or a thumbnail JPEG
+        out[f"extract_{name}_ms"] = median_ms(times[name])
+    out["extract_ratio_camera_frame"] = round(out["extract_frame_ms"] / out["extract_bare_ms"], 3)
     return {**out, **bench_extract_many(plan, extractor, dataset)}
 
 
@@ -402,6 +422,16 @@ def bench_ohttp(plan: Plan, server: LiveServer, extractor: Extractor, qs: np.nda
     return out
 
 
+def run_extract_only(plan: Plan, work: Path) -> dict[str, Any]:
+    """``--only extract``: the phone's extraction figures alone (224, 12 MP, camera frame); no gallery."""
+    extractor = Extractor(default_model_path())
+    result: dict[str, Any] = {"machine": machine(), "plan": asdict(plan), "only": "extract"}
+    result.update(bench_extraction(plan, extractor, limited(load_dataset(), max(plan.real_photos, 10 * plan.repeats))))
+    result["targets"] = verdicts(result)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
+
+
 def run_ohttp_only(plan: Plan, work: Path) -> dict[str, Any]:
     """Just the Oblivious HTTP figure, on the plan's target gallery."""
     extractor = Extractor(default_model_path())
@@ -600,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench_ray import run_ray_only
 
         runs = {"answer-latency": run_answer_latency, "ohttp": run_ohttp_only, "catalogue": run_catalogue_only,
-                "ray": run_ray_only}
+                "ray": run_ray_only, "extract": run_extract_only}
         result = runs[args.only](plan, Path(work)) if args.only else run(plan, args.out, Path(work))
     result["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
