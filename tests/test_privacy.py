@@ -138,8 +138,10 @@ def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.E
     assert defended["1"]["requests_per_photo"] == undefended["1"]["requests_per_photo"] == 1.0
     assert defended["3"]["requests_per_photo"] < 0.6 and undefended["3"]["requests_per_photo"] == 1.0
     # Linking lifts the attacker against the undefended phone; against the default one it gains little.
-    assert undefended["3"]["top1"] >= undefended["1"]["top1"] + 0.1
-    assert undefended["3"]["top1"] >= defended["3"]["top1"] + 0.1
+    # Top-5: with 15 spots in 5 cells, top-1 moves in steps of whole queries and depends on how the cells
+    # fell (the full datasets' figures are in README: at m = 3 the undefended top-1 more than doubles).
+    assert undefended["3"]["top5"] >= undefended["1"]["top5"] + 0.1
+    assert defended["3"]["top5"] <= defended["1"]["top5"] + 0.05
     assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
     assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count"}
     assert defended["3"]["user_top1"] >= 0.95 * undefended["3"]["user_top1"]

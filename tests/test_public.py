@@ -17,7 +17,7 @@ import requests
 from edge_client import wire
 from edge_client.client import Client, public_path
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
+from edge_client.extractor import Extractor, l2_normalize
 from edge_client.public import PublicError, PublicParams, PublicStore, Rows, apply_delta, canonical, parse
 from lite_server.config import ServerConfig
 from lite_server.index import Index
@@ -126,7 +126,7 @@ def test_fewer_prototypes_a_spot_when_the_budget_is_small(app: Any) -> None:
     assert (doc.columns["n_prototypes"] == 1).all() and not doc.columns["n_looks"].any()
     heaviest = doc.blocks["prototypes"].decode()  # each spot's first prototype, in codec space
     row = int(np.flatnonzero(doc.ids == index.spots[0].id)[0])
-    first = lookup.codec.project(lookup.prototypes[lookup.prototype_spot == 0][:1])[0]
+    first = l2_normalize(lookup.prototypes[lookup.prototype_spot == 0][:1])[0]  # derived in codec space
     assert float(heaviest[row] @ first) / float(np.linalg.norm(heaviest[row])) > 0.999
 
 
