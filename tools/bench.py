@@ -59,7 +59,7 @@ from lite_server.backends import FaissBackend, QuantizedBackend, SklearnBackend
 from lite_server.index import Index, base_manifest, publish
 from tools.dataset import Dataset, features, load_dataset
 from tools.bench_catalogue import TARGETS as CATALOGUE_TARGETS
-from tools.bench_catalogue import run_catalogue
+from tools.bench_catalogue import plot_catalogue, run_catalogue
 from tools.live import LiveRelay, LiveServer
 from tools.timing import cells_bodies, interleaved, label, median_ms, post, serve
 
@@ -636,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench.md").write_text(table(result))
     plot(result, args.out / "scaling.png")
+    plot_catalogue(result, args.out / "catalogue.png")
     print(table(result))
     print(f"wrote {args.out / 'bench.json'}, bench.md and scaling.png in {result['seconds']} s")
     return 0

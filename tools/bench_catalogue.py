@@ -119,3 +119,37 @@ def bench_cells_http(folder: Path, extractor: Extractor, queries: np.ndarray, re
     finally:
         server.stop()
     return {f"http_p50_ms_cells_{tag}_spots": median_ms(times["cells"])}
+
+
+def plot_catalogue(result: dict[str, Any], path: Path) -> bool:
+    """Bytes and seconds against the number of spots (log axes); False when nothing was measured."""
+    sizes = sorted({int(k.split("_")[-2].rstrip("k")) * 1000 for k in result
+                    if k.startswith("derive_s_") and k.endswith("k_spots")})
+    if not sizes:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, name in (("public_bytes_{}_spots", "full public document (gzip)"),
+                      ("delta_bytes_1pct_{}", "delta after a 1% update (gzip)")):
+        points = [(n, result[key.format(label(n))] / 2**20) for n in sizes if key.format(label(n)) in result]
+        left.plot(*zip(*points), marker="o", label=name)
+    left.plot([10_000, 100_000], [2, 16], "r+", markersize=12, label="targets (2 MB, 16 MB)")
+    left.set(xscale="log", yscale="log", xlabel="spots", ylabel="MB on the wire", title="What a phone downloads")
+    for key, name in (("derive_s_{}_spots", "derive the structure (build)"), ("load_s_{}_spots", "server load"),
+                      ("update_s_1pct_{}", "update of 1% of the spots")):
+        points = [(n, result[key.format(label(n))]) for n in sizes if key.format(label(n)) in result]
+        right.plot(*zip(*points), marker="o", label=name)
+    right.axhline(300, color="red", linewidth=0.8, label="5 min target (derive, 100k)")
+    right.set(xscale="log", yscale="log", xlabel="spots (~10 photos each)", ylabel="seconds",
+              title="Build and start-up")
+    for axes in (left, right):
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
