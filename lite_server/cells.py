@@ -226,14 +226,22 @@ def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
 
     if len(means) <= n_cells:
         return means
-    return KMeans(n_cells, n_init=5, random_state=seed).fit(means.astype(np.float64)).cluster_centers_
+    # The same k-means in the coordinates of the means' own span (an orthonormal basis from a
+    # QR): distances, and so the clustering, do not change, but a block of 640 spots has 640
+    # dimensions rather than 1,280 (296 on wa-landmarks), and k-means costs half or less.
+    basis, _ = np.linalg.qr(means.astype(np.float64).T)  # [dim, min(n, dim)]
+    fitted = KMeans(n_cells, n_init=5, random_state=seed).fit(means.astype(np.float64) @ basis)
+    return fitted.cluster_centers_ @ basis.T
 
 
 def cell_centres(means: np.ndarray, assign: np.ndarray, n_cells: int) -> np.ndarray:
     """The normalised mean of each cell's spot means (an empty cell's is zero)."""
-    sums = np.zeros((n_cells, means.shape[1]), np.float64)
-    np.add.at(sums, assign, means)
-    return l2_normalize(sums.astype(np.float32))
+    from scipy.sparse import csr_matrix
+
+    # A sparse one-hot product: np.add.at took a fifth of a national catalogue's derivation.
+    members = csr_matrix((np.ones(len(assign), np.float32), (assign, np.arange(len(assign)))),
+                         shape=(n_cells, len(means)))
+    return l2_normalize(np.asarray(members @ np.asarray(means, np.float32), np.float32))
 
 
 def _capacitated_assign(similarity: np.ndarray, capacity: int) -> np.ndarray:
