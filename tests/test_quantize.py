@@ -15,7 +15,8 @@ from edge_client.extractor import Extractor
 from lite_server import cli as server_cli
 from lite_server.index import Index
 from tests.conftest import CLASSIFIER, DATASET, FEATURE_TENSOR, SHARED_MODELS, make_subset
-from tools import compare, quantize
+from tools import compare, grids, quantize
+from tools import cut as cut_tools
 from tools import model as models
 from tools.dequantize import dequantize_model
 
@@ -76,11 +77,13 @@ def test_calibration_photos_are_spread_and_deterministic() -> None:
 
 
 def test_requantized_top1_matches_the_shared_uint8_model(requantized: dict[str, Path], model_path: Path) -> None:
-    """On all of wa-landmarks: our quantization is within a point of Google's quantization-aware training."""
+    """On all of wa-landmarks: our quantization costs at most a point against Google's quantization-aware training."""
     ours, queries, _ = compare.model_top1(Extractor(requantized["quantized"], num_threads=2), DATASET)
     shared, _, _ = compare.model_top1(Extractor(model_path, num_threads=2), DATASET)
     print(f"wa-landmarks top-1 on {queries} queries: shared uint8 {shared:.4f}, re-quantized {ours:.4f}")
-    assert abs(shared - ours) <= 0.01, (shared, ours)
+    # Measured 0.7892 against 0.7788 (+1.0 point: the kept weight grids plus activation ranges from
+    # these photos); the issue's "within a point" is about what quantization costs, so a gain passes.
+    assert ours >= shared - 0.01, (shared, ours)
 
 
 def test_verify_reports_cosine_and_both_top1(requantized: dict[str, Path], work: Path,
@@ -91,12 +94,9 @@ def test_verify_reports_cosine_and_both_top1(requantized: dict[str, Path], work:
     assert models.main(argv + ["--max-drop", "5"]) == 0
     report = json.loads(capsys.readouterr().out)
     print(compare.summary(report))
-    # Issue 17 asked for a median >= 0.98; measured 0.974 here (min 0.93). The loss is in the weights:
-    # the float model's weights sit on the uint8 grid Google trained them on, and int8 per-channel
-    # quantization rounds them onto another one (int16 activations were measured to give 0.975, so the
-    # activation ranges are not the cause). Recognition does not suffer (see the top-1 test above).
-    # This guards against regressions from what was measured.
-    assert report["cosine"]["median"] >= 0.96 and 0 < report["cosine"]["min"] <= report["cosine"]["median"]
+    # Issue 17: median >= 0.98. Measured 0.990 (min 0.957) with the weight grids kept; the quantizer's
+    # own re-rounding gave 0.974 (min 0.862), see test_kept_grids_beat_the_quantizers_rounding.
+    assert report["cosine"]["median"] >= 0.98 and 0 < report["cosine"]["min"] <= report["cosine"]["median"]
     assert report["cosine"]["photos"] > 250 and report["queries"] > 20
     assert 0.5 < report["quantized"]["top1"] <= 1 and 0.5 < report["float"]["top1"] <= 1
     # Demanding a gain the model cannot have fails the command.
@@ -135,3 +135,62 @@ def test_unknown_or_changed_registered_model_is_refused(tmp_path: Path, model_pa
     (tmp_path / "mnv2.tflite").write_bytes(model_path.read_bytes() + b"\0")
     with pytest.raises(ChecksumError):
         ClientConfig(model="mnv2", model_dir=str(tmp_path)).model_path()
+
+
+def test_grid_step_finds_the_grid_and_only_a_grid() -> None:
+    rng = np.random.default_rng(0)
+    step = np.float32(0.0123)
+    on_grid = (rng.integers(-150, 150, 4000) * step).astype(np.float32)  # float32 rounding included
+    assert grids.grid_step(on_grid) == pytest.approx(float(step), rel=1e-6)
+    assert grids.grid_step(rng.normal(size=4000).astype(np.float32)) is None
+    assert grids.grid_step(np.array([0.5, 0.5], np.float32)) is None
+
+
+@pytest.fixture(scope="module")
+def plain(float_classifier: Path, work: Path) -> Path:
+    """The same quantization without kept grids: the quantizer's own per-channel rounding."""
+    out = work / "requant_plain.tflite"
+    assert models.main(["quantize", str(float_classifier), "--calibrate", str(DATASET / "images"),
+                        "--photos", "200", "--out", str(out), "--no-keep-grids"]) == 0
+    return out
+
+
+def test_kept_grids_are_exact_where_they_fit(requantized: dict[str, Path], plain: Path, float_classifier: Path,
+                                             work: Path) -> None:
+    """Every kept channel dequantizes to the float model's weight exactly (to float32 rounding); the
+    channels whose grid needs more than int8 keep the quantizer's values."""
+    kept, changed = grids.keep_weight_grids(plain.read_bytes(), float_classifier.read_bytes())
+    _, model = cut_tools.read_model(kept)
+    _, source = cut_tools.read_model(float_classifier.read_bytes())
+    floats = {cut_tools.tensor_name(t): grids._values(source, t, np.float32)
+              for t in source.subgraphs[0].tensors if t.type == 0}
+    exact = 0
+    for op in model.subgraphs[0].operators:
+        weight = model.subgraphs[0].tensors[op.inputs[1]] if len(op.inputs) > 1 else None
+        w = floats.get(cut_tools.tensor_name(weight)) if weight is not None and weight.type == 9 else None
+        if w is None:  # not a constant weight (an ADD's second input is an activation)
+            continue
+        q = grids._values(model, weight, np.int8).astype(np.float64)
+        axis = int(weight.quantization.quantizedDimension)
+        shape = [1] * len(weight.shape)
+        shape[axis] = -1
+        back = q.reshape(weight.shape) * np.asarray(weight.quantization.scale).reshape(shape)
+        error = np.abs(np.moveaxis(back - w.reshape(weight.shape), axis, 0)).reshape(len(weight.quantization.scale), -1)
+        exact += int((error.max(axis=1) <= 1e-5 * np.abs(w).max()).sum())
+    assert changed > 17000 and exact >= changed
+    # What quantize writes by default (before the cut) is the plain model with its grids kept.
+    assert (work / "mobilenet_v2_requant.tflite").read_bytes() == kept
+
+
+def test_kept_grids_beat_the_quantizers_rounding(requantized: dict[str, Path], plain: Path, work: Path) -> None:
+    """Without kept grids the features move further from the float model's."""
+    plain_cut = models.cut_file(plain, FEATURE_TENSOR, work / "plain_avgpool.tflite")
+    photos = [p for p in sorted((DATASET / "images").rglob("*.jpg"))[::60]][:40]
+    reference = Extractor(requantized["float"], num_threads=2)
+    cosines = {}
+    expected = [reference.extract(p) for p in photos]  # unit vectors
+    for role, path in (("kept", requantized["quantized"]), ("plain", plain_cut)):
+        extractor = Extractor(path, num_threads=2)
+        cosines[role] = float(np.median([float(extractor.extract(p) @ e) for p, e in zip(photos, expected)]))
+    print(cosines)
+    assert cosines["kept"] > cosines["plain"] + 0.005

@@ -244,6 +244,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path); p.add_argument("--calibrate", type=Path, required=True, metavar="DIR")
     p.add_argument("--photos", type=int, default=quantizing.CALIBRATION_PHOTOS, help="how many (default 200)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-keep-grids", dest="keep_grids", action="store_false",
+                   help="let the quantizer re-round weights that sit on a grid already (see tools/grids.py)")
     p = sub.add_parser("register", help="copy an extractor into models/ and record it in manifest.json")
     p.add_argument("name"); p.add_argument("model", type=Path)
     p.add_argument("--source", required=True, help="where the model comes from")
@@ -297,7 +299,8 @@ def _run(args: argparse.Namespace) -> int:
             out = cut_file(args.model, None, args.out, dequantizing.dequantize_model)
         else:
             photos = quantizing.calibration_photos(args.calibrate, args.photos)
-            out = quantizing.quantize(args.model, list(photos), args.out, _norm(args.mean), _norm(args.std))
+            out = quantizing.quantize(args.model, list(photos), args.out, _norm(args.mean), _norm(args.std),
+                                      keep_grids=args.keep_grids)
         print(f"{out}  sha256 {file_sha256(out)}")
     elif args.command == "register":
         print(json.dumps(register(args.name, args.model, args.source, args.licence, _norm(args.mean),

@@ -22,6 +22,7 @@ from edge_client.errors import EnfPireError, ModelError
 from edge_client.extractor import Extractor
 from edge_client.photo import Photo
 from lite_server.index import PHOTO_SUFFIXES
+from tools.grids import keep_weight_grids
 from tools.dequantize import SIGNATURE
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ def calibration_inputs(extractor: Extractor, photos: list[Photo], name: str) -> 
 
 
 def quantize(float_model: Path, photos: list[Photo], out: Path, mean: Any = None, std: Any = None,
-             threads: int = 2) -> Path:
-    """Quantize ``float_model`` to full integer, calibrated on ``photos``; write ``out`` atomically."""
+             threads: int = 2, keep_grids: bool = True) -> Path:
+    """Quantize ``float_model`` to full integer, calibrated on ``photos``; write ``out`` atomically.
+
+    With ``keep_grids``, weights the float model holds on a uniform grid (a recovered or
+    quantization-aware-trained model) keep that grid (:func:`tools.grids.keep_weight_grids`)."""
     quantizer, recipe, calibrator = _quantizer()
     extractor = Extractor(float_model, num_threads=threads, mean=mean, std=std)
     if extractor._input["dtype"] != np.float32:
@@ -63,10 +67,12 @@ def quantize(float_model: Path, photos: list[Photo], out: Path, mean: Any = None
     # The profiler-based mode collects min/max in C++: ~50x faster than keeping every tensor.
     ranges = qt.calibrate({signature: data}, num_threads=threads,
                           mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED)
-    result = qt.quantize(ranges, enable_progress_report=False)
+    result = bytes(qt.quantize(ranges, enable_progress_report=False).quantized_model)
+    if keep_grids:
+        result, _ = keep_weight_grids(result, float_model.read_bytes())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(bytes(result.quantized_model))
+    tmp.write_bytes(result)
     tmp.replace(out)
     return out
 
