@@ -26,10 +26,12 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 #: ingress (which needs an HAProxy binary): gRPC from the proxy to the replicas, user code on the
 #: replica's event loop (a2wsgi has its own threads), buffered request logs. Measured on the cells
 #: query at 100k photos, one replica: p50 29.5 -> 20.1 ms (waitress 10.5-12.8 ms). A private
-#: cluster gets them (an operator's own setting wins); on ``ray start`` set them yourself.
+#: cluster gets them (an operator's own setting wins); on ``ray start`` set them yourself. The last
+#: one has the proxy drop the ``X-Request-ID`` it adds to every answer (no identifiers in answers).
 SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-             "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"}
+             "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+             "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "lite_server.ray_serve.proxy_middlewares"}
 
 
 class RayMissingError(EnfPireError, ImportError):

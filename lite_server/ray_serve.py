@@ -195,6 +195,31 @@ def wait_for_fleet(wanted: int, version: str | None = None, timeout: float = SWI
         time.sleep(POLL / 2)
 
 
+class DropRequestId:
+    """ASGI middleware for Ray Serve's HTTP proxy: answers leave without the ``X-Request-ID``
+    the proxy adds to each of them. An answer carries no identifier (the hygiene rule
+    waitress keeps); Ray still uses the id inside the cluster, for its own logs."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def send_without_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            await send(message)
+
+        await self.app(scope, receive, send_without_id)
+
+
+def proxy_middlewares() -> list[Any]:
+    """What ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names (see ``ray_cluster.SERVE_ENV``):
+    the middleware Ray's proxy wraps around every request, outside its own request-id one."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(DropRequestId)]
+
+
 def deploy(config: ServerConfig, replicas: int) -> Any:
     """Start Serve's proxy on ``host:port`` and the app with ``replicas`` replicas; wait until all
     serve. Returns the board's handle: the caller keeps it, the board lives as long as it does."""

@@ -30,6 +30,7 @@ from lite_server.index import Index, build_index
 from lite_server.updates import photo_rows
 from tests.conftest import copy_index, make_subset
 from tests.test_load import TOKEN, bodies, run_load, swapper  # noqa: F401  (bodies: a fixture)
+from tests.test_hygiene import ALLOWED_HEADERS
 from tools.live import LiveServer, free_port
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
@@ -142,6 +143,8 @@ def test_serve_ray_answers_as_waitress_does(ray_server: tuple[LiveServer, Path, 
             answers = [s.post(url + "/v1/candidates", data=body, headers={"Content-Type": "application/json"})
                        for s, url in ((ray_session, server.url), (waitress, live_server.url))]
             assert [a.status_code for a in answers] == [200, 200]
+            # Ray's proxy adds an X-Request-ID to every answer; ours takes it off again.
+            assert {h.lower() for h in answers[0].headers} <= ALLOWED_HEADERS, answers[0].headers
             assert [[c["id"] for c in a.json()["candidates"]] for a in answers] == \
                 [[c["id"] for c in answers[1].json()["candidates"]]] * 2
         bad = ray_session.post(server.url + "/v1/candidates", data=b"{", headers={"Content-Type": "application/json"})
