@@ -56,3 +56,29 @@ def test_openapi_documents_the_gateway() -> None:
     gateway = paths["/ohttp"]["post"]
     assert "message/ohttp-req" in gateway["requestBody"]["content"]
     assert {"200", "400", "413", "415"} <= set(gateway["responses"])
+
+
+def _rotate_when_old(path: str, start: float) -> tuple[int, str]:
+    """(current key id, its private key as this process then reads it)."""
+    while time.time() < start:  # all processes reach the lock together
+        time.sleep(0.001)
+    current = rotate(Path(path), 3600, older_than=86400)
+    return current, next(k["private_key"] for k in json.loads(Path(path).read_text())["keys"] if k["key_id"] == current)
+
+
+def test_replicas_rotating_at_once_rotate_once(tmp_path: Path) -> None:
+    """Replicas sharing one key file (``serve --ray``) all find the key too old at the same moment:
+    the lock and the age check under it leave exactly one new key, which every replica reports."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "keys.json"
+    ensure(path)
+    data = json.loads(path.read_text())
+    data["keys"][0]["created"] = time.time() - 3 * 86400
+    path.write_text(json.dumps(data))
+    start = time.time() + 1.0
+    with ProcessPoolExecutor(8) as pool:
+        current = list(pool.map(_rotate_when_old, [str(path)] * 8, [start] * 8))
+    # One key 2, never replaced: a replica that had served another key 2 would fail its phones.
+    assert {key_id for key_id, _ in current} == {2} and len({private for _, private in current}) == 1
+    assert [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [1, 2]
