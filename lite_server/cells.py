@@ -29,6 +29,10 @@ SAMPLE_PER_SPOT = 512
 BLOCK_CELLS = 64
 #: Spots x photos x dims held at once by the batched k-means (float32 elements, ~64 MB).
 BATCH_ELEMENTS = 1 << 24
+#: New spots matched against every cell centre at once in an update.
+NEAREST_CHUNK = 4096
+#: How many nearby cells with a spot to spare a short cell looks at (the nearest by centre).
+REFILL_NEIGHBOURS = 8
 
 
 def spot_groups(photo_spot: np.ndarray, n_spots: int) -> list[np.ndarray]:
@@ -286,9 +290,8 @@ def update_cells(means: np.ndarray, kept: np.ndarray, min_spots: int, seed: int 
 
     ``kept`` is each spot's previous cell (-1 for a new spot). New spots join
     their most similar cell; a cell left with fewer than ``min_spots`` spots
-    takes the most similar spots of cells that can spare one, or else is
-    dissolved into its neighbours (the last cell takes its number); a cell of
-    ``2 * min_spots`` or more is cut in two by a balanced bisection (the new
+    takes spots from nearby cells that can spare one (:func:`_refill`); a cell
+    of ``2 * min_spots`` or more is cut in two by a balanced bisection (the new
     half takes the next number). Every other spot keeps its cell, so a phone's
     update is small. A full rebuild (:func:`balanced_cells`) rebalances everything.
     """
@@ -297,31 +300,39 @@ def update_cells(means: np.ndarray, kept: np.ndarray, min_spots: int, seed: int 
     if n_cells == 0 or len(means) < 2 * min_spots:
         return balanced_cells(means, min_spots, seed)
     new = assign < 0
-    similarity = means @ cell_centres(means[~new], assign[~new], n_cells).T
-    assign[new] = np.argmax(similarity[new], axis=1)
-    # A cell that lost spots first takes the most similar spots of cells with some to spare.
-    assign = _fill_small_cells(assign, similarity, min_spots)
-    assign, n_cells = _dissolve_small(means, assign, n_cells, min_spots)
+    centres = cell_centres(means[~new], assign[~new], n_cells)
+    for start in range(0, int(new.sum()), NEAREST_CHUNK):  # [spots, cells] at once would be GBs at 100k
+        rows = np.flatnonzero(new)[start:start + NEAREST_CHUNK]
+        assign[rows] = np.argmax(means[rows] @ centres.T, axis=1)
+    assign, n_cells = _refill(means, assign, centres, min_spots)
     return _split_large(means, assign, n_cells, min_spots, seed)
 
 
-def _dissolve_small(means: np.ndarray, assign: np.ndarray, n_cells: int, min_spots: int) -> tuple[np.ndarray, int]:
-    # Centres and sizes kept up to date by hand: recomputing them per dissolved cell cost
-    # minutes when 1% of 100,000 spots left.
-    centres = cell_centres(means, assign, n_cells)
+def _refill(means: np.ndarray, assign: np.ndarray, centres: np.ndarray, min_spots: int) -> tuple[np.ndarray, int]:
+    """Bring every cell back to ``min_spots`` after spots left: a short cell takes the spot most
+    like it from the :data:`REFILL_NEIGHBOURS` nearest cells that can spare one. When no cell
+    can (a fresh build leaves every cell at its minimum), the *last* cell is dissolved, its
+    spots joining their most similar cells, which gives them spares; no other cell changes
+    number, so only the spots that had to move change in the phone's delta."""
+    n_cells = len(centres)
     sizes = np.bincount(assign, minlength=n_cells)
     while n_cells > 1:
-        cell = int(np.argmin(sizes[:n_cells]))
-        if sizes[cell] >= min_spots:
+        short = np.flatnonzero(sizes[:n_cells] < min_spots)
+        if not len(short):
             break
-        members = np.flatnonzero(assign == cell)
-        similarity = means[members] @ centres[:n_cells].T
-        similarity[:, cell] = -np.inf
-        assign[members] = np.argmax(similarity, axis=1)
-        sizes += np.bincount(assign[members], minlength=len(sizes))
-        n_cells -= 1
-        assign[assign == n_cells] = cell  # the last cell takes the freed number
-        centres[cell], sizes[cell] = centres[n_cells], sizes[n_cells]
+        spare = np.flatnonzero(sizes[:n_cells] > min_spots)
+        if not len(spare):
+            n_cells -= 1
+            members = np.flatnonzero(assign == n_cells)
+            assign[members] = np.argmax(means[members] @ centres[:n_cells].T, axis=1)
+            sizes[:n_cells] += np.bincount(assign[members], minlength=n_cells)
+            continue
+        cell = short[0]
+        near = spare[np.argsort(-(centres[spare] @ centres[cell]), kind="stable")[:REFILL_NEIGHBOURS]]
+        donors = np.flatnonzero(np.isin(assign, near))
+        spot = donors[np.argmax(means[donors] @ centres[cell])]
+        sizes[assign[spot]] -= 1
+        assign[spot], sizes[cell] = cell, sizes[cell] + 1
     return assign, n_cells
 
 

@@ -91,3 +91,21 @@ def test_an_update_moves_only_the_spots_it_must() -> None:
     keep = np.setdiff1d(np.arange(1000), gone)
     shrunk = cells.update_cells(means[keep], before[keep], 10)
     assert np.bincount(shrunk).min() >= 10 and (shrunk != before[keep]).mean() < 0.02
+
+
+def test_removed_spots_are_replaced_from_neighbours_and_no_cell_is_renumbered() -> None:
+    """A fresh build leaves every cell at exactly its minimum: nothing to spare. One spot leaves
+    each of ten cells: the last cell is dissolved to make spares and each short cell takes one
+    spot back; nothing else moves (a phone's delta stays near the 1% that changed)."""
+    means = _look_alike_means(1000)
+    before = cells.balanced_cells(means, 10)
+    assert (np.bincount(before) == 10).all()
+    gone = np.array([np.flatnonzero(before == c)[0] for c in range(0, 100, 10)])
+    keep = np.setdiff1d(np.arange(1000), gone)
+    after = cells.update_cells(means[keep], before[keep], 10)
+    sizes = np.bincount(after)
+    assert len(sizes) == 99 and sizes.min() >= 10
+    moved = after != before[keep]
+    from_last = before[keep] == 99
+    assert moved[from_last].all() and moved[~from_last].sum() <= 10
+    assert set(after[moved & ~from_last]) <= set(range(0, 100, 10))  # only into the short cells

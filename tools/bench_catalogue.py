@@ -91,8 +91,11 @@ def bench_update(folder: Path, catalogue: SyntheticCatalogue, public: PublicPara
     out[f"delta_bytes_1pct_{tag}"] = delta_bytes(public, build(Lookup(after, ServerConfig())))
     out[f"delta_bytes_share_1pct_{tag}"] = round(out[f"delta_bytes_1pct_{tag}"] / public_bytes(public), 4)
     doomed = [s.id for s in index.spots[1::100]]
+    before = build(Lookup(after, ServerConfig()))
     removed = remove_spots(folder, doomed)
     out[f"cells_moved_remove_1pct_{tag}"] = cells_moved(after, removed)
+    out[f"delta_bytes_share_remove_1pct_{tag}"] = round(
+        delta_bytes(before, build(Lookup(removed, ServerConfig()))) / public_bytes(before), 4)
     return out
 
 
