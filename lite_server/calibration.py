@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_client.recognizer import VOTE_TEMPERATURE, soft_max
 
-from .cells import spherical_kmeans
+from .cells import group_sums, spherical_kmeans
 
 #: Gallery photos scored leave-one-out (a fixed random sample): about a second of work at load.
 SAMPLE = 800
@@ -82,7 +82,8 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 def _spot_soft_max(cosines: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """:func:`soft_max` of every spot's run of columns of ``cosines``, for every row at once."""
     top = cosines.max(axis=1, keepdims=True)
-    sums = np.add.reduceat(np.exp((cosines - top) / VOTE_TEMPERATURE), starts, axis=1)
+    column_spot = np.searchsorted(starts, np.arange(cosines.shape[1]), side="right") - 1
+    sums = group_sums(np.exp((cosines - top) / VOTE_TEMPERATURE).T, column_spot, len(starts)).T
     return top + VOTE_TEMPERATURE * np.log(sums)
 
 

@@ -240,12 +240,17 @@ def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
 
 def cell_centres(means: np.ndarray, assign: np.ndarray, n_cells: int) -> np.ndarray:
     """The normalised mean of each cell's spot means (an empty cell's is zero)."""
+    return l2_normalize(group_sums(np.asarray(means, np.float32), assign, n_cells))
+
+
+def group_sums(rows: np.ndarray, owner: np.ndarray, n_groups: int) -> np.ndarray:
+    """The sum of the ``rows`` of each group (row ``i`` belongs to ``owner[i]``; an empty group
+    sums to zero), as a sparse one-hot product: np.add.at took a fifth of a national
+    catalogue's derivation, and np.add.reduceat over rows is ~40x slower (65,536 x 1,280)."""
     from scipy.sparse import csr_matrix
 
-    # A sparse one-hot product: np.add.at took a fifth of a national catalogue's derivation.
-    members = csr_matrix((np.ones(len(assign), np.float32), (assign, np.arange(len(assign)))),
-                         shape=(n_cells, len(means)))
-    return l2_normalize(np.asarray(members @ np.asarray(means, np.float32), np.float32))
+    onehot = csr_matrix((np.ones(len(owner), rows.dtype), (owner, np.arange(len(owner)))), shape=(n_groups, len(owner)))
+    return np.asarray(onehot @ rows)
 
 
 def _capacitated_assign(similarity: np.ndarray, capacity: int) -> np.ndarray:

@@ -149,9 +149,8 @@ def project(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | 
     sums = np.zeros((len(groups), features.shape[1]), np.float64)
     for start in range(0, len(rows), CHUNK):
         photos = l2_normalize(cells.spot_photos(features, rows[start:start + CHUNK]))
-        spots = owner[start:start + len(photos)]
-        first = np.flatnonzero(np.r_[True, spots[1:] != spots[:-1]])  # a spot's rows are contiguous
-        sums[spots[first]] += np.add.reduceat(photos, first, axis=0)
+        spots = owner[start:start + len(photos)]  # increasing: a chunk covers a run of spots
+        sums[spots[0]:spots[-1] + 1] += cells.group_sums(photos, spots - spots[0], int(spots[-1] - spots[0]) + 1)
         if basis is not None:
             photos = photos @ basis.T
             coverage[start:start + len(photos)] = np.linalg.norm(photos, axis=1)
