@@ -318,13 +318,20 @@ def _refill(means: np.ndarray, assign: np.ndarray, centres: np.ndarray, min_spot
     like it from the :data:`REFILL_NEIGHBOURS` nearest cells that can spare one. When no cell
     can (a fresh build leaves every cell at its minimum), the *last* cell is dissolved, its
     spots joining their most similar cells, which gives them spares; no other cell changes
-    number, so only the spots that had to move change in the phone's delta."""
+    number, so only the spots that had to move change in the phone's delta. A cell all of
+    whose spots left gives its number to the last cell."""
     n_cells = len(centres)
     sizes = np.bincount(assign, minlength=n_cells)
     while n_cells > 1:
         short = np.flatnonzero(sizes[:n_cells] < min_spots)
         if not len(short):
             break
+        cell = short[0]
+        if sizes[cell] == 0:  # every spot of it left: the last cell takes its number
+            n_cells -= 1
+            assign[assign == n_cells] = cell
+            centres[cell], sizes[cell] = centres[n_cells], sizes[n_cells]
+            continue
         spare = np.flatnonzero(sizes[:n_cells] > min_spots)
         if not len(spare):
             n_cells -= 1
@@ -332,7 +339,6 @@ def _refill(means: np.ndarray, assign: np.ndarray, centres: np.ndarray, min_spot
             assign[members] = np.argmax(means[members] @ centres[:n_cells].T, axis=1)
             sizes[:n_cells] += np.bincount(assign[members], minlength=n_cells)
             continue
-        cell = short[0]
         near = spare[np.argsort(-(centres[spare] @ centres[cell]), kind="stable")[:REFILL_NEIGHBOURS]]
         donors = np.flatnonzero(np.isin(assign, near))
         spot = donors[np.argmax(means[donors] @ centres[cell])]

@@ -109,3 +109,14 @@ def test_removed_spots_are_replaced_from_neighbours_and_no_cell_is_renumbered() 
     from_last = before[keep] == 99
     assert moved[from_last].all() and moved[~from_last].sum() <= 10
     assert set(after[moved & ~from_last]) <= set(range(0, 100, 10))  # only into the short cells
+
+
+def test_a_cell_whose_spots_all_left_is_closed_and_the_rest_stay_crowds() -> None:
+    means = _look_alike_means(1000)
+    before = cells.balanced_cells(means, 10)
+    keep = np.flatnonzero(before != 5)
+    after = cells.update_cells(means[keep], before[keep], 10)
+    assert len(np.bincount(after)) == 99 and np.bincount(after).min() >= 10
+    unchanged = before[keep] != 99
+    assert np.array_equal(after[unchanged], before[keep][unchanged])  # only the last cell was renumbered
+    assert (after[~unchanged] == 5).all()
