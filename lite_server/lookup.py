@@ -32,17 +32,16 @@ class Lookup:
     the same parameters.
     """
 
-    def __init__(self, index: Index, config: ServerConfig | None = None):
+    def __init__(self, index: Index, config: ServerConfig | None = None, search: bool = True):
+        """``search=False`` loads the public structure alone, for tools that build the public
+        document: no search backend (most of a large index's load time), no vector queries."""
         config = config or ServerConfig()
         self.index = index
         self.config = config
-        self.backend: Backend = make_backend(config.backend).add(np.asarray(index.features))
-        # A backend that ranks spots itself answers in one pass, however many photos a spot has.
-        self._by_spot = hasattr(self.backend, "search_groups")
-        if self._by_spot:
-            self.backend.set_groups(index.photo_spot)  # type: ignore[attr-defined]
-        if config.max_batch > 1:  # concurrent requests share one scan of the gallery
-            self.backend = BatchingBackend(self.backend, config.max_batch)
+        self.backend: Backend | None = None
+        self._by_spot = False  # a backend that ranks spots itself answers in one pass
+        if search:
+            self.backend, self._by_spot = self._search_backend(index, config)
         n_spots = len(index.spots)
         self.popularity = np.bincount(index.photo_spot, minlength=n_spots) / max(1, len(index.photo_spot))
         structure = load_structure(index, StructureParams.from_config(config))
@@ -58,12 +57,25 @@ class Lookup:
         # base64 costs more than the lookup's re-score: cached per instance, at most ~75 MB.
         self._candidate_json = functools.lru_cache(maxsize=2048)(self._dump_candidate)
 
+    @staticmethod
+    def _search_backend(index: Index, config: ServerConfig) -> tuple[Backend, bool]:
+        """The configured backend over the index's features; and whether it ranks spots itself."""
+        backend = make_backend(config.backend).add(np.asarray(index.features))
+        by_spot = hasattr(backend, "search_groups")
+        if by_spot:
+            backend.set_groups(index.photo_spot)  # type: ignore[attr-defined]
+        if config.max_batch > 1:  # concurrent requests share one scan of the gallery
+            backend = BatchingBackend(backend, config.max_batch)
+        return backend, by_spot
+
     @property
     def n_cells(self) -> int:
         return int(self.spot_cell.max()) + 1 if len(self.spot_cell) else 0
 
     def nearest_spots(self, queries: np.ndarray, k: int) -> list[np.ndarray]:
         """For each query, the rows of its ``k`` best spots (a spot scores its best photo)."""
+        if self.backend is None:
+            raise RuntimeError("this Lookup was loaded without search (search=False)")
         k = min(k, len(self.index.spots))
         if self._by_spot:
             return list(self.backend.search_groups(queries, k)[1])  # type: ignore[attr-defined]
