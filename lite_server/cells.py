@@ -182,8 +182,13 @@ def balanced_cells(means: np.ndarray, min_spots: int, seed: int = 0, iterations:
     n_cells = max(1, len(means) // max(1, min_spots))
     assign = np.zeros(len(means), np.int64)
     first = 0
-    for rows, cells in _blocks(means, np.arange(len(means)), n_cells, seed):
-        assign[rows] = first + _capacitated_kmeans(means[rows], cells, min_spots, seed, iterations)
+    blocks = _blocks(means, np.arange(len(means)), n_cells, seed)
+    # One block (up to 640 spots, the real datasets) starts from the best of 5 k-means runs; a
+    # national catalogue's blocks from one each: on 10,000 synthetic spots that halved the cells'
+    # time (9.8 -> 5.6 s) and left a spot's mean cosine to its cell centre at 0.9143 (0.9144).
+    starts = 5 if len(blocks) == 1 else 1
+    for rows, cells in blocks:
+        assign[rows] = first + _capacitated_kmeans(means[rows], cells, min_spots, seed, iterations, starts)
         first += cells
     return assign
 
@@ -207,9 +212,10 @@ def _bisect(means: np.ndarray, rows: np.ndarray, n_left: int, seed: int) -> tupl
     return rows[order[:n_left]], rows[order[n_left:]]
 
 
-def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: int, iterations: int) -> np.ndarray:
+def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: int, iterations: int,
+                        starts: int) -> np.ndarray:
     n_spots = len(means)
-    centres = _kmeans_centres(means, n_cells, seed)
+    centres = _kmeans_centres(means, n_cells, seed, starts)
     capacity = int(np.ceil(n_spots / n_cells))
     assign = np.zeros(n_spots, np.int64)
     for _ in range(iterations):
@@ -222,8 +228,8 @@ def _capacitated_kmeans(means: np.ndarray, n_cells: int, min_spots: int, seed: i
     return assign
 
 
-def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
-    """scikit-learn's k-means (5 inits) on one block's spot means: better starting cells
+def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int, starts: int) -> np.ndarray:
+    """scikit-learn's k-means (best of ``starts`` runs) on one block's spot means: better starting cells
     than a spherical k-means here (measured on the real datasets' privacy). In float64:
     its float32 path upcasts distances chunk by chunk and took minutes on 1,000 spots."""
     from sklearn.cluster import KMeans
@@ -234,7 +240,7 @@ def _kmeans_centres(means: np.ndarray, n_cells: int, seed: int) -> np.ndarray:
     # QR): distances, and so the clustering, do not change, but a block of 640 spots has 640
     # dimensions rather than 1,280 (296 on wa-landmarks), and k-means costs half or less.
     basis, _ = np.linalg.qr(means.astype(np.float64).T)  # [dim, min(n, dim)]
-    fitted = KMeans(n_cells, n_init=5, random_state=seed).fit(means.astype(np.float64) @ basis)
+    fitted = KMeans(n_cells, n_init=starts, random_state=seed).fit(means.astype(np.float64) @ basis)
     return fitted.cluster_centers_ @ basis.T
 
 
