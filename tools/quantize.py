@@ -22,8 +22,8 @@ from edge_client.errors import EnfPireError, ModelError
 from edge_client.extractor import Extractor
 from edge_client.photo import Photo
 from lite_server.index import PHOTO_SUFFIXES
-from tools.grids import keep_weight_grids
 from tools.dequantize import SIGNATURE
+from tools.grids import keep_weight_grids
 
 log = logging.getLogger(__name__)
 CALIBRATION_PHOTOS = 200
