@@ -143,7 +143,9 @@ def _shape(shape: Any) -> list[int]:
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
         raise WireError("shape must be a list of one or two non-negative integers")
-    if math.prod(shape) > MAX_ELEMENTS:  # Python ints: numpy's int64 product can wrap to 0
+    # Python ints: numpy's int64 product can wrap to 0. Each axis too: numpy refuses a giant axis
+    # even beside a zero one ([0, 2**62] has no elements but is "too big"; the fuzzer found it).
+    if math.prod(shape) > MAX_ELEMENTS or max(shape) > MAX_ELEMENTS:
         raise WireError(f"shape {shape} is too large")
     return shape
 

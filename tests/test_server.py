@@ -109,6 +109,13 @@ def test_bad_base64(client: Any) -> None:
     assert "base64" in _post(client, body)[1]["message"]
 
 
+@pytest.mark.parametrize("shape", [[0, 1 << 62], [1 << 62, 0], [1 << 25]])
+def test_a_shape_too_large_is_refused_even_without_elements(client: Any, shape: list[int]) -> None:
+    """Found by the soak fuzzer: [0, 2**62] holds nothing, yet numpy refused to make it (a 500)."""
+    status, error = _post(client, {"vector": {"dtype": "float16", "shape": shape, "data": ""}, "k": 1})
+    assert status == 400 and "too large" in error["message"]
+
+
 def test_truncated_data(client: Any, query: np.ndarray) -> None:
     encoded = _vector(query)
     encoded["data"] = base64.b64encode(base64.b64decode(encoded["data"])[:-2]).decode()
