@@ -61,7 +61,7 @@ from tools.dataset import Dataset, features, load_dataset
 from tools.bench_catalogue import TARGETS as CATALOGUE_TARGETS
 from tools.bench_catalogue import plot_catalogue, run_catalogue
 from tools.live import LiveRelay, LiveServer
-from tools.timing import cells_bodies, interleaved, label, median_ms, post, serve
+from tools.timing import cells_bodies, interleaved, label, median_ms, post, save_plot, serve
 
 JITTER = 0.1
 K_PRIVATE = 40
@@ -606,12 +606,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.plot(sizes, [n * 1280 / 2**20 for n in sizes], ":", label="uint8 codes")
     right.axhline(1500, color="red", linewidth=0.8, label="1.5 GB target")
     right.set(xscale="log", yscale="log", xlabel="gallery size (features)", ylabel="MB", title="Memory")
-    for axes in (left, right):
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, (left, right), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from lite_server.publication import PublicParams, build, delta_bytes, public_byt
 from lite_server.structure import Structure, StructureParams, derive
 from lite_server.updates import photo_rows, remove_spots
 from tools.synthetic import SyntheticCatalogue, generate, publish_catalogue
-from tools.timing import cells_bodies, interleaved, label, median_ms, post, serve
+from tools.timing import cells_bodies, interleaved, label, median_ms, post, save_plot, serve
 
 SPOTS = (1_000, 10_000, 100_000)
 TARGETS = {"public_bytes_10k_spots": 2 * 2**20, "public_bytes_100k_spots": 16 * 2**20,
@@ -153,10 +153,5 @@ def plot_catalogue(result: dict[str, Any], path: Path) -> bool:
     right.axhline(300, color="red", linewidth=0.8, label="5 min target (derive, 100k)")
     right.set(xscale="log", yscale="log", xlabel="spots (~10 photos each)", ylabel="seconds",
               title="Build and start-up")
-    for axes in (left, right):
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, (left, right), path)
     return True

@@ -1,5 +1,5 @@
 """Timing helpers shared by the benchmarks: labels, medians, interleaved repeats,
-the real server on loopback and the default query's bodies."""
+the real server on loopback, the default query's bodies, and how their plots are finished."""
 from __future__ import annotations
 
 import json
@@ -56,3 +56,15 @@ def cells_bodies(server: LiveServer, extractor: Extractor, qs: np.ndarray) -> li
     with Client(ClientConfig(server=server.url, transform="cells", seed=2, cache=False), extractor=extractor) as client:
         client.check_model()
         return [json.dumps(client.transform.transform(q, client.rng), separators=(",", ":")).encode() for q in qs]
+
+
+def save_plot(fig: Any, panels: tuple[Any, ...], path: Path) -> None:
+    """Grid and legend on every panel, then the figure written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for axes in panels:
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
