@@ -44,17 +44,39 @@ def encode(matrix: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
         out["scale"] = scale
         raw = np.clip(np.rint(matrix / scale), 0, 255).astype(np.uint8)
     elif dtype == "int8":
-        rows = matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1)
-        peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
-        scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
-        out["scale"] = [float(s) for s in scales]
-        raw = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
+        raw, scales = _int8_rows(matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1))
+        out["scale"] = scales.tolist()
     elif dtype in DTYPES:
         raw = matrix.astype(DTYPES[dtype])
     else:
         raise WireError(f"unknown dtype {dtype!r}")
     out["data"] = base64.b64encode(raw.tobytes()).decode("ascii")
     return out
+
+
+def encode_groups(matrix: np.ndarray, bounds: np.ndarray, dtype: str = "float16") -> list[dict[str, Any]]:
+    """``[encode(matrix[a:b], dtype) for a, b in consecutive bounds]``, equal to the dict, with
+    the rows converted in one pass: a server start encodes 100,000 spots' looks this way
+    (one :func:`encode` per spot took ~10 s there, this well under a second)."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    if dtype not in ("int8", "float16", "float32") or matrix.ndim != 2:
+        return [encode(matrix[a:b], dtype) for a, b in zip(bounds[:-1], bounds[1:])]
+    raw, scales = _int8_rows(matrix) if dtype == "int8" else (matrix.astype(DTYPES[dtype]), None)
+    out = []
+    for a, b in zip(np.asarray(bounds[:-1]).tolist(), np.asarray(bounds[1:]).tolist()):
+        group: dict[str, Any] = {"dtype": dtype, "shape": [b - a, matrix.shape[1]]}
+        if scales is not None:
+            group["scale"] = scales[a:b].tolist()
+        group["data"] = base64.b64encode(raw[a:b].tobytes()).decode("ascii")
+        out.append(group)
+    return out
+
+
+def _int8_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, float32 scales) of float32 rows, one scale per row (its peak / 127)."""
+    peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+    scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8), scales
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class Lookup:
         self.codec = PCACodec.from_basis(structure.basis) if structure.basis is not None else None
         bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
-        self._encoded = [self.encode(structure.looks[bounds[s]:bounds[s + 1]]) for s in range(n_spots)]
+        self._encoded = wire.encode_groups(l2_normalize(structure.looks), bounds, self._dtype())
         self.calibration = calibration.public(structure.scores)
         self.prototypes, self.prototype_spot = structure.prototypes, structure.prototype_spot
         self.spot_cell = structure.spot_cell
@@ -102,7 +102,10 @@ class Lookup:
     def encode(self, vectors: np.ndarray) -> dict[str, Any]:
         """Vectors of the comparison space (see :meth:`project`) as they travel: int8 codes
         with a codec, else in the configured dtype."""
-        return wire.encode(l2_normalize(vectors), "int8" if self.codec else self.config.feature_dtype)
+        return wire.encode(l2_normalize(vectors), self._dtype())
+
+    def _dtype(self) -> str:
+        return "int8" if self.codec else self.config.feature_dtype
 
     def project(self, feature: np.ndarray) -> np.ndarray:
         """A feature in the space candidates are compared in on the phone (the codec's, or as it is)."""

@@ -60,6 +60,17 @@ def test_uint8_queries_are_understood(client: Any, query: np.ndarray) -> None:
     assert response.status_code == 200 and len(response.get_json()["candidates"]) == 1
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16", "float32", "uint8"])
+def test_groups_encode_exactly_as_each_group_alone(dtype: str) -> None:
+    """A server start encodes every spot's looks in one pass; candidates must carry the same bytes."""
+    rows = np.abs(np.random.default_rng(0).normal(size=(40, 16))).astype(np.float32)
+    rows[5] = 0.0  # a zero row keeps scale 1
+    bounds = np.array([0, 0, 3, 11, 11, 40])
+    alone = [wire.encode(rows[a:b], dtype) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert wire.encode_groups(rows, bounds, dtype) == alone
+    assert np.allclose(np.concatenate([wire.decode(g) for g in alone]), rows, atol=0.02)
+
+
 def _post(client: Any, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
     if "data" not in kwargs:
         kwargs["json"] = body
