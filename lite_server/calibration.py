@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_client.recognizer import VOTE_TEMPERATURE, soft_max
 
-from .cells import group_sums, spherical_kmeans
+from .cells import spherical_kmeans
 
 #: Gallery photos scored leave-one-out (a fixed random sample): about a second of work at load.
 SAMPLE = 800
@@ -62,10 +62,8 @@ def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage
     scores = []
     for start in range(0, len(picks), CHUNK):
         part = slice(start, start + CHUNK)
-        others = _spot_soft_max(vectors[rows[part]] @ published.T, starts)
-        own_column = column[spots[part]]
-        others[np.arange(len(others))[own_column >= 0], own_column[own_column >= 0]] = -np.inf
-        for spot, row, rival in zip(spots[part], rows[part], others.max(axis=1, initial=-np.inf)):
+        rivals = _rivals(vectors[rows[part]] @ published.T, starts, column[spots[part]])
+        for spot, row, rival in zip(spots[part], rows[part], rivals):
             rest = vectors[groups[spot][groups[spot] != row]]
             protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
             own = soft_max(_unit(quantize(protos)) @ vectors[row])
@@ -79,12 +77,26 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _spot_soft_max(cosines: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """:func:`soft_max` of every spot's run of columns of ``cosines``, for every row at once."""
-    top = cosines.max(axis=1, keepdims=True)
-    column_spot = np.searchsorted(starts, np.arange(cosines.shape[1]), side="right") - 1
-    sums = group_sums(np.exp((cosines - top) / VOTE_TEMPERATURE).T, column_spot, len(starts)).T
-    return top + VOTE_TEMPERATURE * np.log(sums)
+def _rivals(cosines: np.ndarray, starts: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """For each row of ``cosines`` (a photo against every look, spots' runs of columns
+    beginning at ``starts``), the best :func:`soft_max` of a spot other than column ``own``
+    (-1: none is its own); -inf when there is no other spot.
+
+    A spot's soft maximum lies between its best look and that plus ``T log(its looks)``,
+    so only spots whose best look comes that close to the best other spot's can be the
+    rival; those few are scored exactly (exponentials of every look of a 100,000-spot
+    catalogue took most of the calibration's time).
+    """
+    ends = np.append(starts[1:], cosines.shape[1])
+    peaks = np.maximum.reduceat(cosines, starts, axis=1)
+    mine = np.flatnonzero(own >= 0)
+    peaks[mine, own[mine]] = -np.inf
+    slack = VOTE_TEMPERATURE * np.log(max(1, int((ends - starts).max(initial=1))))
+    rivals = np.full(len(cosines), -np.inf)
+    for i, (row, peak) in enumerate(zip(cosines, peaks)):
+        near = np.flatnonzero(peak >= peak.max(initial=-np.inf) - slack) if np.isfinite(peak).any() else []
+        rivals[i] = max((soft_max(row[starts[s]:ends[s]]) for s in near), default=-np.inf)
+    return rivals
 
 
 def public(scores: np.ndarray) -> dict[str, Any]:
