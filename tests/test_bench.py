@@ -42,6 +42,10 @@ def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> 
     assert 0.7 < result["ohttp_vs_direct_ratio"] < 10 and result["http_p50_ms_cells_ohttp_3k"] > 0
     assert 0 < result["ohttp_bytes_sent"] - result["direct_bytes_sent"] < 400
     assert result["targets"]["rss_mb_1m"]["met"] is None  # not measured in smoke: said, not guessed
+    # Where the run's time went, section by section, within the run's own total.
+    sections = result["section_seconds"]
+    assert set(sections) == {"extraction", "gallery_3k", "catalogue_300"} and min(sections.values()) > 0
+    assert sum(sections.values()) <= result["seconds"] and "Seconds by section" in (out / "bench.md").read_text()
     # The user's wait: every path timed, the defended one through the whole burst at least as long as its answer.
     for key in ("answer_none_p50_s", "answer_defended_p50_s", "answer_cli_none_p50_s", "answer_cli_defended_p50_s",
                 "answer_long_none_p50_s", "answer_long_defended_p50_s"):

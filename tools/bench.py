@@ -61,7 +61,7 @@ from tools.dataset import Dataset, features, load_dataset
 from tools.bench_catalogue import TARGETS as CATALOGUE_TARGETS
 from tools.bench_catalogue import plot_catalogue, run_catalogue
 from tools.live import LiveRelay, LiveServer
-from tools.timing import cells_bodies, interleaved, label, median_ms, post, save_plot, serve
+from tools.timing import cells_bodies, interleaved, label, median_ms, post, save_plot, serve, timed
 
 JITTER = 0.1
 K_PRIVATE = 40
@@ -478,10 +478,14 @@ def run(plan: Plan, out: Path, work: Path) -> dict[str, Any]:
                               "gallery": f"{len(real)} real wa-landmarks features (MobileNetV2 1280-d), tiled "
                                          f"beyond that with per-coordinate log-normal jitter sigma {JITTER}, "
                                          "re-normalised; queries: jittered real features"}
-    result.update(bench_extraction(plan, extractor, dataset))
+    seconds: dict[str, float] = {}
+    with timed(seconds, "extraction"):
+        result.update(bench_extraction(plan, extractor, dataset))
     for n in plan.sizes:
-        result.update(bench_size(plan, n, dataset, real, extractor, qs, work))
+        with timed(seconds, f"gallery_{label(n)}"):
+            result.update(bench_size(plan, n, dataset, real, extractor, qs, work))
     result.update(run_catalogue(plan.spots, extractor, work, plan.repeats))
+    result["section_seconds"] = {**seconds, **result.pop("catalogue_seconds")}
     result["targets"] = verdicts(result)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
@@ -578,6 +582,9 @@ def table(result: dict[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: "not measured"}[verdict["met"]]
         sign = ">=" if verdict.get("sense") == "min" else "<="
         lines.append(f"| `{key}` | {verdict['value']} | {sign} {verdict['limit']} | {met} |")
+    sections = result.get("section_seconds") or result.get("catalogue_seconds") or {}
+    if sections:
+        lines += ["", "Seconds by section: " + ", ".join(f"{name} {s}" for name, s in sections.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.extractor import Extractor
+from edge_client.public import PublicParams, parse
 from tools.live import LiveServer
 
 
@@ -39,9 +41,31 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
     return times
 
 
+@contextmanager
+def timed(into: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall seconds of the ``with`` body as ``into[name]``: where a run's time goes
+    (the full plan must fit in 15 minutes)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        into[name] = round(time.monotonic() - started, 1)
+
+
 def serve(index: Path, backend: str | None = None) -> LiveServer:
     """The real server on ``index`` with 4 threads; a 1M index may take minutes to load."""
     return LiveServer(index, "--threads", "4", *(["--backend", backend] if backend else []), ready_timeout=1800.0)
+
+
+def get_public(server: LiveServer) -> tuple[PublicParams, int]:
+    """The server's public document as a phone receives it: parsed, and its bytes on the wire (gzipped)."""
+    import requests
+
+    response = requests.get(server.url + "/v1/public", headers={"Accept-Encoding": "gzip"}, timeout=600)
+    response.raise_for_status()
+    if response.headers.get("Content-Encoding") != "gzip":
+        raise RuntimeError("the server sent its public document without gzip")
+    return parse(response.json()), int(response.headers["Content-Length"])
 
 
 def post(session: Any, url: str, body: bytes) -> int:
