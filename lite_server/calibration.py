@@ -37,24 +37,36 @@ CHUNK = 64
 Quantizer = Callable[[np.ndarray], np.ndarray]
 
 
+def sample(sizes: np.ndarray, count: int = SAMPLE, seed: int = 0) -> np.ndarray:
+    """The gallery photos scored, as [P, 2] (spot, position in the spot's rows): a fixed random
+    ``count`` of the photos of spots with more than one (a spot of one photo has nothing left
+    to leave out). An index update uses it to project only the spots it needs."""
+    sizes = np.asarray(sizes, np.int64)
+    eligible = np.flatnonzero(sizes > 1)
+    owner = np.repeat(eligible, sizes[eligible])
+    total = len(owner)
+    picks = np.sort(np.random.default_rng(seed).choice(total, min(count, total), replace=False))
+    first = np.cumsum(sizes[eligible]) - sizes[eligible]  # each eligible spot's first slot
+    position = picks - np.repeat(first, sizes[eligible])[picks]
+    return np.stack([owner[picks], position], axis=1) if total else np.zeros((0, 2), np.int64)
+
+
 def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage: np.ndarray,
                          looks: np.ndarray, look_spot: np.ndarray, per_spot: int, quantize: Quantizer,
-                         sample: int = SAMPLE, seed: int = 0) -> np.ndarray:
-    """The phone's evidence (rerank score + weighted coverage) for sampled gallery photos it
-    would answer correctly.
+                         picks: np.ndarray) -> np.ndarray:
+    """The phone's evidence (rerank score + weighted coverage) for the gallery photos ``picks``
+    names (see :func:`sample`) that it would answer correctly.
 
     ``vectors`` are unit photo vectors in the codec space (``groups`` their rows per spot,
     ``coverage`` their coverage); ``looks`` the spots' published looks, which ``quantize``
     turns into what the phone decodes. Each photo is scored against every spot's looks, its
     own spot's recomputed without it; it counts when its own spot comes first, as a correct
-    answer the phone would give. Spots of one photo take no part (nothing is left).
+    answer the phone would give. Only the picked spots' ``groups`` are read.
     """
-    owners = [(spot, i) for spot, rows in enumerate(groups) if len(rows) > 1 for i in range(len(rows))]
-    if not owners or not len(looks):
+    if not len(picks) or not len(looks):
         return np.zeros(0, np.float32)
-    picks = np.sort(np.random.default_rng(seed).choice(len(owners), min(sample, len(owners)), replace=False))
-    spots = np.array([owners[p][0] for p in picks])
-    rows = np.array([groups[s][i] for s, i in (owners[p] for p in picks)])
+    spots = picks[:, 0]
+    rows = np.array([groups[s][i] for s, i in picks])
     looked, starts = np.unique(look_spot, return_index=True)  # a spot without looks scores nothing
     column = np.full(len(groups), -1)
     column[looked] = np.arange(len(looked))

@@ -257,7 +257,7 @@ def _publish(out_dir: Path, manifest: dict[str, Any], spots: list[Spot], rows: l
 
 def _current_structure(out_dir: Path) -> Structure | None:
     try:
-        return Structure.load(resolve_version(out_dir))
+        return Structure.load(resolve_version(out_dir), means=True)
     except BadIndexError:
         return None
 

@@ -67,6 +67,10 @@ class Structure:
     prototype_spot: np.ndarray  # int64 [P]
     spot_cell: np.ndarray       # int64 [n_spots]
     scores: np.ndarray          # float32: leave-one-out evidence of correct answers (calibration)
+    # float16 [n_spots, dim]: each spot's normalised mean photo, full dimension. Not public: an
+    # update takes unchanged spots' means from here instead of reading every photo again.
+    # Loaded only when asked (Structure.load(..., means=True)); None in older versions.
+    means: np.ndarray | None = None
 
     def matches(self, spot_ids: list[str], params: StructureParams) -> bool:
         """Whether this structure was derived for these spots with these parameters."""
@@ -82,14 +86,15 @@ class Structure:
             os.fsync(handle.fileno())
 
     @classmethod
-    def load(cls, folder: Path) -> "Structure | None":
-        """The structure stored in ``folder``, or None when there is none of this format."""
+    def load(cls, folder: Path, means: bool = False) -> "Structure | None":
+        """The structure stored in ``folder``, or None when there is none of this format;
+        the spots' means (large: 256 MB at 100,000 spots) only with ``means``."""
         try:
             with np.load(folder / FILE, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
                 if header.get("format") != FORMAT:
                     return None
-                arrays = {k: data[k] for k in data.files if k != "header"}
+                arrays = {k: data[k] for k in data.files if k != "header" and (means or k != "means")}
             return cls(params=StructureParams(**header["params"]), basis=arrays.pop("basis", None), **arrays)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if not isinstance(exc, FileNotFoundError):
@@ -99,18 +104,19 @@ class Structure:
 
 def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
            params: StructureParams = StructureParams(), previous: Structure | None = None) -> Structure:
-    """The structure of a gallery; with ``previous`` (the last version's), an update of it."""
+    """The structure of a gallery; with ``previous`` (the last version's, its means loaded), an update of it."""
     n_spots = len(spot_ids)
     if previous is not None and previous.params != params:
         previous = None  # other settings: nothing carries over
     basis = previous.basis if previous is not None else _fit_basis(features, params.codec_dim)
     groups = cells.sample_groups(cells.spot_groups(photo_spot, n_spots))
-    vectors, coverage, local, means = project(features, groups, basis)
     photos = np.bincount(photo_spot, minlength=n_spots).astype(np.int64)
     before = _previous_rows(spot_ids, previous)
     # Updates only add photos to spots or remove whole spots: the same count means the same photos.
     reused = np.where((before >= 0) & (previous.spot_photos[np.maximum(before, 0)] == photos), before, -1) \
         if previous is not None else before
+    picks = calibration.sample(np.array([len(g) for g in groups]))
+    vectors, coverage, local, means = _project_needed(features, groups, basis, reused, previous, picks)
     looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look")
     protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype")
     if previous is not None and n_spots:  # spots that gained photos keep their cell too
@@ -119,9 +125,32 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
     else:
         spot_cell = cells.balanced_cells(means, params.cell_min_spots) if n_spots else np.zeros(0, np.int64)
     scores = calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot,
-                                              params.features_per_spot, codes(basis))
+                                              params.features_per_spot, codes(basis), picks)
     return Structure(params, np.asarray(spot_ids, dtype=str), photos, basis, looks, look_spot,
-                     protos, proto_spot, spot_cell.astype(np.int64), scores)
+                     protos, proto_spot, spot_cell.astype(np.int64), scores, means.astype(np.float16))
+
+
+def _project_needed(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | None,
+                    reused: np.ndarray, previous: Structure | None, picks: np.ndarray) -> "Projected":
+    """:func:`project` of every spot; for an update whose previous version stored its means,
+    only of the spots it must read (new or grown spots, and the calibration's ``picks``), the
+    others' means coming from there: a 1% update of 100,000 spots reads ~2% of the photos.
+    Spots not read have no rows in ``groups`` of the result (nothing asks for them)."""
+    if previous is None or previous.means is None or len(previous.means) != len(previous.spot_ids):
+        return project(features, groups, basis)
+    read = np.zeros(len(groups), bool)
+    read[reused < 0] = True
+    read[picks[:, 0]] = True
+    chosen = np.flatnonzero(read)
+    part = project(features, [groups[s] for s in chosen], basis)
+    local = [np.zeros(0, np.int64)] * len(groups)
+    for spot, rows in zip(chosen.tolist(), part.groups):
+        local[spot] = rows
+    means = np.empty((len(groups), part.means.shape[1]), np.float32)
+    carried = reused >= 0  # float16 as stored: what every later update of them will read too
+    means[carried] = previous.means[reused[carried]]
+    means[~carried] = part.means[np.searchsorted(chosen, np.flatnonzero(~carried))]
+    return Projected(part.vectors, part.coverage, local, means)
 
 
 def _fit_basis(features: np.ndarray, dim: int) -> np.ndarray | None:

@@ -56,3 +56,38 @@ def test_other_settings_derive_a_new_structure(index_dir: Path) -> None:
     fresh = derive(index.features, index.photo_spot, [s.id for s in index.spots], params, previous)
     assert fresh.basis.shape[0] == 64 and fresh.looks.shape[1] == 64
     assert np.bincount(fresh.spot_cell).min() >= 5
+
+
+class _CountingRows:
+    """A gallery that counts the photo rows read from it."""
+
+    def __init__(self, features: np.ndarray):
+        self.features, self.shape, self.dtype, self.read = features, features.shape, features.dtype, 0
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        self.read += len(rows)
+        return self.features[rows]
+
+
+def test_an_update_reads_only_the_spots_it_must_and_derives_what_reading_every_photo_would() -> None:
+    from dataclasses import replace
+
+    from tools.synthetic import generate
+
+    catalogue = generate(1000, seed=0)
+    ids = [s.id for s in catalogue.spots]
+    first = derive(catalogue.features, catalogue.photo_spot, ids)
+    assert first.means is not None and first.means.dtype == np.float16 and len(first.means) == len(ids)
+    # What `index add` makes: ten spots gain their held-out query photo, and one spot is new.
+    grown = np.arange(0, 1000, 100)
+    features = np.concatenate([catalogue.features, catalogue.queries[np.searchsorted(catalogue.query_spot, grown)],
+                               catalogue.features[catalogue.photo_spot == 7][:3]])
+    photo_spot = np.concatenate([catalogue.photo_spot, grown, [1000] * 3])
+    counting = _CountingRows(features)
+    fast = derive(counting, photo_spot, ids + ["new"], previous=first)
+    full = derive(features, photo_spot, ids + ["new"], previous=replace(first, means=None))
+    assert counting.read < 0.8 * len(photo_spot), counting.read / len(photo_spot)  # new, grown, calibration sample
+    assert np.array_equal(fast.spot_cell, full.spot_cell)
+    assert np.allclose(fast.looks, full.looks, atol=1e-5) and np.allclose(fast.prototypes, full.prototypes, atol=1e-5)
+    assert np.allclose(fast.scores, full.scores, atol=1e-5)
+    assert np.allclose(fast.means.astype(np.float32), full.means.astype(np.float32), atol=2e-3)
