@@ -33,6 +33,8 @@ BATCH_ELEMENTS = 1 << 24
 NEAREST_CHUNK = 4096
 #: How many nearby cells with a spot to spare a short cell looks at (the nearest by centre).
 REFILL_NEIGHBOURS = 8
+#: Spots a bisection fits its two poles on (see ``_bisect``).
+BISECT_SAMPLE = 4096
 
 
 def spot_groups(photo_spot: np.ndarray, n_spots: int) -> list[np.ndarray]:
@@ -205,9 +207,13 @@ def _blocks(means: np.ndarray, rows: np.ndarray, cells: int, seed: int) -> list[
 
 def _bisect(means: np.ndarray, rows: np.ndarray, n_left: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``rows`` cut into two look-alike parts, the first of ``n_left`` rows: the spots
-    ranked by how far they lean to one of two 2-means poles."""
+    ranked by how far they lean to one of two 2-means poles. The poles are fitted on at most
+    :data:`BISECT_SAMPLE` of the spots (a fixed random subset): two directions need no
+    100,000 spots, and fitting them on all took a fifth of that catalogue's derivation."""
     vectors = means[rows]
-    poles = spherical_kmeans(vectors, 2, seed=seed)
+    fit_on = vectors if len(rows) <= BISECT_SAMPLE else \
+        vectors[np.sort(np.random.default_rng(seed).choice(len(rows), BISECT_SAMPLE, replace=False))]
+    poles = spherical_kmeans(fit_on, 2, seed=seed)
     order = np.argsort(-(vectors @ (poles[0] - poles[1])), kind="stable")
     return rows[order[:n_left]], rows[order[n_left:]]
 
