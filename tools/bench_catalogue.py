@@ -8,8 +8,8 @@ as distinguishable as the real wa-landmarks ones, ~10 photos each), measures:
 - ``load_s_<n>_spots``: a server's start on the stored version, from launching
   ``lite_server.cli serve`` to ``/readyz`` answering;
 - ``public_bytes_<n>_spots``: what a phone downloads once per index version
-  (``GET /v1/public`` from that server, gzipped, on the wire), and ``delta_bytes_1pct_<n>``: the same after an
-  update that changes 1% of the spots;
+  (``GET /v1/public`` from that server, gzipped, on the wire), and
+  ``delta_bytes_1pct_<n>``: the same after an update that changes 1% of the spots;
 - ``http_p50_ms_cells_<n>_spots``: the default (cells) query through the real
   server on loopback.
 """
