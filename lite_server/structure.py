@@ -4,10 +4,8 @@ Besides the features, answering and the private transforms need: the PCA
 codec's basis, each spot's looks (the representative features a candidate
 carries), its prototypes (what the phone chooses cells with), the balanced
 cells and the open-set calibration scores. All are deterministic functions of
-the gallery; looks and calibration are worked out in the codec's space (where
-the phone compares), prototypes learnt on the full-dimension photos and then
-projected there (see :func:`prototypes_of`), cells on the spots' full-dimension
-means.
+the gallery; looks, prototypes and calibration are worked out in the codec's
+space (where the phone compares), cells on the spots' full-dimension means.
 Deriving them for 100,000 spots takes minutes, so index builds and updates
 store them in the version folder (``structure.npz``) and a server start only
 loads them. An update derives from the previous version's structure: the
@@ -119,11 +117,8 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         if previous is not None else before
     picks = calibration.sample(np.array([len(g) for g in groups]))
     vectors, coverage, local, means = _project_needed(features, groups, basis, reused, previous, picks)
-    fresh = np.flatnonzero(reused < 0)
-    looks, look_spot = _carry(cells.prototypes(vectors, [local[s] for s in fresh], params.features_per_spot),
-                              fresh, reused, previous, "look")
-    protos, proto_spot = _carry(prototypes_of(features, [groups[s] for s in fresh], params.prototypes_per_spot, basis),
-                                fresh, reused, previous, "prototype")
+    looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look")
+    protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype")
     if previous is not None and n_spots:  # spots that gained photos keep their cell too
         kept = np.where(before >= 0, previous.spot_cell[np.maximum(before, 0)], -1)
         spot_cell = cells.update_cells(means, kept, params.cell_min_spots)
@@ -215,32 +210,12 @@ def _previous_rows(spot_ids: list[str], previous: Structure | None) -> np.ndarra
     return np.array([before.get(s, -1) for s in spot_ids], np.int64)
 
 
-def prototypes_of(features: np.ndarray, groups: list[np.ndarray], m: int,
-                  basis: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(prototypes, owner): up to ``m`` k-means centres of each group's unit photos (rows of
-    ``features``) in the *full* dimension, then projected into the codec space, where the phone
-    chooses its cells. Learnt in the codec's 128 dimensions instead (as looks are), they let the
-    transform-aware attacker on wa-landmarks rise from 0.166 to 0.180 (seed 0, the attacker's own
-    prototypes learnt the same way in both). The evaluation's attackers rebuild them with this."""
-    centres, owner = cells.prototypes(_UnitRows(features), groups, m)
-    return (l2_normalize(centres @ basis.T) if basis is not None else centres), owner
-
-
-class _UnitRows:
-    """Rows of a (mapped) gallery, L2-normalised as they are read: what k-means reads spot by spot."""
-
-    def __init__(self, features: np.ndarray):
-        self.features, self.shape = features, features.shape
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        return l2_normalize(cells.spot_photos(self.features, rows))
-
-
-def _carry(learnt: tuple[np.ndarray, np.ndarray], fresh: np.ndarray, reused: np.ndarray,
-           previous: Structure | None, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``learnt`` (centres, owner among ``fresh``) of the fresh spots together with what
-    reused spots carry over from ``previous``; rows ordered by spot."""
-    centres, owner = learnt
+def _per_spot(vectors: np.ndarray, local: list[np.ndarray], m: int, reused: np.ndarray,
+              previous: Structure | None, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``m`` centres per spot: carried over from ``previous`` for reused spots,
+    k-means for the others; rows ordered by spot."""
+    fresh = np.flatnonzero(reused < 0)
+    centres, owner = cells.prototypes(vectors, [local[s] for s in fresh], m)
     parts, owners = [centres], [fresh[owner]]
     if previous is not None and (reused >= 0).any():
         old_vectors = previous.looks if kind == "look" else previous.prototypes

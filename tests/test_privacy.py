@@ -140,8 +140,7 @@ def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.E
     # Linking lifts the attacker against the undefended phone; against the default one it gains little.
     # Top-5: with 15 spots in 5 cells, top-1 moves in steps of whole queries and depends on how the cells
     # fell (the full datasets' figures are in README: at m = 3 the undefended top-1 more than doubles).
-    # A third of the spots is a top-5 that nears 1 (0.89 at m = 1 here): linking must halve its misses.
-    assert 1 - undefended["3"]["top5"] <= 0.5 * (1 - undefended["1"]["top5"])
+    assert undefended["3"]["top5"] >= undefended["1"]["top5"] + 0.1
     assert defended["3"]["top5"] <= defended["1"]["top5"] + 0.05
     assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
     assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count"}

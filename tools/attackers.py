@@ -24,7 +24,6 @@ import numpy as np
 from edge_client import wire
 from edge_client.transforms import Transform
 from lite_server.lookup import Lookup
-from lite_server.structure import prototypes_of
 
 
 def popularity(photo_spot: np.ndarray, n_spots: int) -> np.ndarray:
@@ -168,8 +167,7 @@ class CellsBayesAttacker:
         for f in range(self.folds):
             train = fold != f
             groups = public.spot_groups(index.photo_spot[train], n_spots)
-            protos, owner = prototypes_of(features[train], groups, lookup.config.prototypes_per_spot,
-                                          lookup.codec.basis_ if lookup.codec else None)
+            protos, owner = public.prototypes(lookup.project(features[train]), groups, lookup.config.prototypes_per_spot)
             simulated = _refit(transform, lookup, protos, owner)
             for row in np.flatnonzero(~train):
                 # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.
