@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_client import wire
-from edge_client.transforms import TRANSFORMS, Transform, make_transform
+from edge_client.transforms import TRANSFORMS, Cells, Transform, make_transform
 from lite_server.config import ServerConfig
 from lite_server.publication import document
 from tests.conftest import make_subset
@@ -157,3 +157,22 @@ def test_linked_photo_sets_reuse_a_spots_other_queries_in_turn(env: ev.Env) -> N
         others = [r for r in env.queries if spot_of[int(r)] == spot_of[int(first)] and r != first]
         if others:
             assert first not in rows[1:] and set(rows[1:]) <= set(others)
+
+
+def test_decoys_name_cells_the_way_photos_do_not_the_way_prototypes_do(fine_env: ev.Env) -> None:
+    """A decoy is a fresh mixture of a spot's prototypes: it is never one of the few prototypes,
+    and it names as many cells as a photo does (a prototype, more typical than any photo, names
+    fewer, which told decoy groups apart from real ones)."""
+    # A wide margin: on 24 spots the default one names two cells for almost every vector.
+    transform = Cells(2.0, 4, margin=0.15).fit(document(fine_env.lookup))
+    rng = np.random.default_rng(0)
+    decoys = np.stack([transform.decoy(rng) for _ in range(3000)])
+    prototypes = transform.prototypes_ / np.linalg.norm(transform.prototypes_, axis=1, keepdims=True)
+    assert np.median((decoys @ prototypes.T).max(axis=1)) < 0.999
+    sizes = {
+        "photos": np.mean([len(transform.real_cells(fine_env.features[q])) for q in fine_env.queries]),
+        "decoys": np.mean([len(transform.choose(d)) for d in decoys]),
+        "prototypes": np.mean([len(transform.choose(p)) for p in prototypes]),
+    }
+    assert abs(sizes["decoys"] - sizes["photos"]) < abs(sizes["prototypes"] - sizes["photos"]), sizes
+    assert len({transform.choose(d) for d in decoys}) > len({transform.choose(p) for p in prototypes})

@@ -180,7 +180,7 @@ class CellsBayesAttacker:
         rng = np.random.default_rng(self.seed)
         decoys: dict[tuple[int, ...], float] = {}
         for _ in range(self.decoy_draws):
-            group = tuple(sorted(transform.choose(transform._decoy(rng))))
+            group = tuple(sorted(transform.choose(transform.decoy(rng))))
             decoys[group] = decoys.get(group, 0.0) + 1.0
         self.decoys_ = {g: n / self.decoy_draws for g, n in decoys.items()}
         return self
