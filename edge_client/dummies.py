@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .catalogue import Catalogue
-from .extractor import l2_normalize
+from .extractor import l2_normalize, random_mixture
 from .personas import Movement, Persona
 from .plans import Dummy, Plan
 
@@ -46,7 +46,7 @@ class SyntheticPhotos:
     def feature(self, row: int, rng: np.random.Generator) -> np.ndarray:
         anchors = self.catalogue.features[row]
         centre = l2_normalize(anchors.mean(axis=0))
-        mix = l2_normalize(rng.dirichlet(np.full(len(anchors), self.alpha)) @ anchors)
+        mix = random_mixture(anchors, self.alpha, rng)
         spread = self.catalogue.spread
         cos_median = float(np.clip(spread.get("cos_median", 0.8), 0.05, 0.999))
         tangent = np.sqrt(1 - cos_median ** 2) / cos_median * np.exp(spread.get("log_tan_sigma", 0.25) * rng.standard_normal())

@@ -27,6 +27,13 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, np.float32(1e-12))
 
 
+def random_mixture(anchors: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """A unit vector mixed from the rows of ``anchors`` with Dirichlet(``alpha``) weights: how
+    a fictitious photo of a spot is made from its published views (dummy photos, cells decoys).
+    Below 1 the mixture stays near one or two views, as a real photo does."""
+    return l2_normalize(rng.dirichlet(np.full(len(anchors), alpha)) @ anchors)
+
+
 class Extractor:
     """Runs a TFLite feature model (an image in, one [1, D] tensor out).
 

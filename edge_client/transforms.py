@@ -17,7 +17,7 @@ import numpy as np
 
 from . import wire
 from .errors import ConfigError
-from .extractor import l2_normalize
+from .extractor import l2_normalize, random_mixture
 from .public import PublicParams, parse
 from .recognizer import Projector, projector
 
@@ -228,9 +228,7 @@ class Cells(Transform):
         held-out real photos as decoys, which no phone has, gave 0.153 and 0.029).
         """
         spot = rng.choice(len(self.popularity_), p=self.popularity_)
-        options = np.flatnonzero(self.prototype_spot_ == spot)
-        weights = rng.dirichlet(np.full(len(options), self.decoy_alpha))
-        return l2_normalize(weights @ self.prototypes_[options])
+        return random_mixture(self.prototypes_[self.prototype_spot_ == spot], self.decoy_alpha, rng)
 
     def max_body_size(self) -> int:
         """The longest body this setting can produce: every request is padded to it."""
