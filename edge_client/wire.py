@@ -4,8 +4,11 @@ A matrix travels as ``{"dtype", "shape", "data"}`` with ``data`` the base64 of
 its little-endian bytes. ``float16`` is exact enough for cosine ranking;
 ``uint8`` halves that again for non-negative features (MobileNet's AvgPool
 is a mean of ReLU6 outputs) with one ``scale`` per matrix: ``x = q * scale``.
-``int8`` is for signed codes (projected features), with one scale per row
-(a list) so every vector keeps its full 8-bit resolution.
+``int8`` is for signed codes (projected features), with one scale per row so
+every vector keeps its full 8-bit resolution. The server sends those scales as
+an exact float16 array (:func:`encode_array`, 2 bytes a row) rather than a JSON
+list of decimal floats, which was a tenth of every candidate; a list is still
+read (older servers, hand-written queries).
 
 Arrays that must arrive bit-exact (the public parameters, see
 :mod:`edge_client.public`) travel with :func:`encode_array` in their own dtype,
@@ -44,8 +47,8 @@ def encode(matrix: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
         out["scale"] = scale
         raw = np.clip(np.rint(matrix / scale), 0, 255).astype(np.uint8)
     elif dtype == "int8":
-        raw, scales = _int8_rows(matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1))
-        out["scale"] = scales.tolist()
+        raw, scales = quantize(matrix if matrix.ndim else matrix.reshape(1, 1))
+        out["scale"] = encode_array(scales)
     elif dtype in DTYPES:
         raw = matrix.astype(DTYPES[dtype])
     else:
@@ -61,22 +64,15 @@ def encode_groups(matrix: np.ndarray, bounds: np.ndarray, dtype: str = "float16"
     matrix = np.asarray(matrix, dtype=np.float32)
     if dtype not in ("int8", "float16", "float32") or matrix.ndim != 2:
         return [encode(matrix[a:b], dtype) for a, b in zip(bounds[:-1], bounds[1:])]
-    raw, scales = _int8_rows(matrix) if dtype == "int8" else (matrix.astype(DTYPES[dtype]), None)
+    raw, scales = quantize(matrix) if dtype == "int8" else (matrix.astype(DTYPES[dtype]), None)
     out = []
     for a, b in zip(np.asarray(bounds[:-1]).tolist(), np.asarray(bounds[1:]).tolist()):
         group: dict[str, Any] = {"dtype": dtype, "shape": [b - a, matrix.shape[1]]}
         if scales is not None:
-            group["scale"] = scales[a:b].tolist()
+            group["scale"] = encode_array(scales[a:b])
         group["data"] = base64.b64encode(raw[a:b].tobytes()).decode("ascii")
         out.append(group)
     return out
-
-
-def _int8_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, float32 scales) of float32 rows, one scale per row (its peak / 127)."""
-    peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
-    scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
-    return np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8), scales
 
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:
@@ -156,7 +152,10 @@ def quantize(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     matrix = np.asarray(matrix, np.float32)
     rows = matrix.reshape(-1, matrix.shape[-1])
     peaks = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
-    scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float16)
+    with np.errstate(over="ignore"):
+        scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float16)
+    if not (np.isfinite(scales) & (scales > 0)).all():  # only rows far from unit length get here
+        raise WireError("int8 rows need peaks between 1e-5 and 8e6 (their scale is a float16)")
     codes = np.clip(np.rint(rows / scales.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
     return codes, scales
 
@@ -184,5 +183,5 @@ def _row_scales(scales: Any, shape: list[int]) -> np.ndarray:
 
 def _scale(scale: Any) -> np.float32:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
-        raise WireError("a uint8 matrix needs a positive, finite scale")
+        raise WireError("a scale must be a positive, finite number")
     return np.float32(scale)

@@ -15,8 +15,10 @@ MATRIX = {
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
         "data": {"type": "string", "description": "base64 of the little-endian values"},
         "scale": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
-                            {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}}],
-                  "description": "uint8: one scale, value = q * scale; int8: one scale per row"},
+                            {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                            {"$ref": "#/components/schemas/Array"}],
+                  "description": "uint8: one scale, value = q * scale; int8: one scale per row, "
+                                 "a list or (as the server sends them) an exact float16 Array"},
     },
 }
 ARRAY = {
@@ -130,7 +132,7 @@ def _base64(n_bytes: int) -> dict[str, Any]:
 
 def query_vector(dim: int | None) -> dict[str, Any]:
     """One query vector as the server takes it: ``dim`` values of one dtype; uint8 with one scale,
-    int8 with a list of one. Values must be finite too, which JSON Schema cannot say of base64."""
+    int8 with a list of one or an exact float16 array of one (what ``wire.encode`` writes). Values must be finite too, which JSON Schema cannot say of base64."""
     if dim is None:
         return {"$ref": "#/components/schemas/Matrix"}
     scale = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}
@@ -141,10 +143,12 @@ def query_vector(dim: int | None) -> dict[str, Any]:
         if dtype == "uint8":
             properties["scale"], required = scale, required + ["scale"]
         if dtype == "int8":
-            properties["scale"] = {"type": "array", "items": scale, "minItems": 1, "maxItems": 1}
+            exact = {"type": "object", "required": ["dtype", "shape", "data"], "properties": {
+                "dtype": {"const": "float16"}, "shape": {"const": [1]}, "data": _base64(2)}}
+            properties["scale"] = {"oneOf": [{"type": "array", "items": scale, "minItems": 1, "maxItems": 1}, exact]}
             required = required + ["scale"]
         variants.append({"type": "object", "required": required, "properties": properties})
-    return {"oneOf": variants, "description": "finite values only (NaN and infinity get 400)"}
+    return {"oneOf": variants, "description": "finite values and positive scales only (others get 400)"}
 
 
 def candidates_request(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:

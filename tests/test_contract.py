@@ -68,12 +68,17 @@ def _schema(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _finite(body: dict[str, Any]) -> dict[str, Any]:
-    """A float vector's data made finite: JSON Schema cannot say "no NaN" of base64 (the document says it in words)."""
+    """A float vector's data made finite and an exact int8 scale positive: JSON Schema cannot say
+    either of base64 (the document says it in words)."""
     vector = body.get("vector")
     if isinstance(vector, dict) and vector.get("dtype") in FLOATS:
         values = np.frombuffer(base64.b64decode(vector["data"]), FLOATS[vector["dtype"]])
         clean = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0).astype(values.dtype)
         body = {**body, "vector": {**vector, "data": base64.b64encode(clean.tobytes()).decode()}}
+    if isinstance(vector, dict) and isinstance(vector.get("scale"), dict):
+        scale = np.frombuffer(base64.b64decode(vector["scale"]["data"]), np.float16)
+        fixed = np.where(np.isfinite(scale) & (scale != 0), np.abs(scale), 1.0).astype(np.float16)
+        body = {**body, "vector": {**vector, "scale": {**vector["scale"], "data": base64.b64encode(fixed.tobytes()).decode()}}}
     return body
 
 

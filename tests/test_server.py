@@ -55,9 +55,27 @@ def test_candidates_answer_matches_the_document_and_ranks_the_spot_first(
     assert "Set-Cookie" not in response.headers
 
 
-def test_uint8_queries_are_understood(client: Any, query: np.ndarray) -> None:
-    response = client.post("/v1/candidates", json={"vector": _vector(query, "uint8"), "k": 1})
-    assert response.status_code == 200 and len(response.get_json()["candidates"]) == 1
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_coded_queries_are_understood(client: Any, query: np.ndarray, held_out: list[tuple[str, Path]],
+                                      dtype: str) -> None:
+    response = client.post("/v1/candidates", json={"vector": _vector(query, dtype), "k": 1})
+    assert response.status_code == 200 and response.get_json()["candidates"][0]["id"] == held_out[0][0]
+
+
+def test_int8_scales_travel_as_exact_float16_and_lists_still_decode() -> None:
+    """A candidate's per-row scales cost 2 bytes a row (a JSON list of float32 decimals was a
+    tenth of every candidate); a list, as earlier servers sent it, still decodes the same."""
+    rows = np.random.default_rng(1).normal(size=(8, 128)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    encoded = wire.encode(rows, "int8")
+    codes, scales = wire.quantize(rows)
+    assert encoded["scale"]["dtype"] == "float16" and encoded["scale"]["shape"] == [8]
+    exact = codes.astype(np.float32) * scales.astype(np.float32)[:, None]
+    assert np.array_equal(wire.decode(encoded), exact)
+    assert np.array_equal(wire.decode({**encoded, "scale": scales.astype(float).tolist()}), exact)
+    assert len(json.dumps(encoded["scale"])) < len(json.dumps((np.abs(rows).max(axis=1) / 127).tolist())) / 2
+    with pytest.raises(wire.WireError, match="float16"):
+        wire.encode(rows * 1e9, "int8")
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16", "float32", "uint8"])
