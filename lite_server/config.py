@@ -26,6 +26,9 @@ class ServerConfig:
     codec_dim: int = 128             # PCA dimensions of candidate features (int8 codes); 0 = full float16
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
     cell_min_spots: int = 10         # every public cell holds at least this many spots
+    # Seed of the derivation's k-means (looks, prototypes, cells). Any seed is as good as another;
+    # researchers vary it to measure how much a figure owes to the starts (tools.evaluate --structure-seeds).
+    structure_seed: int = 0
     # Bytes of per-spot int8 rows in the public document (GET /v1/public): what fits is published
     # whole (the real datasets), beyond it the looks go and then prototypes, never below one a spot.
     # 1.3 MB keeps the gzipped document under 2 MB at 10,000 spots (BENCHMARKS.md).

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from edge_client.errors import ConfigError
 from edge_client.extractor import l2_normalize
 
 from . import calibration
@@ -46,11 +47,16 @@ class StructureParams:
     features_per_spot: int = 8      # looks per spot (what a candidate carries)
     prototypes_per_spot: int = 3    # public prototypes per spot (what the phone chooses cells with)
     cell_min_spots: int = 10        # every public cell holds at least this many spots
+    structure_seed: int = 0         # the k-means starts (structures before it was stored used 0)
 
     @classmethod
     def from_config(cls, config: Any) -> "StructureParams":
         """The parameters of a :class:`lite_server.config.ServerConfig` (or anything with those fields)."""
-        return cls(**{name: int(getattr(config, name)) for name in asdict(cls())})
+        values = {name: int(getattr(config, name)) for name in asdict(cls())}
+        negative = sorted(name for name, value in values.items() if value < 0)
+        if negative:
+            raise ConfigError(f"{', '.join(negative)} must not be negative")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -117,13 +123,14 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         if previous is not None else before
     picks = calibration.sample(np.array([len(g) for g in groups]))
     vectors, coverage, local, means = _project_needed(features, groups, basis, reused, previous, picks)
-    looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look")
-    protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype")
+    seed = params.structure_seed
+    looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look", seed)
+    protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype", seed)
     if previous is not None and n_spots:  # spots that gained photos keep their cell too
         kept = np.where(before >= 0, previous.spot_cell[np.maximum(before, 0)], -1)
-        spot_cell = cells.update_cells(means, kept, params.cell_min_spots)
+        spot_cell = cells.update_cells(means, kept, params.cell_min_spots, seed)
     else:
-        spot_cell = cells.balanced_cells(means, params.cell_min_spots) if n_spots else np.zeros(0, np.int64)
+        spot_cell = cells.balanced_cells(means, params.cell_min_spots, seed) if n_spots else np.zeros(0, np.int64)
     scores = calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot,
                                               params.features_per_spot, codes(basis), picks)
     return Structure(params, np.asarray(spot_ids, dtype=str), photos, basis, looks, look_spot,
@@ -211,11 +218,11 @@ def _previous_rows(spot_ids: list[str], previous: Structure | None) -> np.ndarra
 
 
 def _per_spot(vectors: np.ndarray, local: list[np.ndarray], m: int, reused: np.ndarray,
-              previous: Structure | None, kind: str) -> tuple[np.ndarray, np.ndarray]:
+              previous: Structure | None, kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``m`` centres per spot: carried over from ``previous`` for reused spots,
     k-means for the others; rows ordered by spot."""
     fresh = np.flatnonzero(reused < 0)
-    centres, owner = cells.prototypes(vectors, [local[s] for s in fresh], m)
+    centres, owner = cells.prototypes(vectors, [local[s] for s in fresh], m, seed)
     parts, owners = [centres], [fresh[owner]]
     if previous is not None and (reused >= 0).any():
         old_vectors = previous.looks if kind == "look" else previous.prototypes

@@ -176,3 +176,17 @@ def test_decoys_name_cells_the_way_photos_do_not_the_way_prototypes_do(fine_env:
     }
     assert abs(sizes["decoys"] - sizes["photos"]) < abs(sizes["prototypes"] - sizes["photos"]), sizes
     assert len({transform.choose(d) for d in decoys}) > len({transform.choose(p) for p in prototypes})
+
+
+def test_structure_seeds_spread_a_setting_over_other_k_means_starts(fine_env: ev.Env) -> None:
+    """``--structure-seeds``: the same setting on structures from other starts, with the mean and its error."""
+    first = ev.run_setting(fine_env, "cells", 1.0, 2)
+    spread = ev.structure_spread(fine_env, first, 3, "cells", 1.0, 2)
+    for key in ev.SPREAD_KEYS:
+        values = spread[key]["values"]
+        assert len(values) == 3 and values[0] == first[key]
+        assert spread[key]["mean"] == pytest.approx(np.mean(values)) and spread[key]["sem"] >= 0
+    assert len(set(spread["bytes_per_query"]["values"])) == 3  # other starts, other cells: other answers
+    assert fine_env.lookup.config.structure_seed == 0  # the evaluation's own server is untouched
+    report = ev.spread_report({"structure_seeds": spread})
+    assert sum(line.startswith("| ") for line in report) == 5 and report[-2].startswith("| mean ± s.e. |")

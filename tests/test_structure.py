@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from edge_client.errors import ConfigError
+from lite_server.config import ServerConfig
 from lite_server.index import Index
 from lite_server.lookup import Lookup
 from lite_server.structure import FILE, Structure, StructureParams, derive
@@ -56,6 +59,21 @@ def test_other_settings_derive_a_new_structure(index_dir: Path) -> None:
     fresh = derive(index.features, index.photo_spot, [s.id for s in index.spots], params, previous)
     assert fresh.basis.shape[0] == 64 and fresh.looks.shape[1] == 64
     assert np.bincount(fresh.spot_cell).min() >= 5
+
+
+def test_the_structure_seed_moves_only_the_k_means_starts(index_dir: Path) -> None:
+    """Researchers vary the seed to see how much a figure owes to the starts; a negative one is refused."""
+    index = Index.load(index_dir)
+    ids = [s.id for s in index.spots]
+    seeded = derive(index.features, index.photo_spot, ids, StructureParams(structure_seed=1))
+    again = derive(index.features, index.photo_spot, ids, StructureParams(structure_seed=1))
+    stored = Structure.load(index.path)
+    assert np.array_equal(seeded.looks, again.looks) and np.array_equal(seeded.spot_cell, again.spot_cell)
+    assert not np.array_equal(seeded.looks, stored.looks)
+    assert np.array_equal(seeded.basis, stored.basis) and np.array_equal(seeded.look_spot, stored.look_spot)
+    assert not stored.matches(ids, seeded.params)  # a server with another seed derives its own
+    with pytest.raises(ConfigError, match="structure_seed"):
+        StructureParams.from_config(ServerConfig(structure_seed=-1))
 
 
 class _CountingRows:

@@ -2,6 +2,7 @@
 
     python -m tools.evaluate privacy --dataset DIR --out OUT [--transform NAME --strength S --k K]
                                      [--sweep] [--server URL] [--seed N] [--links 1,2,3,5]
+                                     [--structure-seeds N]
 
 Split: per spot, about 20% of its photos (at least one, chosen by a hash of
 the file name) are queries and never in the gallery; spots with fewer than 5
@@ -17,6 +18,11 @@ It also measures open-set answers (``tools.openset``): the correct answers
 the phone keeps at its default operating point and the photos of other
 datasets and the sample photos it declines.
 
+With ``--structure-seeds N`` the default setting also runs on structures
+derived with k-means seeds 1..N-1 (looks, prototypes, cells; seed 0 is the
+server's default): each figure's mean and standard error over the seeds say
+how much of a difference between two versions the starts alone can make.
+
 Writes OUT/metrics.json, OUT/report.md, OUT/curves.png, OUT/open_set.png and OUT/linked.png.
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ import numpy as np
 
 from edge_client.recognizer import Recognition
 from edge_client.transforms import DEFAULT_TRANSFORM, Transform, make_transform
+from lite_server.lookup import Lookup
 from tools import attackers as atk
 from tools import dataset as ds
 from tools import history, linked, openset
@@ -125,10 +133,51 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         result = linked.evaluate(env, transform, args.seed, tuple(args.links))
         metrics["default"]["linked"] = result["defended"]
         metrics["default"]["linked_undefended"] = result["undefended"]
+    if args.structure_seeds > 1:
+        metrics["structure_seeds"] = structure_spread(env, metrics["default"], args.structure_seeds,
+                                                      args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed)
     if args.sweep:
         metrics["sweep"] = [run_setting(env, name, s, k, args.seed) for name, values in SWEEPS.items()
                             for s, k in values]
     return metrics
+
+
+#: The default setting's figures compared across structure seeds.
+SPREAD_KEYS = ("user_top1", "candidate_recall", "server_top1_aware", "bytes_per_query")
+
+
+def structure_spread(env: Env, first: dict[str, Any], seeds: int, name: str, strength: float | None = None,
+                     k: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Setting ``name`` on ``env``'s index with structures derived with seeds 1..``seeds``-1
+    (``first`` is its run on ``env`` itself, seed 0): per figure the values, their mean and
+    its standard error."""
+    runs = [first]
+    for structure_seed in range(1, seeds):
+        config = replace(env.lookup.config, structure_seed=structure_seed)
+        runs.append(run_setting(replace(env, lookup=Lookup(env.index, config)), name, strength, k, seed))
+    out: dict[str, Any] = {"strongest": [r["strongest_attacker"] for r in runs]}
+    for key in SPREAD_KEYS:
+        values = np.array([r[key] for r in runs], np.float64)
+        out[key] = {"values": values.tolist(), "mean": float(values.mean()),
+                    "sem": float(values.std(ddof=1) / np.sqrt(len(values)))}
+    return out
+
+
+def spread_report(metrics: dict[str, Any]) -> list[str]:
+    spread = metrics.get("structure_seeds")
+    if not spread:
+        return []
+    rows = [f"| {seed} | " + " | ".join(_cell(key, spread[key]["values"][seed]) for key in SPREAD_KEYS)
+            + f" | {name} |" for seed, name in enumerate(spread["strongest"])]
+    mean = " | ".join(f"{_cell(key, spread[key]['mean'])} ± {_cell(key, spread[key]['sem'])}" for key in SPREAD_KEYS)
+    return ["## Structure seeds", "",
+            "The default setting on structures derived with other k-means seeds (seed 0 is the server's).", "",
+            "| seed | user top-1 | recall | server aware | KiB/query | strongest |", "|" + "---|" * 6,
+            *rows, f"| mean ± s.e. | {mean} | |", ""]
+
+
+def _cell(key: str, value: float) -> str:
+    return f"{value / 1024:.1f}" if key == "bytes_per_query" else f"{value:.3f}"
 
 
 def write_outputs(metrics: dict[str, Any], out: Path, command: str) -> None:
@@ -162,7 +211,7 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"Non-private baseline (server top-1 on the raw feature): {base:.3f}.", "",
         "Target: user >= 0.95x baseline, transform-aware server <= 0.25x baseline, <= 64 KiB a query.", "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
-        *openset.report(metrics["default"]), *linked_report(metrics["default"], base)])
+        *openset.report(metrics["default"]), *linked_report(metrics["default"], base), *spread_report(metrics)])
 
 
 def linked_report(run: dict[str, Any], base: float) -> list[str]:
@@ -263,12 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outside", default="auto",
                    help="out-of-catalogue datasets for the open-set figures, comma-separated "
                         "(auto: the datasets beside --dataset; empty: only the sample photos)")
+    p.add_argument("--structure-seeds", type=int, default=1, metavar="N",
+                   help="also run the default setting on structures derived with k-means seeds 1..N-1 "
+                        "and report each figure's mean and standard error (in-process server only)")
     p.add_argument("-v", "--verbose", action="store_true")
     history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "dummies":
         return history.main(args, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
+    if args.structure_seeds > 1 and args.server:
+        parser.error("--structure-seeds derives structures in-process: it cannot vary a --server's")
     from threadpoolctl import threadpool_limits
 
     # Thousands of small products: BLAS threads only fight each other (about 5x slower here).
