@@ -182,6 +182,7 @@ def test_structure_seeds_spread_a_setting_over_other_k_means_starts(fine_env: ev
     """``--structure-seeds``: the same setting on structures from other starts, with the mean and its error."""
     first = ev.run_setting(fine_env, "cells", 1.0, 2)
     spread = ev.structure_spread(fine_env, first, 3, "cells", 1.0, 2)
+    assert spread["seeds"] == [0, 1, 2]
     for key in ev.SPREAD_KEYS:
         values = spread[key]["values"]
         assert len(values) == 3 and values[0] == first[key]

@@ -19,9 +19,10 @@ the phone keeps at its default operating point and the photos of other
 datasets and the sample photos it declines.
 
 With ``--structure-seeds N`` the default setting also runs on structures
-derived with k-means seeds 1..N-1 (looks, prototypes, cells; seed 0 is the
-server's default): each figure's mean and standard error over the seeds say
-how much of a difference between two versions the starts alone can make.
+derived with the N - 1 k-means seeds after the server's (``structure_seed``,
+0 by default; it seeds the looks, prototypes and cells): each figure's mean
+and standard error over the seeds say how much of a difference between two
+versions the starts alone can make.
 
 Writes OUT/metrics.json, OUT/report.md, OUT/curves.png, OUT/open_set.png and OUT/linked.png.
 """
@@ -148,14 +149,15 @@ SPREAD_KEYS = ("user_top1", "candidate_recall", "server_top1_aware", "bytes_per_
 
 def structure_spread(env: Env, first: dict[str, Any], seeds: int, name: str, strength: float | None = None,
                      k: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Setting ``name`` on ``env``'s index with structures derived with seeds 1..``seeds``-1
-    (``first`` is its run on ``env`` itself, seed 0): per figure the values, their mean and
-    its standard error."""
+    """Setting ``name`` on ``env``'s index with structures derived with the ``seeds`` - 1 structure
+    seeds after its own (``first`` is its run on ``env`` itself): per figure the values, their
+    mean and its standard error."""
+    own = env.lookup.config.structure_seed
     runs = [first]
-    for structure_seed in range(1, seeds):
+    for structure_seed in range(own + 1, own + seeds):
         config = replace(env.lookup.config, structure_seed=structure_seed)
         runs.append(run_setting(replace(env, lookup=Lookup(env.index, config)), name, strength, k, seed))
-    out: dict[str, Any] = {"strongest": [r["strongest_attacker"] for r in runs]}
+    out: dict[str, Any] = {"seeds": list(range(own, own + seeds)), "strongest": [r["strongest_attacker"] for r in runs]}
     for key in SPREAD_KEYS:
         values = np.array([r[key] for r in runs], np.float64)
         out[key] = {"values": values.tolist(), "mean": float(values.mean()),
@@ -167,11 +169,11 @@ def spread_report(metrics: dict[str, Any]) -> list[str]:
     spread = metrics.get("structure_seeds")
     if not spread:
         return []
-    rows = [f"| {seed} | " + " | ".join(_cell(key, spread[key]["values"][seed]) for key in SPREAD_KEYS)
-            + f" | {name} |" for seed, name in enumerate(spread["strongest"])]
+    rows = [f"| {seed} | " + " | ".join(_cell(key, spread[key]["values"][i]) for key in SPREAD_KEYS)
+            + f" | {spread['strongest'][i]} |" for i, seed in enumerate(spread["seeds"])]
     mean = " | ".join(f"{_cell(key, spread[key]['mean'])} ± {_cell(key, spread[key]['sem'])}" for key in SPREAD_KEYS)
     return ["## Structure seeds", "",
-            "The default setting on structures derived with other k-means seeds (seed 0 is the server's).", "",
+            f"The default setting on structures derived with other k-means seeds (the server's is {spread['seeds'][0]}).", "",
             "| seed | user top-1 | recall | server aware | KiB/query | strongest |", "|" + "---|" * 6,
             *rows, f"| mean ± s.e. | {mean} | |", ""]
 
@@ -313,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="out-of-catalogue datasets for the open-set figures, comma-separated "
                         "(auto: the datasets beside --dataset; empty: only the sample photos)")
     p.add_argument("--structure-seeds", type=int, default=1, metavar="N",
-                   help="also run the default setting on structures derived with k-means seeds 1..N-1 "
-                        "and report each figure's mean and standard error (in-process server only)")
+                   help="also run the default setting on structures derived with the N-1 k-means seeds "
+                        "after the server's structure_seed and report each figure's mean and standard "
+                        "error (in-process server only)")
     p.add_argument("-v", "--verbose", action="store_true")
     history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)
