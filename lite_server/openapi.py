@@ -132,7 +132,8 @@ def _base64(n_bytes: int) -> dict[str, Any]:
 
 def query_vector(dim: int | None) -> dict[str, Any]:
     """One query vector as the server takes it: ``dim`` values of one dtype; uint8 with one scale,
-    int8 with a list of one or an exact float16 array of one (what ``wire.encode`` writes). Values must be finite too, which JSON Schema cannot say of base64."""
+    int8 with a list of one or an exact float16 array of one (what ``wire.encode`` writes). Values
+    must be finite and scales positive too, which JSON Schema cannot say of base64."""
     if dim is None:
         return {"$ref": "#/components/schemas/Matrix"}
     scale = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}

@@ -76,9 +76,10 @@ def _finite(body: dict[str, Any]) -> dict[str, Any]:
         clean = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=-1.0).astype(values.dtype)
         body = {**body, "vector": {**vector, "data": base64.b64encode(clean.tobytes()).decode()}}
     if isinstance(vector, dict) and isinstance(vector.get("scale"), dict):
-        scale = np.frombuffer(base64.b64decode(vector["scale"]["data"]), np.float16)
-        fixed = np.where(np.isfinite(scale) & (scale != 0), np.abs(scale), 1.0).astype(np.float16)
-        body = {**body, "vector": {**vector, "scale": {**vector["scale"], "data": base64.b64encode(fixed.tobytes()).decode()}}}
+        drawn = np.frombuffer(base64.b64decode(vector["scale"]["data"]), np.float16)
+        fixed = np.where(np.isfinite(drawn) & (drawn != 0), np.abs(drawn), 1.0).astype(np.float16)
+        exact = {**vector["scale"], "data": base64.b64encode(fixed.tobytes()).decode()}
+        body = {**body, "vector": {**vector, "scale": exact}}
     return body
 
 

@@ -169,8 +169,8 @@ class CellsBayesAttacker:
             groups = public.spot_groups(index.photo_spot[train], n_spots)
             # The server's own k-means starts (it knows the configuration): the folds' prototypes
             # differ from the published ones only by the photos held out.
-            protos, owner = public.prototypes(lookup.project(features[train]), groups, lookup.config.prototypes_per_spot,
-                                              lookup.config.structure_seed)
+            protos, owner = public.prototypes(lookup.project(features[train]), groups,
+                                              lookup.config.prototypes_per_spot, lookup.config.structure_seed)
             simulated = _refit(transform, lookup, protos, owner)
             for row in np.flatnonzero(~train):
                 # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.

@@ -135,8 +135,9 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         metrics["default"]["linked"] = result["defended"]
         metrics["default"]["linked_undefended"] = result["undefended"]
     if args.structure_seeds > 1:
-        metrics["structure_seeds"] = structure_spread(env, metrics["default"], args.structure_seeds,
-                                                      args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed)
+        name = args.transform or DEFAULT_TRANSFORM
+        metrics["structure_seeds"] = structure_spread(env, metrics["default"], args.structure_seeds, name,
+                                                      args.strength, args.k, args.seed)
     if args.sweep:
         metrics["sweep"] = [run_setting(env, name, s, k, args.seed) for name, values in SWEEPS.items()
                             for s, k in values]
@@ -173,7 +174,8 @@ def spread_report(metrics: dict[str, Any]) -> list[str]:
             + f" | {spread['strongest'][i]} |" for i, seed in enumerate(spread["seeds"])]
     mean = " | ".join(f"{_cell(key, spread[key]['mean'])} ± {_cell(key, spread[key]['sem'])}" for key in SPREAD_KEYS)
     return ["## Structure seeds", "",
-            f"The default setting on structures derived with other k-means seeds (the server's is {spread['seeds'][0]}).", "",
+            "The default setting on structures derived with other k-means seeds "
+            f"(the server's is {spread['seeds'][0]}).", "",
             "| seed | user top-1 | recall | server aware | KiB/query | strongest |", "|" + "---|" * 6,
             *rows, f"| mean ± s.e. | {mean} | |", ""]
 
