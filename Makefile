@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[litert,server,dev,ohttp,quantize,ray]'
 	touch $(STAMP)
 
-$(MODEL): $(STAMP) models/manifest.json tools/cut.py
+$(MODEL): $(STAMP) models/manifest.json tools/model/cut.py
 	$(PY) -m tools.model prepare
 
 demo: setup

@@ -20,7 +20,7 @@ from .errors import (
     ServerError,
     ServerUnreachableError,
 )
-from .extractor import Extractor
+from .vision.extractor import Extractor
 
 __version__ = "0.1.0"
 

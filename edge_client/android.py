@@ -28,12 +28,12 @@ import numpy as np
 
 from .client import Client
 from .config import ClientConfig, load_config
-from .dummies import PersonaGenerator
+from .dummies.generator import PersonaGenerator
+from .dummies.scheduler import DummyScheduler
 from .errors import EnfPireError, FeatureError, IncompatibleServerError, ModelError, ModelNotFoundError
-from .extractor import Extractor, file_sha256, l2_normalize
-from .frame import Frame
-from .photo import Photo
-from .scheduler import DummyScheduler
+from .vision.extractor import Extractor, file_sha256, l2_normalize
+from .vision.frame import Frame
+from .vision.photo import Photo
 
 _clients: dict[str, Client] = {}
 _schedulers: dict[int, DummyScheduler] = {}
@@ -155,7 +155,7 @@ def recognize_frame(frame_bytes: bytes, width: int, height: int, pixel_format: s
     Made for CameraX ``ImageAnalysis`` at 640x480: with ``OUTPUT_IMAGE_FORMAT_RGBA_8888``
     pass ``planes[0]``'s bytes, ``pixel_format="rgba"`` and the plane's ``rowStride``;
     ``rotation`` is ``imageInfo.rotationDegrees``. YUV frames may come as ``"nv21"``,
-    ``"nv12"`` or ``"i420"``; see :class:`edge_client.frame.Frame`. No JPEG is made or
+    ``"nv12"`` or ``"i420"``; see :class:`edge_client.vision.frame.Frame`. No JPEG is made or
     decoded, so this is the cheapest way from the camera to an answer."""
     def run() -> dict[str, Any]:
         frame = Frame(bytes(frame_bytes), int(width), int(height), str(pixel_format).lower(), int(row_stride),

@@ -7,13 +7,13 @@ import logging
 import sys
 from typing import Any, Callable
 
-from .config import ClientConfig, load_config
 from .client import Client, clear_caches
-from .dummies import PersonaGenerator
+from .config import ClientConfig, load_config
+from .dummies.generator import PersonaGenerator
+from .dummies.scheduler import DummyScheduler
 from .errors import ConfigError, EnfPireError
-from .extractor import Extractor
-from .recognizer import Recognition
-from .scheduler import DummyScheduler
+from .privacy.recognizer import Recognition
+from .vision.extractor import Extractor
 
 
 def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
@@ -36,7 +36,7 @@ def _extract(args: argparse.Namespace, config: ClientConfig) -> int:
 
 def _recognize(args: argparse.Namespace, config: ClientConfig) -> int:
     if args.camera:
-        from .camera import capture_frame
+        from .vision.camera import capture_frame
 
         photo: object = capture_frame()
     elif args.photo:

@@ -9,7 +9,7 @@ errors and on 429/502/503/504, waiting for ``Retry-After`` (capped) or an
 exponential backoff. Nothing identifies the device: a fixed User-Agent, no
 cookies kept, the same headers on every request. With ``relay`` set, every
 request is sealed for the server's Oblivious HTTP gateway and sent through
-the relay instead (``edge_client.oblivious``), so the server never sees the
+the relay instead (``edge_client.protocol.oblivious``), so the server never sees the
 device's address.
 """
 from __future__ import annotations
@@ -20,28 +20,28 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from urllib.parse import quote
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import quote
 
 import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 
-from .cache import AnswerCache
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
-from .extractor import Extractor
-from .oblivious import Answer, ObliviousTransport
-from .photo import Photo
-from .public import PublicError, PublicParams, PublicStore, apply_delta, parse
-from .recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
+from .privacy.cache import AnswerCache
+from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
+from .privacy.transforms import Transform, make_transform
+from .protocol.oblivious import Answer, ObliviousTransport
+from .protocol.public import PublicError, PublicParams, PublicStore, apply_delta, parse
 from .state import decoy_seed, device_secret
-from .transforms import Transform, make_transform
+from .vision.extractor import Extractor
+from .vision.photo import Photo
 
 if TYPE_CHECKING:
-    from .catalogue import Catalogue
+    from .dummies.catalogue import Catalogue
 
 log = logging.getLogger(__name__)
 USER_AGENT = "enfpire-client"
@@ -177,7 +177,7 @@ class Client:
 
     def catalogue(self) -> "Catalogue":
         """The spot catalogue of the public document, for dummy requests."""
-        from .catalogue import Catalogue
+        from .dummies.catalogue import Catalogue
 
         return Catalogue.from_public(self.public(), int(self.info()["dim"]))
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from . import registry
 from .errors import ConfigError
+from .vision import registry
 
 ENV_PREFIX = "ENFPIRE_"
 T = TypeVar("T")

@@ -13,11 +13,11 @@ from typing import Any, Iterator
 
 from edge_client.config import ClientConfig
 from edge_client.errors import ConfigError, EnfPireError
-from edge_client.extractor import Extractor
+from edge_client.vision.extractor import Extractor
 
+from .api.updates import add_spots, reload_service, remove_spots
 from .config import ServerConfig, load_config
-from .index import ExtractFn, Index, build_index
-from .updates import add_spots, reload_service, remove_spots
+from .index.store import ExtractFn, Index, build_index
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def _extraction(args: argparse.Namespace) -> Iterator[ExtractFn | None]:
     if args.ray is None:
         yield None
         return
-    from .ray_build import RayExtraction
-    from .ray_cluster import cluster
+    from .fleet.build import RayExtraction
+    from .fleet.cluster import cluster
 
     with cluster(args.ray or None):
         yield RayExtraction(workers=args.workers or 0, threads=args.threads or 1, batch_size=args.batch_size)
@@ -82,18 +82,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     Waitress gets ``threads + max_pending + HEADROOM`` threads: ``threads`` do
     lookups, ``max_pending`` wait for one, the rest answer 503s and health
-    checks at once (see ``lite_server.admission``). SIGHUP reloads the index.
+    checks at once (see ``lite_server.api.admission``). SIGHUP reloads the index.
     """
     from waitress import create_server
 
-    from .admin import check_token, create_admin_app
-    from .admission import HEADROOM
-    from .app import EXTENSION, create_app
+    from .api.admin import check_token, create_admin_app
+    from .api.admission import HEADROOM
+    from .api.app import EXTENSION, create_app
 
     config = load_config(ServerConfig, args.config, **_overrides(args))
     check_token(config)
     if args.ray is not None:
-        from .ray_serve import serve_ray
+        from .fleet.serve import serve_ray
 
         serve_ray(config, args.ray or None, args.replicas)
         return 0
@@ -124,7 +124,7 @@ def _reload(service: Any) -> None:
 
 def _ohttp_settings(args: argparse.Namespace) -> tuple[Path, ServerConfig]:
     """The key file an ``ohttp`` command works on, and the settings (grace) it honours."""
-    from .ohttp import keys_path
+    from .ohttp.gateway import keys_path
 
     config = load_config(ServerConfig, args.config, **_overrides(args))
     path = keys_path(config)
@@ -137,9 +137,9 @@ def _ohttp_show(args: argparse.Namespace) -> int:
     """The key configurations a phone pins: hex and sha256 for ``gateway_keys``."""
     import hashlib
 
-    from edge_client.ohttp import decode_key_configs
+    from edge_client.protocol.ohttp import decode_key_configs
 
-    from .ohttp_keys import GatewayKeys
+    from .ohttp.keys import GatewayKeys
 
     path, config = _ohttp_settings(args)
     body = GatewayKeys(path, config.ohttp_grace).body()
@@ -149,7 +149,7 @@ def _ohttp_show(args: argparse.Namespace) -> int:
 
 
 def _ohttp_rotate(args: argparse.Namespace) -> int:
-    from .ohttp_keys import rotate
+    from .ohttp.keys import rotate
 
     path, config = _ohttp_settings(args)
     key_id = rotate(path, config.ohttp_grace)
@@ -163,7 +163,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ray_build_flags(parser: argparse.ArgumentParser) -> None:
-    from .ray_build import BATCH
+    from .fleet.build import BATCH
 
     parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                         help="extract on a Ray cluster: ADDRESS (auto, host:port, ray://...) or, without one, "

@@ -31,7 +31,7 @@ class ServerConfig:
     structure_seed: int = 0
     # Bytes of per-spot int8 rows in the public document (GET /v1/public): what fits is published
     # whole (the real datasets), beyond it the looks go and then prototypes, never below one a spot.
-    # 1.3 MB keeps the gzipped document under 2 MB at 10,000 spots (BENCHMARKS.md).
+    # 1.3 MB keeps the gzipped document under 2 MB at 10,000 spots (docs/benchmarks.md).
     public_budget: int = 1_300_000
     max_pending: int = 64            # requests queued beyond this get 503 + Retry-After
     queue_timeout: float = 8.0       # seconds a queued request waits for a slot, then 503 (under the phone's 10 s read timeout)

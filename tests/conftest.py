@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edge_client.config import default_model_path
-from edge_client.extractor import Extractor
+from edge_client.vision.extractor import Extractor
 from tests.homes import private_home, use_private_home  # noqa: F401  (an autouse fixture)
 from tools.live import LiveServer
 
@@ -95,7 +95,7 @@ def held_out() -> list[tuple[str, Path]]:
 
 @pytest.fixture(scope="session")
 def index_dir(subset: Path, extractor: Extractor, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lite_server.index import build_index
+    from lite_server.index.store import build_index
 
     out = tmp_path_factory.mktemp("index")
     build_index(subset / "images", out, extractor, subset / "landmarks.csv")
@@ -113,7 +113,7 @@ def copy_index(index_dir: Path, parent: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
-    from lite_server.app import create_app
+    from lite_server.api.app import create_app
     from lite_server.config import ServerConfig
 
     return create_app(ServerConfig(index=str(index_dir)))

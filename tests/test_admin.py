@@ -13,11 +13,11 @@ import psutil
 import pytest
 import requests
 
-from edge_client import wire
 from edge_client.errors import ConfigError
-from edge_client.extractor import Extractor
-from lite_server import admin
-from lite_server.app import EXTENSION, create_app
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
+from lite_server.api import admin
+from lite_server.api.app import EXTENSION, create_app
 from lite_server.config import ServerConfig
 from tests.conftest import copy_index, make_subset
 from tools.live import LiveServer, free_port

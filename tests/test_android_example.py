@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from edge_client import android
-from edge_client.frame import FORMATS
+from edge_client.vision.frame import FORMATS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "android"
 ACTIVITY = EXAMPLE / "app" / "src" / "main" / "java" / "org" / "enfpire" / "example" / "MainActivity.kt"

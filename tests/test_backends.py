@@ -12,13 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.extractor import l2_normalize
-from lite_server.backends import (BACKENDS, FaissBackend, QuantizedBackend, best_first, load_backend, make_backend,
-                                  release_pages)
-from lite_server.batching import BatchingBackend
+from edge_client.vision.extractor import l2_normalize
 from lite_server.config import ServerConfig
-from lite_server.index import Index
-from lite_server.lookup import Lookup
+from lite_server.index.store import Index
+from lite_server.search.backends import (
+    BACKENDS,
+    FaissBackend,
+    QuantizedBackend,
+    best_first,
+    load_backend,
+    make_backend,
+    release_pages,
+)
+from lite_server.search.batching import BatchingBackend
+from lite_server.search.lookup import Lookup
 
 TIE = 2e-5  # scores closer than this may come in either order from different float kernels
 

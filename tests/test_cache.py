@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client import wire
-from edge_client.cache import AnswerCache
 from edge_client.cli import main as client_main
 from edge_client.client import Client, cache_path
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
+from edge_client.privacy.cache import AnswerCache
+from edge_client.privacy.transforms import make_transform
+from edge_client.protocol import wire
 from edge_client.state import DAY, decoy_seed, device_secret
-from edge_client.transforms import make_transform
-from lite_server.app import create_app
+from edge_client.vision.extractor import Extractor
+from lite_server.api.app import create_app
 from lite_server.config import ServerConfig
 from tools.inprocess import mount
 
@@ -172,8 +172,8 @@ def test_the_device_secret_is_private_kept_and_rotated(tmp_path: Path) -> None:
 
 def test_a_photo_answered_from_the_cache_sends_no_burst_either(
         fine_app, extractor: Extractor, held_out, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from edge_client.dummies import PersonaGenerator
-    from edge_client.scheduler import DummyScheduler, ManualClock, Sent
+    from edge_client.dummies.generator import PersonaGenerator
+    from edge_client.dummies.scheduler import DummyScheduler, ManualClock, Sent
 
     phone = Phone(fine_app, extractor, tmp_path)
     clock, sent = ManualClock(1_717_200_000.0 + 9 * 3600), []  # 09:00 UTC: personas are out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lite_server import cells
+from lite_server.index import cells
 
 
 def test_sample_groups_bounds_each_spot_and_keeps_small_ones_whole() -> None:

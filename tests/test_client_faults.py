@@ -21,12 +21,19 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from edge_client import android, wire
+from edge_client import android
 from edge_client.client import Client
 from edge_client.config import ClientConfig
-from edge_client.errors import (BadResponseError, EnfPireError, IncompatibleServerError, PhotoError, ServerError,
-                                ServerUnreachableError)
-from edge_client.extractor import Extractor
+from edge_client.errors import (
+    BadResponseError,
+    EnfPireError,
+    IncompatibleServerError,
+    PhotoError,
+    ServerError,
+    ServerUnreachableError,
+)
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
 
 
 @dataclass

@@ -16,7 +16,7 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from edge_client import wire
+from edge_client.protocol import wire
 from tools.live import LiveServer
 
 # No shrinking: a failing body is reported as found (shrinking kilobytes of base64 takes minutes).

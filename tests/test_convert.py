@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_client.extractor import Extractor, l2_normalize
-from edge_client.photo import load_rgb
+from edge_client.vision.extractor import Extractor, l2_normalize
+from edge_client.vision.photo import load_rgb
 from tests.conftest import dataset_photos
-from tools import compare
-from tools import model as models
+from tools.model import cli as models
+from tools.model import compare
 
 SIZE = 64
 #: How the small models expect pixels, as a PyTorch user would train them: [-1, 1].

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import requests
 
-from lite_server.backends import make_backend
-from lite_server.index import Index
-from lite_server.updates import photo_rows, remove_spots
+from lite_server.api.updates import photo_rows, remove_spots
+from lite_server.index.store import Index
+from lite_server.search.backends import make_backend
 from tests.conftest import copy_index, make_subset
 from tools.live import LiveServer
 
@@ -34,7 +34,7 @@ CHURN = "import sys; from tests.test_crash import churn; churn(*sys.argv[1:])"
 def churn(index_dir: str, source: str, spot_id: str) -> None:
     """Forever: publish the full ``source`` index into ``index_dir``, then remove ``spot_id``
     (the child the tests kill; a killed run may have left either state)."""
-    from lite_server.index import publish
+    from lite_server.index.store import publish
 
     full = Index.load(source)
     spots, rows, features = full.spots, photo_rows(full), np.asarray(full.features)

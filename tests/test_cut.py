@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.interpreter import make_interpreter
-from edge_client.photo import load_rgb
-from tools import cut as cutter
+from edge_client.vision.interpreter import make_interpreter
+from edge_client.vision.photo import load_rgb
 from tests.conftest import CLASSIFIER, FEATURE_TENSOR, V1_EXTRACTOR
+from tools.model import cut as cutter
 
 
 def _raw_output(model: Path | str, pixels: np.ndarray) -> np.ndarray:

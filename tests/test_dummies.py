@@ -15,20 +15,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_client import wire
-from edge_client.catalogue import Catalogue, haversine_km
 from edge_client.client import Client
 from edge_client.config import ClientConfig
-from edge_client.dummies import NaiveGenerator, PersonaGenerator, SyntheticPhotos
+from edge_client.dummies.catalogue import Catalogue, haversine_km
+from edge_client.dummies.generator import NaiveGenerator, PersonaGenerator, SyntheticPhotos
+from edge_client.dummies.personas import Movement, Persona
+from edge_client.dummies.plans import Dummy, Plan
+from edge_client.dummies.scheduler import DummyScheduler, ManualClock, Sent
 from edge_client.errors import ConfigError, ServerUnreachableError
-from edge_client.extractor import Extractor
-from edge_client.personas import Movement, Persona
-from edge_client.plans import Dummy, Plan
-from edge_client.scheduler import DummyScheduler, ManualClock, Sent
-from lite_server.index import Index
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
+from lite_server.index.store import Index
 from tests.conftest import make_subset
-from tools.live import LiveServer, free_port
 from tools.inprocess import mount
+from tools.live import LiveServer, free_port
 
 DAY0 = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC
 
@@ -236,7 +236,7 @@ class _SlowDummies:
 
 def test_background_thread_sends_a_burst_together_so_the_real_answer_never_waits_for_a_dummy(
         extractor: Extractor, index_dir: Path, real_features: list[tuple[str, np.ndarray]]) -> None:
-    from lite_server.app import create_app
+    from lite_server.api.app import create_app
     from lite_server.config import ServerConfig
 
     spot, feature = real_features[0]
@@ -254,7 +254,7 @@ def test_background_thread_sends_a_burst_together_so_the_real_answer_never_waits
 
 
 def test_scheduler_is_given_its_generator(app: Any, extractor: Extractor) -> None:
-    """The scheduler never builds a generator itself (no import of edge_client.dummies): the caller injects one."""
+    """The scheduler never builds a generator itself (no import of edge_client.dummies.generator): the caller injects one."""
     with _client(app, extractor) as client:
         with pytest.raises(ConfigError):
             DummyScheduler(client, dummies=2)
@@ -334,7 +334,7 @@ def _environ() -> dict[str, str]:
 
 
 def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
-    from tools import history
+    from tools.evaluate import history
 
     dataset = make_subset(tmp_path / "data", spots=24, per_spot=8)
     args = Namespace(dataset=dataset, out=tmp_path / "out", users=6, train_fraction=0.5, dummies=2, window=6.0,

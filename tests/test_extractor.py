@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from edge_client.errors import ChecksumError, ModelError, ModelNotFoundError, PhotoError
-from edge_client.extractor import Extractor
-from tools import model as model_tools
+from edge_client.vision.extractor import Extractor
 from tests.conftest import CLASSIFIER, FEATURE_TENSOR, SHARED_MODELS
 from tests.test_cut import _preserved_tensor
+from tools.model import cli as model_tools
 
 ORIENTATION = 0x0112
 
@@ -133,7 +133,7 @@ def test_cli_json_matches_the_classifier_avgpool(photos: list[Path]) -> None:
     result = json.loads(out.stdout)
     assert result["dim"] == 1280 and result["interpreter"] == "ai_edge_litert"
     assert result["model"] == "mobilenet_v2_1.0_224_quant_avgpool.tflite" and len(result["model_sha256"]) == 64
-    from edge_client.photo import load_rgb
+    from edge_client.vision.photo import load_rgb
     raw = _preserved_tensor(CLASSIFIER, FEATURE_TENSOR, load_rgb(photo, (224, 224), 10**8)).reshape(-1)
     reference = raw.astype(np.float32) / np.linalg.norm(raw.astype(np.float32))
     assert float(np.asarray(result["feature"], dtype=np.float32) @ reference) >= 0.9999

@@ -1,4 +1,4 @@
-"""Camera frames (edge_client.frame) on real photos and the real model: every layout of the same
+"""Camera frames (edge_client.vision.frame) on real photos and the real model: every layout of the same
 pixels gives the file path's feature, YUV and rotation within the model's own rounding noise."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 
 from edge_client import android
 from edge_client.errors import PhotoError
-from edge_client.extractor import Extractor
-from edge_client.frame import Frame
+from edge_client.vision.extractor import Extractor
+from edge_client.vision.frame import Frame
 from tests.conftest import dataset_photos
 from tools.live import LiveServer
 

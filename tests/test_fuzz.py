@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_client import wire
+from edge_client.protocol import wire
 from tests.conftest import copy_index
 from tools.live import LiveServer
 
@@ -163,8 +163,8 @@ def fuzz_index(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def apps(fuzz_index: Path) -> Iterator[tuple[Any, Any]]:
-    from lite_server.admin import create_admin_app
-    from lite_server.app import EXTENSION, create_app
+    from lite_server.api.admin import create_admin_app
+    from lite_server.api.app import EXTENSION, create_app
     from lite_server.config import ServerConfig
 
     app = create_app(ServerConfig(index=str(fuzz_index), admin_token=TOKEN))

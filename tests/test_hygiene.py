@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import requests
 
-from edge_client import wire
 from edge_client.client import Client
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
-from edge_client.transforms import TRANSFORMS
+from edge_client.privacy.transforms import TRANSFORMS
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
 from tools.live import LiveServer
 
 #: Every header a lookup answer may carry; anything else could be an identifier.

@@ -1,19 +1,38 @@
-"""The phone's package keeps its layering: no import cycle between its modules
-(lazy imports inside functions included), and nothing from the server side."""
+"""The layering holds: no import cycle anywhere in the three packages (lazy imports inside
+functions included), arrows point down (tools -> lite_server -> edge_client, never back), the
+phone's package imports nothing of the server side, and each package keeps its top small."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "edge_client"
-SERVER_SIDE = ("lite_server", "tools", "flask", "sklearn", "waitress")
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("edge_client", "lite_server", "tools")
+#: Which of our packages each may import: the arrows point down.
+ALLOWED = {"edge_client": {"edge_client"}, "lite_server": {"edge_client", "lite_server"},
+           "tools": {"edge_client", "lite_server", "tools"}}
+SERVER_SIDE = ("lite_server", "tools", "flask", "sklearn", "scipy", "waitress", "ray")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
+            if p.stem != "__main__"}
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Every module ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out),
+    and for ``from X import y`` also ``X.y`` (which is a module when y is one)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     skipped = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
                and "TYPE_CHECKING" in ast.unparse(block.test) for stmt in block.body for node in ast.walk(stmt)}
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -21,22 +40,27 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = "edge_client." + (node.module or "") if node.level else node.module or ""
-            names.add(base.rstrip("."))
-            if node.level and not node.module:
-                names.update(f"edge_client.{alias.name}" for alias in node.names)
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
     return names
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {f"edge_client.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    modules = _modules()
+    # a package's __init__ is imported on the way to its modules, but that is no arrow of the code's
+    return {name: {m for m in _imports(path, name) if m in modules and m != name
+                   and not name.startswith(m + ".")} for name, path in modules.items()}
 
 
-def test_edge_client_modules_import_no_cycle() -> None:
+def test_no_import_cycle_anywhere() -> None:
     graph = _graph()
-    assert "edge_client.dummies" not in graph["edge_client.scheduler"]  # the scheduler is given its generator
-    assert "edge_client.plans" in graph["edge_client.scheduler"] and "edge_client.plans" in graph["edge_client.dummies"]
+    assert "edge_client.dummies.generator" not in graph["edge_client.dummies.scheduler"]  # given its generator
+    assert "edge_client.dummies.plans" in graph["edge_client.dummies.scheduler"]
     state: dict[str, int] = {}
 
     def visit(name: str, path: list[str]) -> None:
@@ -52,7 +76,22 @@ def test_edge_client_modules_import_no_cycle() -> None:
             visit(name, [])
 
 
+def test_arrows_point_down() -> None:
+    for name, targets in _graph().items():
+        upward = {t for t in targets if t.split(".")[0] not in ALLOWED[name.split(".")[0]]}
+        assert not upward, f"{name} imports upward: {upward}"
+
+
 def test_edge_client_never_imports_the_server_side() -> None:
-    for path in PACKAGE.glob("*.py"):
-        bad = {m for m in _imports(path) if m.split(".")[0] in SERVER_SIDE}
-        assert not bad, f"{path.name} imports {bad}"
+    for name, path in _modules().items():
+        if name.startswith("edge_client"):
+            bad = {m for m in _imports(path, name) if m.split(".")[0] in SERVER_SIDE}
+            assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_shows_its_architecture(package: str) -> None:
+    top = [p for p in (ROOT / package).glob("*.py") if p.stem not in ("__init__", "__main__")]
+    subpackages = [p for p in (ROOT / package).iterdir() if (p / "__init__.py").is_file()]
+    assert len(top) <= 12, f"{package} has {len(top)} modules at its top"
+    assert len(subpackages) >= 2, f"{package} has {len(subpackages)} sub-packages"

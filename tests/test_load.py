@@ -17,12 +17,12 @@ import psutil
 import pytest
 import requests
 
-from edge_client.extractor import Extractor
-from edge_client.transforms import make_transform
-from lite_server.app import create_app
+from edge_client.privacy.transforms import make_transform
+from edge_client.vision.extractor import Extractor
+from lite_server.api.app import create_app
+from lite_server.api.updates import photo_rows, remove_spots
 from lite_server.config import ServerConfig
-from lite_server.index import Index, publish
-from lite_server.updates import photo_rows, remove_spots
+from lite_server.index.store import Index, publish
 from tests.conftest import copy_index
 from tools.live import LiveServer, free_port
 

@@ -13,7 +13,7 @@ from edge_client import android
 from edge_client.client import Client, recognize
 from edge_client.config import ClientConfig
 from edge_client.errors import IncompatibleServerError, ServerError, ServerUnreachableError
-from edge_client.extractor import Extractor
+from edge_client.vision.extractor import Extractor
 from tests.conftest import CLASSIFIER
 from tools.live import LiveServer, free_port
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import requests
 
-from edge_client import bhttp, ohttp
 from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.errors import GatewayKeyError, ServerError, ServerUnreachableError
-from edge_client.extractor import Extractor
-from edge_client.oblivious import PIN_FILE
+from edge_client.protocol import bhttp, ohttp
+from edge_client.protocol.oblivious import PIN_FILE
+from edge_client.vision.extractor import Extractor
 from tests.conftest import dataset_photos
 from tools.live import LiveRelay, LiveServer, free_port
 
@@ -110,7 +110,7 @@ def test_key_configuration_is_served_and_kept_private(gateway: LiveServer, relay
 
 
 def _components() -> dict[str, Any]:
-    from lite_server.openapi import spec
+    from lite_server.api.openapi import spec
 
     return {"components": spec()["components"]}
 
@@ -203,9 +203,9 @@ def test_cli_info_through_the_relay(gateway: LiveServer, relay: LiveRelay, tmp_p
 
 def test_catalogue_and_dummies_go_through_the_relay_too(gateway: LiveServer, relay: LiveRelay, extractor: Extractor,
                                                         features: list[tuple[str, np.ndarray]], tmp_path: Path) -> None:
-    from edge_client.dummies import PersonaGenerator
-    from edge_client.personas import Movement
-    from edge_client.scheduler import DummyScheduler, ManualClock, Sent
+    from edge_client.dummies.generator import PersonaGenerator
+    from edge_client.dummies.personas import Movement
+    from edge_client.dummies.scheduler import DummyScheduler, ManualClock, Sent
 
     day = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC: personas are out
     clock, sent = ManualClock(day), []  # type: tuple[ManualClock, list[Sent]]

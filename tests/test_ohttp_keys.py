@@ -6,9 +6,9 @@ import stat
 import time
 from pathlib import Path
 
-from edge_client import ohttp
-from lite_server.ohttp_keys import GatewayKeys, ensure, rotate
-from lite_server.openapi import spec
+from edge_client.protocol import ohttp
+from lite_server.api.openapi import spec
+from lite_server.ohttp.keys import GatewayKeys, ensure, rotate
 
 
 def _ids(keys: GatewayKeys) -> list[int]:

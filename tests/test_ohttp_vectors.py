@@ -10,8 +10,8 @@ import hmac
 
 import pytest
 
-from edge_client import bhttp, ohttp
 from edge_client.errors import EncapsulationError
+from edge_client.protocol import bhttp, ohttp
 
 h = bytes.fromhex
 SKR = h("3c168975674b2fa8e465970b79c8dcf09f1c741626480bd4c6162fc5b6a98e1a")

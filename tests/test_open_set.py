@@ -11,13 +11,13 @@ import jsonschema
 import numpy as np
 import pytest
 
-from edge_client.cache import AnswerCache
 from edge_client.client import Client
 from edge_client.config import ClientConfig, load_config
 from edge_client.errors import BadResponseError, ConfigError
-from edge_client.extractor import Extractor
-from edge_client.recognizer import Calibration
-from lite_server.openapi import spec
+from edge_client.privacy.cache import AnswerCache
+from edge_client.privacy.recognizer import Calibration
+from edge_client.vision.extractor import Extractor
+from lite_server.api.openapi import spec
 from tests.conftest import SHARED, SHARED_MODELS
 from tools.live import LiveServer
 

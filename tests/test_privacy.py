@@ -8,15 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_client import wire
-from edge_client.transforms import TRANSFORMS, Cells, Transform, make_transform
+from edge_client.privacy.transforms import TRANSFORMS, Cells, Transform, make_transform
+from edge_client.protocol import wire
 from lite_server.config import ServerConfig
-from lite_server.publication import document
+from lite_server.search.publication import document
 from tests.conftest import make_subset
+from tools.evaluate import attackers as atk
+from tools.evaluate import cli as ev
+from tools.evaluate import linked
 from tools.live import LiveServer
-from tools import attackers as atk
-from tools import evaluate as ev
-from tools import linked
 
 # 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
 CELLS = {"strength": 1.0, "k": 1}

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import requests
 
-from edge_client import wire
 from edge_client.client import Client, public_path
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor, l2_normalize
-from edge_client.public import PublicError, PublicParams, PublicStore, Rows, apply_delta, canonical, parse
+from edge_client.protocol import wire
+from edge_client.protocol.public import PublicError, PublicParams, PublicStore, Rows, apply_delta, canonical, parse
+from edge_client.vision.extractor import Extractor, l2_normalize
+from lite_server.api.updates import add_spots, remove_spots
 from lite_server.config import ServerConfig
-from lite_server.index import Index
-from lite_server.publication import budget_rule, build, delta, delta_bytes, public_bytes
-from lite_server.updates import add_spots, remove_spots
+from lite_server.index.store import Index
+from lite_server.search.publication import budget_rule, build, delta, delta_bytes, public_bytes
 from tests.conftest import copy_index, make_subset
 from tools.live import LiveServer
 
@@ -31,7 +31,7 @@ def test_document_is_described_by_openapi_and_carries_what_candidates_carry(
         app: Any, client: Any, index_dir: Path) -> None:
     import jsonschema
 
-    from lite_server.openapi import spec
+    from lite_server.api.openapi import spec
 
     payload = client.get("/v1/public").get_json()
     jsonschema.validate(payload, {"$ref": "#/components/schemas/Public", "components": spec()["components"]})
@@ -181,7 +181,7 @@ def test_phones_catch_up_by_delta_or_full_download(
     _switch(server, second)
     phone, doc = _catch_up(server, homes["one"], extractor)  # one version behind: a delta
     # Its size is what changed: on this branch every version re-derives the codec basis and cells, so
-    # nearly everything does; with a derivation that keeps them, a 1% update costs ~0.5% (BENCHMARKS.md).
+    # nearly everything does; with a derivation that keeps them, a 1% update costs ~0.5% (docs/benchmarks.md).
     assert phone.last_public[0] == "delta" and phone.last_public[1] <= full_bytes * 1.05
     assert doc.version == second.version and first.spots[0].id not in doc.ids
     assert doc.digest == requests.get(server.url + "/v1/info", timeout=10).json()["public"]["digest"]

@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_client.config import ClientConfig
 from edge_client.client import Client
+from edge_client.config import ClientConfig
 from edge_client.errors import ChecksumError, ModelNotFoundError
-from edge_client.extractor import Extractor
+from edge_client.vision.extractor import Extractor
 from lite_server import cli as server_cli
-from lite_server.index import Index
+from lite_server.index.store import Index
 from tests.conftest import CLASSIFIER, DATASET, FEATURE_TENSOR, SHARED_MODELS, make_subset
-from tools import compare, grids, quantize
-from tools import cut as cut_tools
-from tools import model as models
-from tools.dequantize import dequantize_model
+from tools.model import cli as models
+from tools.model import compare, grids, quantize
+from tools.model import cut as cut_tools
+from tools.model.dequantize import dequantize_model
 
 pytest.importorskip("ai_edge_quantizer", reason="the quantize extra is not installed: pip install 'enfpire[quantize]'")
 

@@ -25,12 +25,12 @@ import requests
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
-from lite_server.index import Index, build_index
-from lite_server.updates import photo_rows
+from edge_client.vision.extractor import Extractor
+from lite_server.api.updates import photo_rows
+from lite_server.index.store import Index, build_index
 from tests.conftest import copy_index, make_subset
-from tests.test_load import TOKEN, bodies, run_load, swapper  # noqa: F401  (bodies: a fixture)
 from tests.test_hygiene import ALLOWED_HEADERS
+from tests.test_load import TOKEN, bodies, run_load, swapper  # noqa: F401  (bodies: a fixture)
 from tools.live import LiveServer, free_port
 
 pytest.importorskip("ray", reason="the ray extra is not installed")

@@ -10,10 +10,10 @@ import jsonschema
 import numpy as np
 import pytest
 
-from edge_client import wire
-from edge_client.extractor import Extractor
-from lite_server.index import Index
-from lite_server.openapi import spec
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
+from lite_server.api.openapi import spec
+from lite_server.index.store import Index
 
 
 def _validate(payload: Any, schema: str) -> None:

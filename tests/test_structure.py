@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from edge_client.errors import ConfigError
+from lite_server.api.updates import remove_spots
 from lite_server.config import ServerConfig
-from lite_server.index import Index
-from lite_server.lookup import Lookup
-from lite_server.structure import FILE, Structure, StructureParams, derive
-from lite_server.updates import remove_spots
+from lite_server.index.store import Index
+from lite_server.index.structure import FILE, Structure, StructureParams, derive
+from lite_server.search.lookup import Lookup
 from tests.conftest import copy_index
 
 
@@ -90,7 +90,7 @@ class _CountingRows:
 def test_an_update_reads_only_the_spots_it_must_and_derives_what_reading_every_photo_would() -> None:
     from dataclasses import replace
 
-    from tools.synthetic import generate
+    from tools.bench.synthetic import generate
 
     catalogue = generate(1000, seed=0)
     ids = [s.id for s in catalogue.spots]

@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_client import wire
-from edge_client.extractor import Extractor
-from lite_server.app import create_app
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor
+from lite_server.api.app import create_app
 from lite_server.config import ServerConfig
-from lite_server.index import Index
-from tools import synthetic as syn
+from lite_server.index.store import Index
+from tools.bench import synthetic as syn
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.extractor import Extractor
-from lite_server.index import Index, Spot, base_manifest, publish, read_spots_csv, scan_photos
+from edge_client.vision.extractor import Extractor
+from lite_server.index.store import Index, Spot, base_manifest, publish, read_spots_csv, scan_photos
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent

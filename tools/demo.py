@@ -17,21 +17,21 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
-from edge_client.extractor import Extractor
-from edge_client.recognizer import Recognition
-from lite_server.index import BadIndexError, Index
+from edge_client.privacy.recognizer import Recognition
+from edge_client.vision.extractor import Extractor
+from lite_server.index.store import BadIndexError, Index
 from tools import dataset as ds
 from tools.live import LiveRelay, LiveServer
 
@@ -127,7 +127,7 @@ def _ask(client: Client, data: ds.Dataset, row: int, popular: Counter[str]) -> d
 def _server_guess(client: Client, body: dict[str, object], result: Recognition, popular: Counter[str]) -> str | None:
     """The server's own best guess from what it received: for a vector, its recognizer's
     top-1 (asked again with k = 1); for cells, the most popular spot it sent back
-    (the full transform-aware attack is in tools/evaluate.py)."""
+    (the full transform-aware attack is in tools/evaluate/cli.py)."""
     if "vector" not in body:
         return max((c.id for c in result.candidates), key=lambda i: popular[i], default=None)
     candidates, _, _ = client.query({**body, "k": 1})

@@ -1,7 +1,7 @@
 """A real ``enfpire-server serve`` (and ``enfpire-relay``) in a subprocess on a free loopback port.
 
 One helper for everything that needs the production server rather than the
-Flask test client: the test suite's live-server fixtures, ``tools.bench`` and
+Flask test client: the test suite's live-server fixtures, ``tools.bench.cli`` and
 ``tools.demo``.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ class LiveRelay(_Child):
         self._output = tempfile.TemporaryFile()
         source = host if source_address is None else source_address
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lite_server.relay", "--gateway", gateway, "--host", host,
+            [sys.executable, "-m", "lite_server.ohttp.relay", "--gateway", gateway, "--host", host,
              "--port", str(self.port), *(["--source-address", source] if source else []), "-v", *extra],
             stdout=self._output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

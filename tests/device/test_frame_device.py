@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from edge_client import android
-from edge_client.frame import Frame, squash
+from edge_client.vision.frame import Frame, squash
 
 from .conftest import DATASET
 

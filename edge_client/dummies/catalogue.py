@@ -1,0 +1,73 @@
+"""The spot catalogue dummy personas walk over, read from the public document
+(``GET /v1/public``, :mod:`edge_client.protocol.public`).
+
+Coordinates and popularity place the personas; each spot's published looks
+(the representatives a candidates answer carries, or on a large catalogue
+its published prototypes) and the published spread make their photos look
+real. Nothing in it depends on the user.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import BadResponseError
+from ..protocol.public import PublicParams
+
+EARTH_KM = 6371.0088
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Spots with coordinates (rows aligned), their popularity and features."""
+
+    ids: list[str]
+    lat: np.ndarray           # degrees, float64 [n]
+    lon: np.ndarray
+    popularity: np.ndarray    # gallery photo share, sums to 1
+    features: list[np.ndarray]  # per spot, float32 [m, dim], L2-normalised rows
+    spread: dict[str, float]  # the published photo-to-anchor spread (see lite_server.search.publication)
+    version: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def distances_from(self, row: int) -> np.ndarray:
+        """Great-circle km from spot ``row`` to every spot."""
+        return haversine_km(self.lat[row], self.lon[row], self.lat, self.lon)
+
+    @classmethod
+    def from_public(cls, doc: PublicParams, dim: int | None = None) -> "Catalogue":
+        """The catalogue of a public document; spots without coordinates or looks are left out
+        (no one can walk there). Looks published as codec codes are lifted back to feature
+        space with the codec's basis in one matrix product, so dummies start from the same
+        kind of vector a photo gives."""
+        rows, counts = doc.anchors()
+        looks = rows.decode()
+        if doc.basis is not None:
+            looks = looks @ doc.basis.astype(np.float32)
+        if dim is not None and looks.shape[-1] != dim:
+            raise BadResponseError(f"the published looks have dimension {looks.shape[-1]}, not {dim}")
+        parts = np.split(looks, np.cumsum(counts)[:-1])
+        lat, lon = doc.columns["lat"].astype(np.float64), doc.columns["lon"].astype(np.float64)
+        keep = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon) & (counts > 0))
+        if not len(keep):
+            raise BadResponseError("the public document has no spot with coordinates and looks")
+        popularity = doc.popularity[keep]
+        return cls(doc.ids[keep].tolist(), lat[keep], lon[keep], popularity / popularity.sum(),
+                   [_unit_rows(parts[r]) for r in keep], doc.spread, doc.version)
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = matrix.reshape(-1, matrix.shape[-1]).astype(np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> Any:
+    """Great-circle distance in km (scalars or numpy arrays)."""
+    p1, p2 = np.radians(lat1), np.radians(lat2)
+    dp, dl = p2 - p1, np.radians(np.asarray(lon2) - np.asarray(lon1))
+    a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
+    return 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))

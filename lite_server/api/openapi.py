@@ -1,0 +1,224 @@
+"""The OpenAPI 3.1 description of the API, served at ``/openapi.json``.
+
+Tests validate real responses against these schemas, so the document cannot
+drift from what the server does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MATRIX = {
+    "type": "object", "required": ["dtype", "shape", "data"],
+    "properties": {
+        "dtype": {"enum": ["float16", "float32", "uint8", "int8"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+        "data": {"type": "string", "description": "base64 of the little-endian values"},
+        "scale": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
+                            {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+                            {"$ref": "#/components/schemas/Array"}],
+                  "description": "uint8: one scale, value = q * scale; int8: one scale per row, "
+                                 "a list or (as the server sends them) an exact float16 Array"},
+    },
+}
+ARRAY = {
+    "type": "object", "required": ["dtype", "shape", "data"],
+    "description": "an exact array: base64 of its little-endian values in its own dtype",
+    "properties": {
+        "dtype": {"enum": ["float16", "float32", "uint8", "int8", "uint16", "int16", "uint32", "int32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
+        "data": {"type": "string"},
+    },
+}
+CODES = {"allOf": [{"$ref": "#/components/schemas/Array"}, {
+    "type": "object", "required": ["scale"], "description": "int8 rows [R, D]: row = codes * scale",
+    "properties": {"dtype": {"const": "int8"}, "scale": {"$ref": "#/components/schemas/Array"}}}]}
+SPOT_ROWS = {
+    "type": "object", "description": "per spot, rows aligned with ids; prototypes and looks are the "
+                                     "concatenation of each spot's rows (n_prototypes, n_looks of them)",
+    "required": ["ids", "lat", "lon", "cell", "photos", "n_prototypes", "n_looks", "prototypes", "looks"],
+    "properties": {"ids": {"type": "array", "items": {"type": "string"}},
+                   **{c: {"$ref": "#/components/schemas/Array"} for c in ("lat", "lon", "cell", "photos",
+                                                                        "n_prototypes", "n_looks")},
+                   "prototypes": {"$ref": "#/components/schemas/Codes"}, "looks": {"$ref": "#/components/schemas/Codes"}},
+}
+PUBLIC = {
+    "type": "object", "required": ["format", "kind", "index_version", "digest", "globals", "spots"],
+    "description": "kind full: the whole document; kind delta: what turns base_version's document into "
+                   "index_version's (drop removed and upserted ids, add the spots rows, take the globals "
+                   "sent); digest: sha256 of the resulting document's canonical form (edge_client.protocol.public)",
+    "properties": {
+        "format": {"const": 1}, "kind": {"enum": ["full", "delta"]}, "index_version": {"type": "string"},
+        "base_version": {"type": "string"}, "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "removed": {"type": "array", "items": {"type": "string"}},
+        "globals": {"type": "object", "properties": {
+            "n_cells": {"type": "integer", "minimum": 0}, "codec": {"type": "object", "required": ["kind"]},
+            "basis": {"$ref": "#/components/schemas/Array"},
+            "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
+                       "description": "leave-one-out spread of photos around their spot's mean"}}},
+        "spots": {"$ref": "#/components/schemas/SpotRows"},
+    },
+    "if": {"properties": {"kind": {"const": "delta"}}}, "then": {"required": ["base_version", "removed"]},
+}
+ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+CANDIDATE = {
+    "type": "object", "required": ["id", "name", "lat", "lon", "info", "features"],
+    "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "lat": {"type": ["number", "null"]}, "lon": {"type": ["number", "null"]},
+        "info": {"type": "object", "additionalProperties": {"type": "string"}},
+        "features": {"$ref": "#/components/schemas/Matrix"},
+    },
+}
+SCHEMAS: dict[str, Any] = {
+    "Matrix": MATRIX,
+    "Error": ERROR,
+    "Candidate": CANDIDATE,
+    "CandidatesResponse": {
+        "type": "object", "required": ["index_version", "candidates"],
+        "properties": {"index_version": {"type": "string"},
+                       "candidates": {"type": "array", "items": {"$ref": "#/components/schemas/Candidate"}}},
+    },
+    "Info": {
+        "type": "object",
+        "required": ["protocol", "model_sha256", "dim", "n_spots", "index_version", "limits", "public"],
+        "properties": {
+            "protocol": {"type": "integer"}, "model_sha256": {"type": "string"}, "dim": {"type": "integer"},
+            "n_spots": {"type": "integer"}, "n_photos": {"type": "integer"},
+            "index_version": {"type": "string"}, "feature_dtype": {"type": "string"},
+            "limits": {"type": "object", "required": ["max_k", "max_body"]},
+            "query_kinds": {"type": "array", "items": {"type": "string"}},
+            "public": {"type": "object", "required": ["index_version", "digest"],
+                       "description": "the digest of this version's public document (GET /v1/public)"},
+            "calibration": {"$ref": "#/components/schemas/Calibration"},
+        },
+    },
+    "Calibration": {
+        "type": "object",
+        "description": "open-set calibration: quantiles of the phone's evidence for gallery photos scored "
+                       "leave-one-out that it answers correctly; empty when no spot has two photos",
+        "properties": {
+            "kind": {"const": "leave_one_out_rerank"}, "n": {"type": "integer", "minimum": 1},
+            "coverage_weight": {"type": "number", "minimum": 0,
+                                "description": "evidence = rerank score + coverage_weight * |basis @ unit feature|"},
+            "levels": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2},
+            "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2},
+        },
+        "dependentRequired": {"kind": ["n", "coverage_weight", "levels", "scores"]},
+    },
+    "Array": ARRAY,
+    "Codes": CODES,
+    "SpotRows": SPOT_ROWS,
+    "Public": PUBLIC,
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Ready": {"type": "object", "required": ["status", "index_version", "n_spots", "n_photos"]},
+}
+
+
+#: Values a coded query vector's scale may take: its largest code times it stays a finite float32.
+MAX_SCALE = 1e36
+PAD = {"type": "string", "description": "ignored; makes every request one size"}
+
+
+def _base64(n_bytes: int) -> dict[str, Any]:
+    """A base64 string of exactly ``n_bytes`` bytes (standard alphabet, padded)."""
+    pad = (3 - n_bytes % 3) % 3
+    return {"type": "string", "pattern": f"^[A-Za-z0-9+/]{{{4 * math.ceil(n_bytes / 3) - pad}}}={{{pad}}}$"}
+
+
+def query_vector(dim: int | None) -> dict[str, Any]:
+    """One query vector as the server takes it: ``dim`` values of one dtype; uint8 with one scale,
+    int8 with a list of one or an exact float16 array of one (what ``wire.encode`` writes). Values
+    must be finite and scales positive too, which JSON Schema cannot say of base64."""
+    if dim is None:
+        return {"$ref": "#/components/schemas/Matrix"}
+    scale = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}
+    variants = []
+    for dtype, size in (("float16", 2), ("float32", 4), ("uint8", 1), ("int8", 1)):
+        properties = {"dtype": {"const": dtype}, "shape": {"enum": [[dim], [1, dim]]}, "data": _base64(dim * size)}
+        required = ["dtype", "shape", "data"]
+        if dtype == "uint8":
+            properties["scale"], required = scale, required + ["scale"]
+        if dtype == "int8":
+            exact = {"type": "object", "required": ["dtype", "shape", "data"], "properties": {
+                "dtype": {"const": "float16"}, "shape": {"const": [1]}, "data": _base64(2)}}
+            properties["scale"] = {"oneOf": [{"type": "array", "items": scale, "minItems": 1, "maxItems": 1}, exact]}
+            required = required + ["scale"]
+        variants.append({"type": "object", "required": required, "properties": properties})
+    return {"oneOf": variants, "description": "finite values and positive scales only (others get 400)"}
+
+
+def candidates_request(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
+    """Exactly one of a vector query (``vector`` and ``k``) or a cells query (``cells``), as
+    ``lite_server.api.app.parse_candidates`` accepts them; the loaded index fills in its limits."""
+    k = {"type": "integer", "minimum": 1, **({"maximum": max_k} if max_k else {})}
+    cell = {"type": "integer", "minimum": 0, **({"maximum": n_cells - 1} if n_cells else {})}
+    cells = {"type": "array", "items": cell, "minItems": 1, "uniqueItems": True,
+             **({"maxItems": n_cells} if n_cells else {})}
+    return {"oneOf": [
+        {"type": "object", "additionalProperties": False, "required": ["vector", "k"],
+         "properties": {"vector": query_vector(dim), "k": k, "pad": PAD}},
+        {"type": "object", "additionalProperties": False, "required": ["cells"],
+         "properties": {"cells": cells, "pad": PAD}},
+    ]}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _op(summary: str, ok: str, errors: tuple[int, ...] = ()) -> dict[str, Any]:
+    responses = {"200": {"description": "OK", **_json(ok)}}
+    responses.update({str(code): {"description": "error", **_json("Error")} for code in errors})
+    return {"summary": summary, "responses": responses}
+
+
+def _binary(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {media_type: {"schema": {"type": "string", "contentMediaType": media_type}}}}
+
+
+def _ohttp_paths() -> dict[str, Any]:
+    """Oblivious HTTP (RFC 9458): the key configurations and the gateway (``lite_server.ohttp.gateway``)."""
+    errors = {str(code): {"description": "error", **_json("Error")} for code in (400, 413, 415)}
+    return {
+        "/.well-known/ohttp-gateway": {"get": {
+            "summary": "The gateway's key configurations, current key first (RFC 9458 section 3)",
+            "responses": {"200": _binary("application/ohttp-keys", "each key configuration with a 2-byte length")}}},
+        "/ohttp": {"post": {
+            "summary": "Oblivious HTTP gateway: an encapsulated binary HTTP request to any route above, "
+                       "answered as an encapsulated binary HTTP response (the inner status inside); "
+                       "400 with code ohttp_key for an unknown key or algorithm, bad_ohttp_message when "
+                       "it does not parse or decrypt; 413 over max_body plus 1024 bytes",
+            "requestBody": {"required": True, **_binary("message/ohttp-req", "encapsulated request")},
+            "responses": {"200": _binary("message/ohttp-res", "encapsulated response"), **errors}}},
+    }
+
+
+def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
+    """The whole document; with the loaded index's ``dim``, ``max_k`` and ``n_cells`` the
+    candidates request is described exactly."""
+    candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
+    candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
+    public = _op("The public parameters (cells, prototypes, dummies' catalogue, codec) of the index version; "
+                 "with since=VERSION a delta from that version when it is still kept, else the full document",
+                 "Public", (503,))
+    public["parameters"] = [{"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                             "description": "the version of the document the phone holds"}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "EnfPire lite_server", "version": "1"},
+        "paths": {
+            "/healthz": {"get": _op("Liveness", "Health")},
+            "/readyz": {"get": _op("Readiness: index loaded", "Ready", (503,))},
+            "/v1/info": {"get": _op("Model, index, limits, calibration and the public document's digest", "Info", (503,))},
+            "/v1/candidates": {"post": candidates},
+            "/v1/public": {"get": public},
+            **_ohttp_paths(),
+        },
+        "components": {"schemas": {**SCHEMAS, "CandidatesRequest": candidates_request(dim, max_k, n_cells)}},
+    }

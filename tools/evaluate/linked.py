@@ -1,0 +1,107 @@
+"""Linked photos: what a server learns from all the requests one phone sends about one spot.
+
+A tourist takes several photos of one landmark, and a curious server links
+the requests that come from one address a minute apart. For every query
+photo, a fresh phone (its own answer cache and device secret) photographs
+its spot ``m`` times: that photo and ``m - 1`` other query photos of the same
+spot (reused in turn where the spot has fewer). Every photo goes through the
+real client with every phone-side defence it has on (answer cache, stable
+decoys); whatever it actually sends is what the server gets. Dummy requests
+are left out, so the attacker knows which requests are real: the figures are
+a bound on what it can do with dummies riding along.
+
+The attacker is the exact Bayes posterior of the cells transform extended to
+a set of messages (the product of likelihoods), in three variants: plain,
+counting identical messages once, and also knowing that a phone with a cache
+only asks when its best cell was in no earlier answer; plus a
+count of how many messages name each spot's cell. The strongest one counts.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from edge_client.privacy.cache import AnswerCache
+from edge_client.privacy.transforms import Transform
+from lite_server.search.publication import document
+from tools.evaluate import attackers as atk
+from tools.evaluate.testbed import Env
+
+log = logging.getLogger(__name__)
+LINKS = (1, 2, 3, 5)
+
+
+def photo_sets(env: Env, m: int) -> list[np.ndarray]:
+    """Per query photo: it and ``m - 1`` other query photos of its spot, in turn."""
+    by_spot: dict[int, list[int]] = {}
+    for row, spot in zip(env.queries, env.truth):
+        by_spot.setdefault(int(spot), []).append(int(row))
+    sets = []
+    for row, spot in zip(env.queries, env.truth):
+        rows = by_spot[int(spot)]
+        at = rows.index(int(row))
+        others = rows[at + 1:] + rows[:at] or [int(row)]  # the next ones first, wrapping round
+        sets.append(np.array([row] + [others[i % len(others)] for i in range(m - 1)]))
+    return sets
+
+
+def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended: bool,
+               seed: int) -> tuple[list[list[dict[str, Any]]], float, float]:
+    """(bodies each phone sent, the user's top-1 over every photo, requests per photo)."""
+    sent: list[list[dict[str, Any]]] = []
+    right = total = 0
+    for i, rows in enumerate(sets):
+        # A phone without defences keeps no answers; both start with the server's /v1/info.
+        cache = AnswerCache(None, max_entries=32 if defended else 0)
+        cache.store_info(env.info)
+        with env.client(transform, seed * 1_000_003 + i, cache, stable_decoys=defended) as client:
+            bodies = []
+            for row in rows:
+                body, result = client.ask(env.features[row])
+                right += result.best == env.data.photos[row][0]  # closed set: the best candidate
+                total += 1
+                if body is not None:
+                    bodies.append(body)
+        sent.append(bodies)
+    return sent, right / total, sum(map(len, sent)) / total
+
+
+def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]], truth: np.ndarray,
+                spot_cell: np.ndarray) -> dict[str, Any]:
+    """Every linked attacker's summary, and the strongest one's figures."""
+    results = {
+        "product": bayes.linked_scores(sent),
+        "product_dedupe": bayes.linked_scores(sent, dedupe=True),
+        "product_cache_aware": bayes.linked_scores(sent, cache_aware=True, dedupe=True),
+        "count": count_scores(sent, spot_cell, bayes.prior_),
+    }
+    summaries = {name: atk.summarize(atk.rank_of_truth(scores, truth)) for name, scores in results.items()}
+    strongest = max(summaries, key=lambda a: (summaries[a]["top1"], summaries[a]["top5"]))
+    return {**summaries[strongest], "attacker": strongest, "attackers": summaries}
+
+
+def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """How many of a phone's messages name each spot's cell; popularity breaks ties."""
+    out = np.zeros((len(sent), len(spot_cell)))
+    for i, bodies in enumerate(sent):
+        for body in bodies:
+            out[i] += np.isin(spot_cell, body["cells"])
+    return out + prior / (prior.max() * 2)
+
+
+def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
+             bayes: atk.CellsBayesAttacker | None = None) -> dict[str, Any]:
+    """``{"defended": {m: figures}, "undefended": {m: figures}}`` for a cells ``transform``."""
+    transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
+    bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
+    out: dict[str, Any] = {"defended": {}, "undefended": {}}
+    for m in links:
+        sets = photo_sets(env, m)
+        for mode in out:
+            sent, user, per_photo = run_phones(env, transform, sets, mode == "defended", seed)
+            figures = attack_sets(bayes, sent, env.truth, env.lookup.spot_cell)
+            out[mode][str(m)] = {**figures, "user_top1": user, "requests_per_photo": per_photo}
+            log.info("linked m=%d %s: %s", m, mode, {k: v for k, v in out[mode][str(m)].items() if k != "attackers"})
+    return out

@@ -1,0 +1,114 @@
+"""Open-set answers: photos of known spots the phone still answers, photos of elsewhere it declines.
+
+Out-of-catalogue photos are those of another dataset (a fixed random sample of
+a few hundred, features cached like any dataset's) and the three sample photos
+in ``../shared/models`` (a parrot, a cat, Grace Hopper). Every one goes through
+the real client, as the in-catalogue queries do. The operating point is the
+phone's ``keep``; the curve recomputes the decision at other operating points
+from each answer's confidence (answered iff confidence >= 1 - keep, the rule
+of ``edge_client.privacy.recognizer.rerank`` up to interpolation ties).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.config import ClientConfig
+from edge_client.privacy.recognizer import Recognition
+from edge_client.privacy.transforms import Transform
+from tools import dataset as ds
+from tools.evaluate.testbed import Env
+
+SAMPLE_PHOTOS = [ds.ROOT.parent / "shared" / "models" / n for n in ("parrot.jpg", "cat.bmp", "grace_hopper.bmp")]
+#: Out-of-catalogue photos drawn from each other dataset.
+OUTSIDE_SAMPLE = 300
+KEEPS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0)
+
+
+def other_datasets(dataset: Path) -> list[Path]:
+    """The datasets beside ``dataset`` (``../shared/datasets/*``): places its index does not hold."""
+    parent = dataset.resolve().parent
+    return sorted(p for p in parent.iterdir() if p.is_dir() and p != dataset.resolve()
+                  and ((p / "images").is_dir() or (p / "landmarks.csv").is_file()))
+
+
+def outside_features(env: Env, others: list[Path], n: int = OUTSIDE_SAMPLE, seed: int = 0) -> np.ndarray:
+    """Features of ``n`` photos of each dataset in ``others`` (fixed seed) and of the sample photos."""
+    rows = []
+    for root in others:
+        data = ds.load_dataset(root)
+        pick = np.sort(np.random.default_rng(seed).choice(len(data.photos), min(n, len(data.photos)), replace=False))
+        sample = ds.Dataset(data.root, [data.photos[i] for i in pick], data.spots)
+        rows.append(ds.features(sample, env.extractor))
+    rows.append(np.stack([env.extractor.extract(p) for p in SAMPLE_PHOTOS if p.is_file()]))
+    return np.concatenate(rows)
+
+
+def evaluate(env: Env, transform: Transform, known: list[tuple[str, Recognition]], others: list[Path],
+             seed: int = 0) -> dict[str, Any]:
+    """kept_correct, rejected_outside and the users' top-1 at the phone's default operating point, and the curve."""
+    features = outside_features(env, others, seed=seed)
+    with env.client(transform, seed) as client:
+        outside = [client.ask(f)[1] for f in features]
+    correct = [r for spot, r in known if r.best == spot]
+    curve = {str(keep): {"kept_correct": _share(r.confidence is not None and r.confidence >= 1 - keep - 1e-9
+                                                for r in correct),
+                         "rejected_outside": _share(r.confidence is not None and r.confidence < 1 - keep - 1e-9
+                                                    for r in outside)} for keep in KEEPS}
+    return {
+        "operating_point": ClientConfig().keep,
+        "kept_correct": _share(r.spot_id == r.best for r in correct),
+        "rejected_outside": _share(r.spot_id is None for r in outside),
+        "user_top1_closed": _share(r.best == spot for spot, r in known),
+        "user_top1_open": _share(r.spot_id == spot for spot, r in known),
+        "n_correct": len(correct), "n_outside": len(outside),
+        "outside": [p.name for p in others] + [p.name for p in SAMPLE_PHOTOS],
+        "samples_rejected": [r.spot_id is None for r in outside[-len(SAMPLE_PHOTOS):]],
+        "curve": curve,
+    }
+
+
+def _share(flags: Any) -> float:
+    values = list(flags)
+    return float(np.mean(values)) if values else 0.0
+
+
+def report(run: dict[str, Any]) -> list[str]:
+    """The report's open-set lines."""
+    o = run.get("open_set")
+    if not o:
+        return []
+    return ["## Open set", "",
+            f"Operating point keep = {o['operating_point']:g}: kept {o['kept_correct']:.3f} of the "
+            f"{o['n_correct']} correct answers, rejected {o['rejected_outside']:.3f} of {o['n_outside']} "
+            f"out-of-catalogue photos ({', '.join(o['outside'])}); user top-1 {o['user_top1_closed']:.3f} closed set, "
+            f"{o['user_top1_open']:.3f} with rejections counted as wrong. "
+            "Target: kept >= 0.93, rejected >= 0.80.", ""]
+
+
+def plot(metrics: dict[str, Any], path: Path) -> None:
+    """kept_correct and rejected_outside against the operating point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    o = metrics["default"]["open_set"]
+    keeps = sorted(float(k) for k in o["curve"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, label in (("kept_correct", "correct answers kept"), ("rejected_outside", "out-of-catalogue rejected")):
+        ax.plot(keeps, [o["curve"][str(k)][key] for k in keeps], marker="o", label=label)
+    ax.axvline(o["operating_point"], ls=":", c="k", lw=1, label=f"default keep = {o['operating_point']:g}")
+    ax.axhline(0.93, ls="--", c="C0", lw=0.8)
+    ax.axhline(0.80, ls="--", c="C1", lw=0.8)
+    ax.set_xlabel("operating point: keep (share of photos of known spots still answered)")
+    ax.set_ylabel("share")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"Open set: {Path(metrics['dataset']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""The evaluation testbed: a dataset, its query/gallery split, cached features,
+the served index, and phones that talk to it through the real client code.
+
+Shared by the privacy evaluation (``tools.evaluate.cli``), the linked-photo
+evaluation (``tools.evaluate.linked``) and the dummy-request evaluation
+(``tools.evaluate.history``, ``tools.evaluate.tours``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_client.client import Client
+from edge_client.config import ClientConfig
+from edge_client.privacy.cache import AnswerCache
+from edge_client.privacy.transforms import Transform, make_transform
+from edge_client.vision.extractor import Extractor
+from lite_server.api.app import create_app
+from lite_server.config import ServerConfig, load_config
+from lite_server.index.store import BadIndexError, Index
+from lite_server.search.lookup import Lookup
+from tools import dataset as ds
+from tools.evaluate import attackers as atk
+from tools.inprocess import mount
+
+
+@dataclass
+class Env:
+    """Everything one evaluation run shares: data, split, features, the served index."""
+
+    data: ds.Dataset
+    gallery: np.ndarray
+    queries: np.ndarray
+    left_out: int
+    features: np.ndarray
+    extractor: Extractor
+    index: Index
+    lookup: Lookup
+    server_url: str | None = None
+
+    @property
+    def truth(self) -> np.ndarray:
+        """Each query's spot as a row of ``index.spots``."""
+        rows = {s.id: i for i, s in enumerate(self.index.spots)}
+        return np.array([rows[self.data.photos[q][0]] for q in self.queries])
+
+    def client(self, transform: Transform, seed: int, cache: AnswerCache | None = None,
+               stable_decoys: bool = True) -> Client:
+        """A phone with ``transform`` on the evaluated server; without ``cache`` it keeps no
+        answers, as every single query is another phone's."""
+        config = ClientConfig(server=self.server_url or ClientConfig.server, seed=seed, cache=cache is not None,
+                              stable_decoys=stable_decoys)
+        client = Client(config, self.extractor, transform, cache)
+        if not self.server_url:
+            client.config = dataclasses.replace(config, server=mount(client.session, self.app))
+        return client
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The evaluated server's ``/v1/info``, fetched once (phones that start with it need not ask)."""
+        if not hasattr(self, "_info"):
+            if self.server_url:
+                import requests
+
+                self._info = requests.get(self.server_url + "/v1/info", timeout=30).json()
+            else:
+                self._info = self.app.test_client().get("/v1/info").get_json()
+        return self._info  # type: ignore[no-any-return]
+
+    @property
+    def app(self) -> Any:
+        if not hasattr(self, "_app"):
+            self._app = create_app(lookup=self.lookup)
+        return self._app
+
+
+def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
+            config: ServerConfig | None = None) -> Env:
+    """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
+    alone, split again, so settings are chosen without ever seeing a query."""
+    data = ds.load_dataset(dataset)
+    gallery, queries, left_out = ds.split(data)
+    if tune:
+        gallery, queries, _ = ds.split(data, rows=gallery, min_photos=1)
+    extractor = Extractor(ClientConfig().model_path())
+    features = ds.features(data, extractor, cache)
+    key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}".encode()).hexdigest()[:16]
+    index_dir = cache / f"eval-index-{key}"
+    try:
+        index = Index.load(index_dir)
+    except BadIndexError:
+        index = ds.build_from_features(data, gallery, features, extractor, index_dir)
+    lookup = Lookup(index, config or load_config(ServerConfig))
+    return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
+
+
+def baseline(env: Env) -> float:
+    """The non-private server: its own top-1 on the raw feature."""
+    bodies = [make_transform("none").transform(env.features[q], np.random.default_rng(0)) for q in env.queries]
+    scores = atk.NaiveAttacker(env.lookup).scores(bodies)
+    return atk.summarize(atk.rank_of_truth(scores, env.truth))["top1"]
