@@ -34,8 +34,9 @@ from .errors import BadResponseError, IncompatibleServerError, ServerError, Serv
 from .privacy.cache import AnswerCache
 from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .privacy.transforms import Transform, make_transform
-from .protocol.oblivious import Answer, ObliviousTransport
+from .protocol.oblivious import ObliviousTransport
 from .protocol.public import PublicError, PublicParams, PublicStore, apply_delta, parse
+from .protocol.transport import Answer, DirectTransport, Transport
 from .state import decoy_seed, device_secret
 from .vision.extractor import Extractor
 from .vision.photo import Photo
@@ -74,8 +75,8 @@ class Client:
         self.cache = cache if cache is not None else self._default_cache()
         self._secret: bytes | None = None
         self._secret_lock = threading.Lock()
-        self._oblivious: ObliviousTransport | None = None  # set on first use when a relay is configured
-        self._oblivious_lock = threading.Lock()
+        self._transport: Transport | None = None  # made on first use: direct, or sealed through the relay
+        self._transport_lock = threading.Lock()
 
     def __enter__(self) -> "Client":
         return self
@@ -218,15 +219,23 @@ class Client:
     def ask(self, feature: np.ndarray) -> tuple[dict[str, Any] | None, Recognition]:
         """Transform, ask, rerank locally; also returns the body the server received
         (None when the answer cache held the photo's cells and nothing was sent)."""
-        local = self.answer_locally(feature)
+        self.check_model()
+        return self._ask(feature)
+
+    def _ask(self, feature: np.ndarray) -> tuple[dict[str, Any] | None, Recognition]:
+        real = self.transform.real_cells(feature)  # once: the cache and the request share them
+        local = self._from_cache(feature, real)
         if local is not None:
             return None, local
-        return self.ask_server(feature)
+        return self._from_server(feature, real)
 
     def ask_server(self, feature: np.ndarray) -> tuple[dict[str, Any], Recognition]:
         """Like :meth:`ask` without looking in the cache first (the answer still goes into it)."""
         self.check_model()
-        body = self.body(feature)
+        return self._from_server(feature, self.transform.real_cells(feature))
+
+    def _from_server(self, feature: np.ndarray, real: tuple[int, ...] | None) -> tuple[dict[str, Any], Recognition]:
+        body = self.body(feature, real)
         answer, sent, received = self._post(body)
         self._keep(body, answer)
         result = self._rerank(feature, answer["candidates"])
@@ -235,7 +244,9 @@ class Client:
     def answer_locally(self, feature: np.ndarray) -> Recognition | None:
         """The answer from the cache when it holds this photo's best cell, else None (ask the server)."""
         self.check_model()
-        real = self.transform.real_cells(feature)
+        return self._from_cache(feature, self.transform.real_cells(feature))
+
+    def _from_cache(self, feature: np.ndarray, real: tuple[int, ...] | None) -> Recognition | None:
         if real is None or self.cache is None:
             return None
         kept = self.cache.answer(real, str(self.info()["index_version"]))
@@ -264,9 +275,12 @@ class Client:
         return self.ask(feature)[1]
 
     def recognize(self, photo: Photo) -> Recognition:
-        """Which spot is in ``photo``: extract, transform, ask, rerank locally."""
+        """Which spot is in ``photo``: extract, transform, ask, rerank locally.
+
+        The model is checked against the server's once, before the (slow) extraction.
+        """
         self.check_model()
-        return self.recognize_feature(self._extractor().extract(photo))
+        return self._ask(self._extractor().extract(photo))[1]
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, int, int]:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -288,13 +302,11 @@ class Client:
 
     def _exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """Directly to the server, or sealed through the relay when one is configured (never a fallback)."""
-        if self.config.relay:
-            with self._oblivious_lock:  # the dummy scheduler sends from its own threads
-                if self._oblivious is None:
-                    self._oblivious = ObliviousTransport(self.config, self._send)
-            return self._oblivious.exchange(method, path, data)
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        return self._send(method, self.config.server.rstrip("/") + path, data, headers)
+        with self._transport_lock:  # the dummy scheduler sends from its own threads
+            if self._transport is None:
+                self._transport = (ObliviousTransport(self.config, self._send) if self.config.relay
+                                   else DirectTransport(self.config.server, self._send))
+        return self._transport.exchange(method, path, data)
 
     def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> Answer:
         response = self.session.request(method, url, data=data, headers=headers, stream=True,

@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
 from requests.structures import CaseInsensitiveDict
@@ -36,26 +36,12 @@ from ..config import ClientConfig
 from ..errors import BadResponseError, ConfigError, EncapsulationError, GatewayKeyError
 from ..state import write_private
 from . import bhttp
+from .transport import Answer, Send
 
 log = logging.getLogger(__name__)
 KEYS_PATH = "/.well-known/ohttp-gateway"
 PIN_FILE = "ohttp-pins.json"
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-class Answer(NamedTuple):
-    """One HTTP answer as the client reads it, with the bytes it cost on the wire."""
-
-    status: int
-    headers: Mapping[str, str]
-    content: bytes
-    reason: str
-    sent: int
-    received: int
-
-
-#: (method, url, body, headers) -> Answer; the client's direct HTTP exchange.
-Send = Callable[[str, str, "bytes | None", dict[str, str]], Answer]
 
 
 class KeyPins:
