@@ -2,7 +2,35 @@
 
 Callers catch :class:`EnfPireError` for everything the library raises on
 purpose; the subclasses say which part of the world was wrong (the model,
-the photo, the configuration, the network or the server).
+the photo, the configuration, the network or the server). The whole tree,
+with the modules that define the classes not listed here::
+
+    EnfPireError
+    +-- ConfigError                  (also ValueError)
+    +-- ModelError
+    |   +-- ModelNotFoundError       (also FileNotFoundError)
+    |   +-- ChecksumError
+    |   +-- InterpreterNotFoundError (also ImportError)
+    |   +-- CutError                 tools.model.cut (also ValueError)
+    +-- PhotoError                   (also ValueError)
+    +-- CameraError                  edge_client.vision.camera
+    +-- FeatureError                 (also ValueError)
+    +-- ServerUnreachableError       (also ConnectionError)
+    +-- ServerError                  an HTTP error answer: status, code, message
+    +-- BadResponseError
+    |   +-- PublicError              edge_client.protocol.public
+    +-- IncompatibleServerError
+    +-- EncapsulationError           (also ValueError)
+    +-- GatewayKeyError
+    +-- WireError                    edge_client.protocol.wire (also ValueError)
+    +-- BadIndexError                lite_server.index.store
+    +-- UpdateError                  lite_server.api.updates
+    +-- RayMissingError              lite_server.fleet.cluster (also ImportError)
+    +-- FleetError                   lite_server.fleet.serve
+    +-- ConvertError, QuantizeError  tools.model.convert, tools.model.quantize
+
+The server's JSON error answers are not exceptions of this tree:
+``lite_server.errors.ApiError`` carries an HTTP status and a code.
 """
 from __future__ import annotations
 

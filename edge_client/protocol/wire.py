@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import EnfPireError
+
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1"), "int8": np.dtype("i1")}
 #: Exact arrays (encode_array / decode_array) may also be integers of these widths.
 ARRAY_DTYPES = {**DTYPES, "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"), "uint32": np.dtype("<u4"),
@@ -31,7 +33,7 @@ ARRAY_DTYPES = {**DTYPES, "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"), "
 MAX_ELEMENTS = 1 << 24  # a bound on what one decoded matrix may allocate
 
 
-class WireError(ValueError):
+class WireError(EnfPireError, ValueError):
     """An encoded matrix is malformed; the message says which part."""
 
 

@@ -69,7 +69,8 @@ def create_app(config: ServerConfig | None = None, index: Index | None = None, l
     """
     config = config or (lookup.config if lookup else ServerConfig())
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=config.max_body, JSON_SORT_KEYS=False)
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body)
+    app.json.sort_keys = False  # Flask 2.3 removed JSON_SORT_KEYS: the provider holds it
     app.extensions[EXTENSION] = Service(config, index, lookup)
     register_error_handlers(app)
     app.register_blueprint(_routes())

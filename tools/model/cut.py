@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from edge_client.errors import ModelError
+
 RESHAPE = 22  # BuiltinOperator.RESHAPE
 _SCHEMA_MODULES = ("ai_edge_litert.schema_py_generated", "tensorflow.lite.python.schema_py_generated")
 
 
-class CutError(ValueError):
+class CutError(ModelError, ValueError):
     """The model cannot be cut as asked (unknown tensor, several subgraphs...)."""
 
 
