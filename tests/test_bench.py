@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.bench.cli import TARGETS
+from tools.bench.plan import TARGETS
 
 
 def test_smoke_bench_writes_every_figure_in_plausible_ranges(tmp_path: Path) -> None:
