@@ -74,10 +74,16 @@ class ClientConfig:
     relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
     gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
+    server_identity: str = ""       # the server's Ed25519 public key (hex/base64, `enfpire-server ohttp show`): every
+                                    # key configuration must be signed by it; "" = pin the identity first seen
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        if self.server_identity.strip():
+            from .protocol.identity import parse_identity
+
+            parse_identity(self.server_identity)  # a ConfigError naming the setting
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""

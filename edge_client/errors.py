@@ -22,6 +22,7 @@ with the modules that define the classes not listed here::
     +-- IncompatibleServerError
     +-- EncapsulationError           (also ValueError)
     +-- GatewayKeyError
+    |   +-- IdentityError
     +-- WireError                    edge_client.protocol.wire (also ValueError)
     +-- BadIndexError                lite_server.index.store
     +-- UpdateError                  lite_server.api.updates
@@ -108,3 +109,8 @@ class EncapsulationError(EnfPireError, ValueError):
 
 class GatewayKeyError(EnfPireError):
     """The gateway's key configuration differs from the one pinned (or configured) for this server."""
+
+
+class IdentityError(GatewayKeyError):
+    """A key configuration (or public-document digest) is not signed by the server's pinned identity:
+    a relay or another server substituting its key. Nothing is sent."""

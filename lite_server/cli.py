@@ -134,7 +134,8 @@ def _ohttp_settings(args: argparse.Namespace) -> tuple[Path, ServerConfig]:
 
 
 def _ohttp_show(args: argparse.Namespace) -> int:
-    """The key configurations a phone pins: hex and sha256 for ``gateway_keys``."""
+    """What a phone pins: the server's identity (``server_identity``), and the key configurations
+    with their sha256 (``gateway_keys``; retired by the next rotation)."""
     import hashlib
 
     from edge_client.protocol.ohttp import decode_key_configs
@@ -142,8 +143,10 @@ def _ohttp_show(args: argparse.Namespace) -> int:
     from .ohttp.keys import GatewayKeys
 
     path, config = _ohttp_settings(args)
-    body = GatewayKeys(path, config.ohttp_grace).body()
-    print(json.dumps({"file": str(path), "key_ids": [c.key_id for c in decode_key_configs(body)],
+    keys = GatewayKeys(path, config.ohttp_grace)
+    body = keys.body()
+    print(json.dumps({"file": str(path), "server_identity": keys.identity.public_hex,
+                      "key_ids": [c.key_id for c in decode_key_configs(body)],
                       "application_ohttp_keys_hex": body.hex(), "sha256": hashlib.sha256(body).hexdigest()}, indent=2))
     return 0
 
@@ -153,7 +156,8 @@ def _ohttp_rotate(args: argparse.Namespace) -> int:
 
     path, config = _ohttp_settings(args)
     key_id = rotate(path, config.ohttp_grace)
-    print(f"key id {key_id} is current in {path}; running servers pick it up on their next request")
+    print(f"key id {key_id} is current in {path}, the next one announced; running servers pick it up on their "
+          f"next request, and phones that pinned the server identity follow it")
     return 0
 
 
@@ -201,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index")
     p.set_defaults(func=_info)
     ohttp = sub.add_parser("ohttp", help="the Oblivious HTTP gateway's keys").add_subparsers(dest="action", required=True)
-    for name, func, text in (("show", _ohttp_show, "print the key configurations and their sha256 (to pin)"),
-                             ("rotate", _ohttp_rotate, "new current key; the old one stays valid for ohttp_grace")):
+    for name, func, text in (("show", _ohttp_show, "print the server identity and key configurations (to pin)"),
+                             ("rotate", _ohttp_rotate,
+                              "the announced key becomes current; the old one stays valid for ohttp_grace")):
         p = ohttp.add_parser(name, help=text)
         p.add_argument("--index", help="index directory (keys beside it)")
         p.add_argument("--keys", dest="ohttp_keys", help="the key file itself")

@@ -34,7 +34,8 @@ def test_rotation_keeps_the_old_key_for_the_grace_period_only(tmp_path: Path) ->
     assert _ids(keys) == [2, 1] and keys.private_keys()[1] == old  # a running gateway sees it at once
     strict = GatewayKeys(path, grace=0)
     assert _ids(strict) == [2] and 1 not in strict.private_keys()
-    assert rotate(path, 0) == 3 and [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [2, 3]
+    # 2 retired with no grace is dropped; 3 (announced since the first rotation) current, 4 announced
+    assert rotate(path, 0) == 3 and [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [2, 3, 4]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -42,7 +43,7 @@ def test_rotation_by_age(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     ensure(path)
     data = json.loads(path.read_text())
-    data["keys"][0]["created"] = time.time() - 3 * 86400
+    data["keys"][0]["activated"] = time.time() - 3 * 86400
     path.write_text(json.dumps(data))
     assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 1]
     # a second replica sharing the file does not rotate again: the new key is young
@@ -74,11 +75,11 @@ def test_replicas_rotating_at_once_rotate_once(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     ensure(path)
     data = json.loads(path.read_text())
-    data["keys"][0]["created"] = time.time() - 3 * 86400
+    data["keys"][0]["activated"] = time.time() - 3 * 86400
     path.write_text(json.dumps(data))
     start = time.time() + 1.0
     with ProcessPoolExecutor(8) as pool:
         current = list(pool.map(_rotate_when_old, [str(path)] * 8, [start] * 8))
     # One key 2, never replaced: a replica that had served another key 2 would fail its phones.
     assert {key_id for key_id, _ in current} == {2} and len({private for _, private in current}) == 1
-    assert [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [1, 2]
+    assert [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [1, 2, 3]  # 3: the next one, announced

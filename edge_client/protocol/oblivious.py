@@ -5,16 +5,26 @@ the gateway's key and POSTed to the relay, which sees the device's address
 but only sealed bytes; the server sees the content but only the relay's
 address. There is no fallback to a direct request.
 
-The gateway's key configuration is, in order of preference:
+The key configuration to seal with comes from, in order of preference:
 
 - ``gateway_keys`` holding the configuration itself (hex or base64 of the
-  ``application/ohttp-keys`` document): used as given, nothing is fetched;
-- fetched once through the relay (``<relay origin>/.well-known/ohttp-gateway``,
-  or ``gateway_keys_url``), then pinned per server in
-  ``<state_dir>/ohttp-pins.json`` (``~/.enfpire`` by default; the app's files
-  directory on Android). A different configuration later is a
-  :class:`GatewayKeyError` unless ``gateway_keys`` is its sha256 (hex):
-  the configuration signs the change off.
+  ``application/ohttp-keys`` document): used as given, nothing is fetched. With
+  ``server_identity`` too, once the gateway no longer knows it (``400 ohttp_key``) the
+  signed document is fetched and followed as below;
+- ``gateway_keys`` holding a sha256: the configuration fetched from
+  ``/.well-known/ohttp-gateway`` must have it (until a rotation retires it);
+- otherwise the **signed key document** (``/.well-known/enfpire-keys``, at the relay's
+  origin or ``gateway_keys_url``'s; ``edge_client.protocol.identity``). It must be signed by
+  the server's identity: ``server_identity``, or the identity pinned on first use in
+  ``<state_dir>/ohttp-pins.json`` (``~/.enfpire`` by default; the app's files directory on
+  Android). One that is not is an :class:`IdentityError`, and nothing is sent: a relay
+  cannot substitute its key. A new configuration signed by the identity (a rotation) is
+  followed with no one's help: the phone switches to the announced next key when it is due,
+  fetches the document again after its ``max_age``, and once more (then retries) when the
+  gateway answers ``400 ohttp_key``;
+- a server that signs nothing (an older one): its configuration is pinned, and a different
+  one later is a :class:`GatewayKeyError`. Once an identity is pinned, a server that signs
+  nothing is an :class:`IdentityError`.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ import json
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,9 +44,10 @@ from urllib.parse import urlsplit
 from requests.structures import CaseInsensitiveDict
 
 from ..config import ClientConfig
-from ..errors import BadResponseError, ConfigError, EncapsulationError, GatewayKeyError
+from ..errors import BadResponseError, ConfigError, EncapsulationError, GatewayKeyError, IdentityError
 from ..state import write_private
 from . import bhttp
+from .identity import SIGNED_KEYS_PATH, KeySchedule, open_signed_keys, parse_identity
 from .transport import Answer, Send
 
 log = logging.getLogger(__name__)
@@ -45,20 +57,34 @@ SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class KeyPins:
-    """The pinned key configuration of each server, in one small JSON file (0600)."""
+    """What this phone pinned per server, in one small JSON file (0600): the server's identity with the
+    last signed key document it verified, or (a server that signs nothing) its key configuration."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def get(self, server: str) -> bytes | None:
+    def get(self, server: str) -> bytes | dict[str, Any] | None:
         entry = self._read().get(server)
-        return bytes.fromhex(entry) if isinstance(entry, str) else None
+        if isinstance(entry, str):
+            return bytes.fromhex(entry)
+        if isinstance(entry, dict):
+            if not (SHA256_HEX.match(str(entry.get("identity"))) and isinstance(entry.get("document"), dict)):
+                raise GatewayKeyError(f"the key pins {self.path} hold a malformed entry for {server}")
+            return entry
+        return None
 
     def put(self, server: str, keys: bytes) -> None:
+        self._put(server, keys.hex())
+
+    def put_signed(self, server: str, schedule: KeySchedule) -> None:
+        self._put(server, {"identity": schedule.identity.hex(), "document": schedule.document,
+                           "fetched": schedule.fetched})
+
+    def _put(self, server: str, entry: Any) -> None:
         pins = self._read()
-        if pins.get(server) == keys.hex():
+        if pins.get(server) == entry:
             return
-        pins[server] = keys.hex()
+        pins[server] = entry
         write_private(self.path, json.dumps(pins, indent=1).encode())
 
     def _read(self) -> dict[str, Any]:
@@ -96,18 +122,23 @@ class ObliviousTransport:
             raise ConfigError(f"a relay needs the 'ohttp' extra (pip install 'enfpire[ohttp]'): {exc}") from None
         self.ohttp, self.config, self.send = ohttp, config, send
         self.pins = KeyPins(config.state_path() / PIN_FILE)
-        origin = urlsplit(config.relay)
+        self.identity = parse_identity(config.server_identity) if config.server_identity.strip() else None
+        if self.identity is not None and SHA256_HEX.match(config.gateway_keys.strip()):
+            raise ConfigError("gateway_keys as a sha256 pins one configuration, which a rotation retires; with "
+                              "server_identity leave gateway_keys empty (or give the configuration itself)")
+        origin = urlsplit(config.gateway_keys_url or config.relay)
         self.keys_url = config.gateway_keys_url or f"{origin.scheme}://{origin.netloc}{KEYS_PATH}"
-        self._key: Any = None
+        self.signed_url = f"{origin.scheme}://{origin.netloc}{SIGNED_KEYS_PATH}"
+        self._schedule: KeySchedule | None = None
         self._lock = threading.Lock()
 
     def exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """One request through the relay; the inner answer with the outer (wire) byte counts."""
         answer, context = self._post(method, path, data)
         if answer.status == 400 and _error_code(answer) == "ohttp_key":
-            log.info("the gateway no longer knows the pinned key; fetching its configuration")
+            log.info("the gateway no longer knows the key; fetching its configuration again")
             with self._lock:
-                self._key = self._resolve(refetch=True)
+                self._schedule = self._resolve(fresh=True)
             answer, context = self._post(method, path, data)
         if answer.status != 200:
             return answer  # the relay's or gateway's own error: the client's retries and errors apply
@@ -122,43 +153,117 @@ class ObliviousTransport:
 
     def _post(self, method: str, path: str, data: bytes | None) -> tuple[Answer, Any]:
         with self._lock:
-            if self._key is None:
-                self._key = self._resolve()
+            key = self._key()
         # gzip inside the sealed answer, as direct: a third fewer bytes on the phone's data plan
         headers = (("accept-encoding", "gzip"),) + ((("content-type", "application/json"),) if data is not None else ())
         message = bhttp.encode_request(bhttp.Request(method, path, headers=headers, content=data or b""))
-        sealed, context = self.ohttp.encapsulate_request(self._key, message)
+        sealed, context = self.ohttp.encapsulate_request(key, message)
         return self.send("POST", self.config.relay, sealed, {"Content-Type": self.ohttp.REQUEST_TYPE,
                                                              "Accept": self.ohttp.RESPONSE_TYPE}), context
 
-    def _resolve(self, refetch: bool = False) -> Any:
-        """The key configuration to seal with: configured, pinned, or fetched and checked."""
-        server, wanted = self.config.server.rstrip("/"), self.config.gateway_keys.strip().lower()
-        body = configured_keys(wanted)
-        if body is None:
-            pinned = self.pins.get(server)
-            if pinned is not None and not refetch and (not wanted or _sha(pinned) == wanted):
-                body = pinned
-            else:
-                body = self._fetch()
-                if wanted and _sha(body) != wanted:
-                    raise GatewayKeyError(f"the gateway's key configuration has sha256 {_sha(body)}, "
-                                          f"not the configured {wanted}")
-                if not wanted and pinned is not None and body != pinned:
-                    raise GatewayKeyError(f"the gateway's key configuration changed (sha256 {_sha(body)}, pinned "
-                                          f"{_sha(pinned)}); set gateway_keys to the new sha256 to accept it")
+    def _key(self) -> Any:
+        """The key configuration to seal with now; the signed document fetched again once it is too old.
+
+        A verified document that cannot be fetched again for now (the relay or gateway failing) is
+        kept; one that does not verify is never used."""
+        now = time.time()
+        if self._schedule is None:
+            self._schedule = self._resolve()
+        elif self._schedule.stale(now):
+            try:
+                self._schedule = self._resolve(fresh=True)
+            except IdentityError:
+                raise
+            except GatewayKeyError as exc:
+                log.warning("keeping the signed key configuration held: %s", exc)
         try:
-            key = self.ohttp.decode_key_configs(body)[0]
+            return self.ohttp.decode_key_configs(self._schedule.config(now))[0]
         except EncapsulationError as exc:
             raise GatewayKeyError(f"unusable gateway key configuration: {exc}") from None
+
+    def _resolve(self, fresh: bool = False) -> KeySchedule:
+        """The key configurations to seal with: configured, pinned, or fetched and checked.
+
+        ``fresh``: not from the pins (the gateway refused the key, or the document is too old)."""
+        server, wanted = self.config.server.rstrip("/"), self.config.gateway_keys.strip().lower()
+        shipped = configured_keys(wanted)
+        pin = self.pins.get(server)
+        signed = pin if isinstance(pin, dict) and (self.identity is None or
+                                                   pin["identity"] == self.identity.hex()) else None
+        if shipped is not None and (self.identity is None or (signed is None and not fresh)):
+            return KeySchedule(shipped)  # shipped with the app: nothing fetched
+        if shipped is None and wanted:  # a sha256
+            return KeySchedule(self._by_sha256(server, wanted, pin if isinstance(pin, bytes) else None, fresh))
+        identity = self.identity or (bytes.fromhex(signed["identity"]) if signed else None)
+        if signed is not None and not fresh:
+            try:
+                schedule = open_signed_keys(signed["document"], identity, float(signed.get("fetched", 0.0)))
+                if not schedule.stale(time.time()):
+                    return schedule
+            except (IdentityError, TypeError, ValueError) as exc:  # a damaged pin: fetch the document again
+                log.warning("the pinned key document of %s is unusable (%s)", server, exc)
+        document = self._fetch_signed()
+        if document is None:
+            if identity is not None:
+                raise IdentityError(f"{self.signed_url} serves no signed key configuration, yet this server's "
+                                    f"identity is {identity.hex()[:16]}...: refusing (a relay substituting its key?)")
+            return KeySchedule(self._unsigned(server, pin if isinstance(pin, bytes) else None, fresh))
+        schedule = open_signed_keys(document, identity, time.time())
+        if identity is None:  # first use: pin the identity that signed it
+            if isinstance(pin, bytes) and not self._lists(schedule, pin):
+                raise GatewayKeyError(f"the gateway's key configuration changed (sha256 {_sha(schedule.keys)}, "
+                                      f"pinned {_sha(pin)}); set server_identity to {schedule.identity.hex()} "
+                                      "(or gateway_keys to the new sha256) to accept it")
+            log.info("pinned server identity %s for %s", schedule.identity.hex(), server)
+        self.pins.put_signed(server, schedule)
+        return schedule
+
+    def _by_sha256(self, server: str, wanted: str, pinned: bytes | None, fresh: bool) -> bytes:
+        if pinned is not None and not fresh and _sha(pinned) == wanted:
+            return pinned
+        body = self._fetch()
+        if _sha(body) != wanted:
+            raise GatewayKeyError(f"the gateway's key configuration has sha256 {_sha(body)}, not the configured {wanted}")
         self.pins.put(server, body)
-        return key
+        return body
+
+    def _unsigned(self, server: str, pinned: bytes | None, fresh: bool) -> bytes:
+        """A server that signs nothing: its configuration pinned on first use, a change refused."""
+        if pinned is not None and not fresh:
+            return pinned
+        body = self._fetch()
+        if pinned is not None and body != pinned:
+            raise GatewayKeyError(f"the gateway's key configuration changed (sha256 {_sha(body)}, pinned "
+                                  f"{_sha(pinned)}); set gateway_keys to the new sha256 to accept it")
+        self.pins.put(server, body)
+        return body
+
+    def _lists(self, schedule: KeySchedule, pinned: bytes) -> bool:
+        """Whether a signed schedule holds the configuration pinned before the server signed anything."""
+        try:
+            held = self.ohttp.decode_key_configs(pinned)[0]
+            return held in self.ohttp.decode_key_configs(schedule.keys) + \
+                (self.ohttp.decode_key_configs(schedule.next) if schedule.next else [])
+        except EncapsulationError:
+            return False
 
     def _fetch(self) -> bytes:
         answer = self.send("GET", self.keys_url, None, {"Accept": self.ohttp.KEYS_TYPE})
         if answer.status != 200 or answer.headers.get("Content-Type", "").split(";")[0] != self.ohttp.KEYS_TYPE:
             raise GatewayKeyError(f"{self.keys_url} answered {answer.status}, not a key configuration")
         return answer.content
+
+    def _fetch_signed(self) -> Any:
+        """The signed key document; None when there is none (404 or 405: a server that signs nothing)."""
+        answer = self.send("GET", self.signed_url, None, {"Accept": "application/json"})
+        if answer.status in (404, 405):
+            return None
+        if answer.status != 200 or answer.headers.get("Content-Type", "").split(";")[0] != "application/json":
+            raise GatewayKeyError(f"{self.signed_url} answered {answer.status}, not a signed key configuration")
+        try:
+            return json.loads(answer.content)
+        except ValueError:
+            raise IdentityError(f"{self.signed_url} answered something that is not JSON") from None
 
 
 def _sha(body: bytes) -> str:

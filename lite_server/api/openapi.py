@@ -189,6 +189,15 @@ def _ohttp_paths() -> dict[str, Any]:
         "/.well-known/ohttp-gateway": {"get": {
             "summary": "The gateway's key configurations, current key first (RFC 9458 section 3)",
             "responses": {"200": _binary("application/ohttp-keys", "each key configuration with a 2-byte length")}}},
+        "/.well-known/enfpire-keys": {"get": {
+            "summary": "The same key configurations, the announced next key and the public document's digest, "
+                       "signed by the server's Ed25519 identity (docs/ohttp.md; edge_client.protocol.identity)",
+            "responses": {"200": {"description": "the signed key document", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["identity", "payload", "signature"], "properties": {
+                    "identity": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "payload": {"type": "string", "contentEncoding": "base64"},
+                    "signature": {"type": "string", "contentEncoding": "base64"},
+                    "public": {"type": "object", "required": ["index_version", "digest", "signature"]}}}}}}}}},
         "/ohttp": {"post": {
             "summary": "Oblivious HTTP gateway: an encapsulated binary HTTP request to any route above, "
                        "answered as an encapsulated binary HTTP response (the inner status inside); "

@@ -1,6 +1,8 @@
 """The Oblivious HTTP gateway (RFC 9458): the server's side of phone -> relay -> server.
 
     GET  /.well-known/ohttp-gateway   the key configurations (application/ohttp-keys)
+    GET  /.well-known/enfpire-keys    the same, the announced next key and the public document's
+                                      digest, signed by the server's identity (JSON)
     POST /ohttp                       message/ohttp-req in, message/ohttp-res out
 
 A request arrives from a relay, so the server sees the relay's address, never
@@ -19,8 +21,10 @@ A malformed, truncated, tampered, oversized or unknown-key request gets a JSON
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.test import EnvironBuilder
@@ -28,11 +32,12 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from edge_client.errors import ConfigError, EncapsulationError
 from edge_client.protocol import bhttp
+from edge_client.protocol.identity import SIGNED_KEYS_PATH
 from edge_client.protocol.ohttp import KEYS_TYPE, REQUEST_TYPE, RESPONSE_TYPE, decapsulate_request, encapsulate_response
 
 from ..config import ServerConfig
 from ..errors import ApiError
-from .keys import GatewayKeys, default_path
+from .keys import GatewayKeys, ServerIdentity, default_path
 
 log = logging.getLogger(__name__)
 GATEWAY_PATH = "/ohttp"
@@ -40,6 +45,7 @@ KEYS_PATH = "/.well-known/ohttp-gateway"
 #: Bytes an encapsulated request may carry beyond ``max_body``: HPKE header, key, tag and binary HTTP framing.
 OVERHEAD = 1024
 EXTENSION = "enfpire.ohttp"
+SERVICE_EXTENSION = "enfpire"  # lite_server.api.app.EXTENSION (not imported: the app imports this module)
 #: Inner answer headers that cross back to the phone.
 ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Retry-After")
 
@@ -59,11 +65,20 @@ def install_gateway(app: Flask, config: ServerConfig) -> None:
     if path is None:
         return
     try:
-        app.extensions[EXTENSION] = GatewayKeys(path, config.ohttp_grace, config.ohttp_rotate_days * 86400)
+        keys = GatewayKeys(path, config.ohttp_grace, config.ohttp_rotate_days * 86400)
     except OSError as exc:
         raise ConfigError(f"cannot create or read the OHTTP key file {path} ({exc.strerror}): "
                           "set ohttp_keys (--ohttp-keys) to a writable place, or 'off'") from None
+    if keys.rotate_after > 0:
+        keys.start()  # rotates on time even when no request comes
+    app.extensions[EXTENSION] = keys
     app.register_blueprint(_routes())
+
+
+def server_identity(app: Flask) -> ServerIdentity | None:
+    """The server's identity (``sign_digest``, ``public_hex``) when ``app`` runs the gateway."""
+    keys = app.extensions.get(EXTENSION)
+    return keys.identity if keys is not None else None
 
 
 def _keys() -> GatewayKeys:
@@ -76,6 +91,14 @@ def _routes() -> Blueprint:
     @gateway.get(KEYS_PATH)
     def key_configs() -> Response:
         return Response(_keys().body(), mimetype=KEYS_TYPE)
+
+    @gateway.get(SIGNED_KEYS_PATH)
+    def signed_key_configs() -> Response:
+        document: dict[str, Any] = dict(_keys().signed())
+        public = _public_digest()
+        if public is not None:
+            document["public"] = public
+        return Response(json.dumps(document), mimetype="application/json")
 
     @gateway.post(GATEWAY_PATH)
     def oblivious() -> Response:
@@ -91,6 +114,17 @@ def _routes() -> Blueprint:
         return Response(encapsulate_response(context, bhttp.encode_response(answer)), mimetype=RESPONSE_TYPE)
 
     return gateway
+
+
+def _public_digest() -> dict[str, str] | None:
+    """The loaded public document's digest, signed by the identity (None before an index is loaded)."""
+    from ..search.publication import document
+
+    lookup = getattr(current_app.extensions.get(SERVICE_EXTENSION), "lookup", None)
+    if lookup is None:
+        return None
+    digest = document(lookup).digest
+    return {"index_version": lookup.index.version, "digest": digest, "signature": _keys().identity.sign_digest(digest)}
 
 
 def _inner_headers(inner: bhttp.Request) -> dict[str, str]:

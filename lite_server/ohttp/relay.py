@@ -2,8 +2,8 @@
 
 It knows the phone's address but sees only sealed bytes; the gateway sees the
 content but only the relay's address. So it forwards ``message/ohttp-req``
-POSTs (and ``GET /.well-known/ohttp-gateway``, the same public document for
-everyone) to its one gateway with nothing of the client's: no client header
+POSTs (and ``GET /.well-known/ohttp-gateway`` and ``/.well-known/enfpire-keys``, the
+same public documents for everyone) to its one gateway with nothing of the client's: no client header
 crosses (only Content-Type and Content-Length are sent, none is added, no
 X-Forwarded-For), and it logs counts, never addresses or bodies. Bodies are
 bounded, the gateway has timeouts; errors are JSON 4xx, or 502 when the
@@ -28,6 +28,7 @@ from urllib3.util import SKIP_HEADER
 log = logging.getLogger(__name__)
 REQUEST_TYPE, RESPONSE_TYPE, KEYS_TYPE = "message/ohttp-req", "message/ohttp-res", "application/ohttp-keys"
 KEYS_PATH = "/.well-known/ohttp-gateway"
+SIGNED_KEYS_PATH = "/.well-known/enfpire-keys"  # the key configurations signed by the server's identity
 MAX_ANSWER = 32 << 20
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -53,6 +54,7 @@ class Relay:
         self.config = config
         parts = urlsplit(config.gateway)
         self.keys_url = f"{parts.scheme}://{parts.netloc}{KEYS_PATH}"
+        self.signed_keys_url = f"{parts.scheme}://{parts.netloc}{SIGNED_KEYS_PATH}"
         extra = {"source_address": (config.source_address, 0)} if config.source_address else {}
         self.pool = urllib3.PoolManager(num_pools=2, maxsize=config.threads, retries=False,
                                         timeout=urllib3.Timeout(connect=3.05, read=config.timeout), **extra)
@@ -71,6 +73,8 @@ class Relay:
         method, path = environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")
         if method == "GET" and path == KEYS_PATH:
             return self._forward("GET", self.keys_url, None, KEYS_TYPE)
+        if method == "GET" and path == SIGNED_KEYS_PATH:
+            return self._forward("GET", self.signed_keys_url, None, "application/json")
         if method != "POST":
             return _error(405, "method_not_allowed", f"POST {REQUEST_TYPE} here (or GET {KEYS_PATH})")
         if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != REQUEST_TYPE:
