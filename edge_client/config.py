@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .vision import registry
@@ -74,10 +75,18 @@ class ClientConfig:
     relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
     gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
+    consistency: bool = True        # before first use and on every change, compare the key configuration and the
+                                    # public document's digest with the shared copies at consistency_url; a
+                                    # mismatch is a ConsistencyError and nothing is sent (docs/ohttp.md)
+    consistency_url: str = ""       # where the shared copies are; "" = the relay's origin (enfpire-relay serves
+                                    # them); with neither a relay nor this, there is nothing to compare with
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        parts = urlsplit(self.consistency_url)
+        if self.consistency_url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ConfigError(f"consistency_url must be an http(s) URL, got {self.consistency_url!r}")
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""
@@ -87,6 +96,13 @@ class ClientConfig:
             return registry.resolve(self.model, Path(self.model_dir).expanduser() if self.model_dir
                                     else default_model_dir())
         return Path(self.model).expanduser()
+
+    def shared_origin(self) -> str:
+        """Where the consistency check reads the shared copies (``scheme://host:port``); "" = no check."""
+        if not self.consistency:
+            return ""
+        parts = urlsplit(self.consistency_url or self.relay)
+        return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".enfpire"

@@ -15,6 +15,13 @@ The gateway's key configuration is, in order of preference:
   directory on Android). A different configuration later is a
   :class:`GatewayKeyError` unless ``gateway_keys`` is its sha256 (hex):
   the configuration signs the change off.
+
+With ``consistency`` on (the default with a relay), a fetched or pinned key must
+also be in the *shared copy* of the key configuration
+(``<consistency_url or relay origin>/.well-known/ohttp-gateway``, which
+``enfpire-relay`` fetches once for all its clients) before it is first used and
+whenever it changes (:meth:`ObliviousTransport._use`): a key of this phone's
+own is a :class:`ConsistencyError`, nothing is sealed to it and it is not pinned.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from urllib.parse import urlsplit
 from requests.structures import CaseInsensitiveDict
 
 from ..config import ClientConfig
-from ..errors import BadResponseError, ConfigError, EncapsulationError, GatewayKeyError
+from ..errors import BadResponseError, ConfigError, ConsistencyError, EncapsulationError, GatewayKeyError
 from ..state import write_private
 from . import bhttp
 from .transport import Answer, Send
@@ -60,6 +67,15 @@ class KeyPins:
             return
         pins[server] = keys.hex()
         write_private(self.path, json.dumps(pins, indent=1).encode())
+
+    def restore(self, server: str, keys: bytes | None) -> None:
+        """Put back what ``get`` returned before (None: no pin)."""
+        if keys is not None:
+            self.put(server, keys)
+            return
+        pins = self._read()
+        if pins.pop(server, None) is not None:
+            write_private(self.path, json.dumps(pins, indent=1).encode())
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -98,8 +114,16 @@ class ObliviousTransport:
         self.pins = KeyPins(config.state_path() / PIN_FILE)
         origin = urlsplit(config.relay)
         self.keys_url = config.gateway_keys_url or f"{origin.scheme}://{origin.netloc}{KEYS_PATH}"
+        shared = config.shared_origin()
+        self.shared_keys_url = shared + KEYS_PATH if shared else ""
+        self.generation = 0  # keys taken into use so far: the client checks each against the gateway's word
         self._key: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def key(self) -> Any:
+        """The key configuration requests are sealed to now (None before the first request)."""
+        return self._key
 
     def exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """One request through the relay; the inner answer with the outer (wire) byte counts."""
@@ -107,7 +131,7 @@ class ObliviousTransport:
         if answer.status == 400 and _error_code(answer) == "ohttp_key":
             log.info("the gateway no longer knows the pinned key; fetching its configuration")
             with self._lock:
-                self._key = self._resolve(refetch=True)
+                self._key = self._use(refetch=True)
             answer, context = self._post(method, path, data)
         if answer.status != 200:
             return answer  # the relay's or gateway's own error: the client's retries and errors apply
@@ -123,7 +147,7 @@ class ObliviousTransport:
     def _post(self, method: str, path: str, data: bytes | None) -> tuple[Answer, Any]:
         with self._lock:
             if self._key is None:
-                self._key = self._resolve()
+                self._key = self._use()
         # gzip inside the sealed answer, as direct: a third fewer bytes on the phone's data plan
         headers = (("accept-encoding", "gzip"),) + ((("content-type", "application/json"),) if data is not None else ())
         message = bhttp.encode_request(bhttp.Request(method, path, headers=headers, content=data or b""))
@@ -153,6 +177,41 @@ class ObliviousTransport:
             raise GatewayKeyError(f"unusable gateway key configuration: {exc}") from None
         self.pins.put(server, body)
         return key
+
+    def _use(self, refetch: bool = False) -> Any:
+        """The key to seal with (:meth:`_resolve`), checked against the shared copy before it is used.
+
+        A key configured whole (shipped with the app) is the same for every phone and is not
+        checked. A pinned key the shared copy no longer lists is fetched again (the pin is stale,
+        or was this phone's own). A key still not in the shared copy is a :class:`ConsistencyError`,
+        and the pins are left as they were.
+        """
+        server = self.config.server.rstrip("/")
+        before = self.pins.get(server)
+        key = self._resolve(refetch)
+        if self.shared_keys_url and configured_keys(self.config.gateway_keys) is None:
+            shared = self._shared_keys()
+            if key not in shared and before is not None and not refetch:  # the pin: fetch again
+                key = self._resolve(refetch=True)
+            if key not in shared:
+                self.pins.restore(server, before)
+                raise ConsistencyError(
+                    f"the gateway key this phone got (id {key.key_id}, from {self.keys_url}) is not in the shared "
+                    f"copy at {self.shared_keys_url} (ids {', '.join(str(c.key_id) for c in shared)}): "
+                    "a key of its own would link its requests; refused, nothing sealed to it")
+        self.generation += 1
+        return key
+
+    def _shared_keys(self) -> list[Any]:
+        answer = self.send("GET", self.shared_keys_url, None, {"Accept": self.ohttp.KEYS_TYPE})
+        if answer.status != 200 or answer.headers.get("Content-Type", "").split(";")[0] != self.ohttp.KEYS_TYPE:
+            raise ConsistencyError(f"{self.shared_keys_url} answered {answer.status}, not a shared key configuration: "
+                                   "set consistency_url to a place that serves one, or consistency off")
+        try:
+            return list(self.ohttp.decode_key_configs(answer.content))
+        except EncapsulationError as exc:
+            raise ConsistencyError(f"the shared key configuration at {self.shared_keys_url} is unusable: "
+                                   f"{exc}") from None
 
     def _fetch(self) -> bytes:
         answer = self.send("GET", self.keys_url, None, {"Accept": self.ohttp.KEYS_TYPE})
