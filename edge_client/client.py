@@ -7,35 +7,54 @@ typed errors, and a one-call facade.
 The lookup is idempotent, so a POST is retried like a GET: on connection
 errors and on 429/502/503/504, waiting for ``Retry-After`` (capped) or an
 exponential backoff. Nothing identifies the device: a fixed User-Agent, no
-cookies kept, the same headers on every request. With ``relay`` set, every
-request is sealed for the server's Oblivious HTTP gateway and sent through
-the relay instead (``edge_client.protocol.oblivious``), so the server never sees the
-device's address.
+cookies kept, the same headers on every request, and no string the server
+chose is ever sent back (the public document is named by the digest the
+phone computed). With ``relay`` set, every request is sealed for the server's
+Oblivious HTTP gateway and sent through the relay instead
+(``edge_client.protocol.oblivious``), so the server never sees the device's
+address.
+
+One view for everyone (``consistency``, on with a relay): before first use and
+on every change, the key configuration and the public document are compared
+with the *shared copies* at ``consistency_url`` (the relay's origin by default:
+``enfpire-relay`` fetches them from the gateway once for all its clients, on
+its own timer). The key the phone seals with must be in the shared key
+configuration and in the one the gateway states inside the sealed channel
+(``/v1/info``'s ``ohttp_keys``); the public document's digest, computed by the
+phone, must be the shared one. A mismatch is a :class:`ConsistencyError` and
+nothing that depends on the key or document is sent.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import replace
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import quote
 
 import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 
 from .config import ClientConfig
-from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
+from .errors import (
+    BadResponseError,
+    ConsistencyError,
+    EnfPireError,
+    IncompatibleServerError,
+    ServerError,
+    ServerUnreachableError,
+)
 from .privacy.cache import AnswerCache
 from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .privacy.transforms import Transform, make_transform
 from .protocol.oblivious import ObliviousTransport
-from .protocol.public import PublicError, PublicParams, PublicStore, apply_delta, parse
+from .protocol.public import SHARED_PATH, PublicError, PublicParams, PublicStore, apply_delta, parse
 from .protocol.transport import Answer, DirectTransport, Transport
 from .state import decoy_seed, device_secret
 from .vision.extractor import Extractor
@@ -49,6 +68,7 @@ USER_AGENT = "enfpire-client"
 RETRY_STATUSES = {429, 502, 503, 504}
 PROTOCOL = 1
 MAX_ANSWER = 32 << 20  # bytes; a full candidates answer is under 2 MB
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Client:
@@ -66,6 +86,8 @@ class Client:
         self.session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         self._info: dict[str, Any] | None = None
         self._public: PublicParams | None = None  # the public document, kept on disk too
+        self._public_checked = False  # ... and whether its digest was the shared one (consistency)
+        self._keys_stated = -1  # the transport's key generation the gateway's sealed /v1/info was checked with
         self.public_store = PublicStore(public_path(self.config) if self.config.cache else None)
         self.last_public: tuple[str, int] = ("", 0)  # how the document last came: (full|delta|kept, bytes)
         self._project: Projector | None = None  # set with the server's public parameters
@@ -108,6 +130,7 @@ class Client:
             info, _, _ = self._request("GET", "/v1/info")
             if not _is_info(info):
                 raise BadResponseError("the server's /v1/info is not an EnfPire protocol 1 answer")
+            self._check_stated_keys(info)
             if self.cache is not None:
                 self.cache.store_info(info)
             self._info = info
@@ -133,39 +156,106 @@ class Client:
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
 
-    def public(self) -> PublicParams:
-        """The public document of the server's index version (``/v1/public``).
+    def public(self, _again: bool = True) -> PublicParams:
+        """The public document the server's ``/v1/info`` names by its digest (``/v1/public``).
 
-        The copy kept on disk is used while it is the version ``/v1/info``
-        names; otherwise the phone asks for the change since its version and
-        applies the delta (a delta that fails its checks, or any unusable
-        answer, is replaced by the full document).
+        The copy kept on disk is used while its digest (computed here) is the one ``/v1/info``
+        names; otherwise the phone asks for the change since the document it holds, named by
+        that digest (``?since=DIGEST``: never a label of the server's), and applies the delta
+        (a delta that fails its checks, or any unusable answer, is replaced by the full
+        document). Before a document is first used it must be the shared one
+        (:meth:`_check_shared_public`): else :class:`ConsistencyError`, and it is not kept.
         """
         info = self.info()
-        wanted = info.get("public") or {}
-        current = self._public is not None and self._public.version == info["index_version"]
-        kept = self._public if current else self._public or self.public_store.load()
-        if kept is not None and kept.version == info["index_version"] and kept.digest == wanted.get("digest"):
-            if not current:
-                self._public, self.last_public = kept, ("kept", 0)
-            return kept
-        doc = None
-        if kept is not None:
-            payload, _, received = self._request("GET", "/v1/public?since=" + quote(kept.version, safe=""))
+        wanted = str((info.get("public") or {}).get("digest", ""))
+        checking = bool(self.config.shared_origin())
+        if self._public is not None and self._public.digest == wanted and (self._public_checked or not checking):
+            return self._public
+        kept, was_checked = (self._public, self._public_checked) if self._public is not None \
+            else self.public_store.load_checked()
+        if kept is not None and kept.digest == wanted:
+            (doc, how), checked = (kept, ("kept", 0)), was_checked
+        else:
+            (doc, how), checked = self._download_public(kept), False
+        if checking and not checked:
             try:
-                doc = apply_delta(kept, payload) if payload.get("kind") == "delta" else parse(payload)
-                self.last_public = (str(payload.get("kind")), received)
-            except (PublicError, AttributeError) as exc:
-                log.warning("the public delta is unusable (%s): downloading the whole document", exc)
-        if doc is None:
-            payload, _, received = self._request("GET", "/v1/public")
-            doc = parse(payload)
-            self.last_public = ("full", received)
-        self.public_store.save(doc)
-        self._public = doc
-        if doc.version != info["index_version"]:  # the server moved on meanwhile: the info is stale too
+                self._check_shared_public(doc)
+            except ConsistencyError:
+                if not _again:
+                    raise
+                # The kept /v1/info may be older than the shared copy: ask once more with a fresh one.
+                log.info("the public document is not the shared one: asking the server once more")
+                self.info(refresh=True)
+                return self.public(_again=False)
+            checked = True
+        if doc is not kept or checked != was_checked:  # a kept copy is not written again
+            self.public_store.save(doc, checked)
+        self._public, self._public_checked, self.last_public = doc, checked, how
+        if doc.digest != wanted:  # the server moved on meanwhile: the info is stale too
             self._info, self._project = None, None
         return doc
+
+    def _download_public(self, kept: PublicParams | None) -> tuple[PublicParams, tuple[str, int]]:
+        """The document the server serves now, a delta on ``kept`` (named by its digest) or the whole,
+        and how it came: (full|delta, bytes)."""
+        if kept is not None:
+            payload, _, received = self._request("GET", "/v1/public?since=" + kept.digest)
+            try:
+                doc = apply_delta(kept, payload) if payload.get("kind") == "delta" else parse(payload)
+                return doc, (str(payload.get("kind")), received)
+            except (PublicError, AttributeError) as exc:
+                log.warning("the public delta is unusable (%s): downloading the whole document", exc)
+        payload, _, received = self._request("GET", "/v1/public")
+        return parse(payload), ("full", received)
+
+    def _check_shared_public(self, doc: PublicParams) -> None:
+        """``doc``'s digest (computed here) must be the shared one every phone is compared with.
+
+        The shared copy comes from ``consistency_url`` (the relay's origin), read directly,
+        never sealed: the relay answers it from its own copy, which it fetched from the
+        server once for all its clients, so a server serving one phone its own document
+        (its own cell numbering, say) is caught here before anything depends on it.
+        """
+        url = self.config.shared_origin() + SHARED_PATH
+        answer = self._shared(url, "application/json")
+        try:
+            shared = json.loads(answer.content)
+            digest, label = shared["digest"], str(shared.get("index_version", ""))
+        except (ValueError, KeyError, TypeError):
+            digest, label = None, ""
+        if answer.status != 200 or not isinstance(digest, str) or not DIGEST.match(digest):
+            raise ConsistencyError(f"{url} has no shared copy of the public digest ({answer.status}): "
+                                   "set consistency_url to a place that serves one, or consistency off")
+        if digest != doc.digest:
+            raise ConsistencyError(
+                f"the public document this phone got ({doc.digest[:12]}...) is not the one shared at {url} "
+                f"({digest[:12]}..., {label!r}): refused, nothing sent that depends on it",
+                _fresh_for(answer.headers.get("Cache-Control", "")))
+
+    def _check_stated_keys(self, info: dict[str, Any]) -> None:
+        """Through a relay: the key this phone sealed ``/v1/info`` with must be one the gateway states
+        in it (``ohttp_keys``), the second path beside the shared copy (checked before first use)."""
+        transport = self._transport
+        if not isinstance(transport, ObliviousTransport) or not self.config.shared_origin():
+            return
+        generation, key = transport.generation, transport.key
+        try:
+            stated = transport.ohttp.decode_key_configs(bytes.fromhex(str(info["ohttp_keys"])))
+        except (KeyError, ValueError, EnfPireError):
+            raise ConsistencyError("the gateway's /v1/info states no usable key configuration (ohttp_keys): "
+                                   "its key cannot be checked against the shared copy") from None
+        if key not in stated:
+            ids = ", ".join(str(c.key_id) for c in stated)
+            raise ConsistencyError(f"the gateway states key configurations ({ids}) without the key "
+                                   f"{key.key_id} the shared copy gave this phone: refused")
+        self._keys_stated = generation
+
+    def _shared(self, url: str, accept: str) -> Answer:
+        """GET a shared copy directly (connection errors are :class:`ServerUnreachableError`)."""
+        try:
+            return self._send("GET", url, None, {"Accept": accept})
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ServerUnreachableError(f"{url} did not answer: {type(exc).__name__}") from None
 
     def _rerank(self, feature: np.ndarray, candidates: list[dict[str, Any]]) -> Recognition:
         """The phone's pick among ``candidates``, open set: the same rule for fresh and cached answers.
@@ -306,7 +396,11 @@ class Client:
             if self._transport is None:
                 self._transport = (ObliviousTransport(self.config, self._send) if self.config.relay
                                    else DirectTransport(self.config.server, self._send))
-        return self._transport.exchange(method, path, data)
+        transport = self._transport
+        if isinstance(transport, ObliviousTransport) and path != "/v1/info" and self.config.shared_origin() \
+                and transport.generation != self._keys_stated:
+            self.info(refresh=True)  # a new key: the gateway states its keys (sealed) before anything else goes
+        return transport.exchange(method, path, data)
 
     def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> Answer:
         response = self.session.request(method, url, data=data, headers=headers, stream=True,
@@ -340,6 +434,12 @@ class Client:
         if payload is None:
             raise BadResponseError(f"the server's answer to {path} is not JSON")
         return payload
+
+
+def _fresh_for(cache_control: str) -> float | None:
+    """``max-age`` of a shared copy: when it is due for a refresh (None when not said)."""
+    match = re.search(r"max-age=(\d+)", cache_control)
+    return float(match.group(1)) if match else None
 
 
 def cache_path(config: ClientConfig) -> Path:

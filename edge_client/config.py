@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .vision import registry
@@ -76,6 +77,11 @@ class ClientConfig:
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
     server_identity: str = ""       # the server's Ed25519 public key (hex/base64, `enfpire-server ohttp show`): every
                                     # key configuration must be signed by it; "" = pin the identity first seen
+    consistency: bool = True        # before first use and on every change, compare the key configuration and the
+                                    # public document's digest with the shared copies at consistency_url; a
+                                    # mismatch is a ConsistencyError and nothing is sent (docs/ohttp.md)
+    consistency_url: str = ""       # where the shared copies are; "" = the relay's origin (enfpire-relay serves
+                                    # them); with neither a relay nor this, there is nothing to compare with
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -84,6 +90,9 @@ class ClientConfig:
             from .protocol.identity import parse_identity
 
             parse_identity(self.server_identity)  # a ConfigError naming the setting
+        parts = urlsplit(self.consistency_url)
+        if self.consistency_url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ConfigError(f"consistency_url must be an http(s) URL, got {self.consistency_url!r}")
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""
@@ -93,6 +102,13 @@ class ClientConfig:
             return registry.resolve(self.model, Path(self.model_dir).expanduser() if self.model_dir
                                     else default_model_dir())
         return Path(self.model).expanduser()
+
+    def shared_origin(self) -> str:
+        """Where the consistency check reads the shared copies (``scheme://host:port``); "" = no check."""
+        if not self.consistency:
+            return ""
+        parts = urlsplit(self.consistency_url or self.relay)
+        return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".enfpire"

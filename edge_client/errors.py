@@ -23,6 +23,7 @@ with the modules that define the classes not listed here::
     +-- EncapsulationError           (also ValueError)
     +-- GatewayKeyError
     |   +-- IdentityError
+    +-- ConsistencyError             not the key or document every other phone sees
     +-- WireError                    edge_client.protocol.wire (also ValueError)
     +-- BadIndexError                lite_server.index.store
     +-- UpdateError                  lite_server.api.updates
@@ -114,3 +115,12 @@ class GatewayKeyError(EnfPireError):
 class IdentityError(GatewayKeyError):
     """A key configuration (or public-document digest) is not signed by the server's pinned identity:
     a relay or another server substituting its key. Nothing is sent."""
+class ConsistencyError(EnfPireError):
+    """The key configuration or public document this phone got differs from the shared copy every
+    phone sees (the relay's): the server (or relay) may be singling this phone out. Nothing was sent
+    that depends on it. ``retry_after`` (seconds) is set when the shared copy is due for a refresh,
+    so the two may agree again by then (an index update or key rotation in between); else None."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

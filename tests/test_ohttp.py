@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +44,7 @@ def gateway(index_dir: Path, keys_file: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def relay(gateway: LiveServer) -> Iterator[LiveRelay]:
-    relay = LiveRelay(gateway, RELAY_HOST, "--log-every", "5")
+    relay = LiveRelay(gateway, RELAY_HOST, "--log-every", "5", "--refresh", "0.5")  # shared copies: 0.5 s
     yield relay
     relay.stop()
 
@@ -140,7 +141,8 @@ def test_broken_and_foreign_requests_get_a_clear_4xx_and_nothing_else_changes(
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     configs = ohttp.decode_key_configs(requests.get(gateway.url + "/.well-known/ohttp-gateway", timeout=5).content)
-    assert [c.key_id for c in configs] == [good[0] + 1, good[0]]  # the new key first, the old one still valid
+    # the new key first, the next one announced, the old one still valid
+    assert [c.key_id for c in configs] == [good[0] + 1, good[0] + 2, good[0]]
     replayed = bytes([configs[0].key_id]) + good[1:]
     assert _post(relay.url, replayed).json()["error"]["code"] == "bad_ohttp_message"
     for key in (0, 1):  # and afterwards both keys serve normal requests
@@ -160,8 +162,20 @@ def test_inner_errors_travel_sealed_with_their_status(gateway: LiveServer, relay
         assert caught.value.status == 413
 
 
+def _shared_keys_caught_up(relay: LiveRelay, gateway: LiveServer) -> None:
+    """Wait for the relay's timer to copy the gateway's key configuration (after a rotation)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if requests.get(relay.url + ".well-known/ohttp-gateway", timeout=5).content == \
+                requests.get(gateway.url + "/.well-known/ohttp-gateway", timeout=5).content:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the relay's shared key configuration did not follow the gateway's")
+
+
 def test_a_changed_gateway_key_is_an_error_unless_the_configuration_accepts_it(
         gateway: LiveServer, relay: LiveRelay, extractor: Extractor, tmp_path: Path, keys_file: Path) -> None:
+    _shared_keys_caught_up(relay, gateway)  # an earlier test rotated the keys
     foreign = ohttp.encode_key_configs([ohttp.KeyConfig(99, ohttp.public_key(ohttp.generate_private_key()))])
     (tmp_path / PIN_FILE).write_text(json.dumps({gateway.url: foreign.hex()}))
     with _client(gateway, extractor, relay=relay.url, state_dir=str(tmp_path)) as client:

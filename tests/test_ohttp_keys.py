@@ -18,7 +18,7 @@ def _ids(keys: GatewayKeys) -> list[int]:
 def test_created_once_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / "state" / "keys.json"
     keys = GatewayKeys(path, grace=60)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and _ids(keys) == [1]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and _ids(keys) == [1, 2]  # current, then the next
     before = path.read_bytes()
     ensure(path)
     assert path.read_bytes() == before  # an existing file is never replaced
@@ -31,9 +31,9 @@ def test_rotation_keeps_the_old_key_for_the_grace_period_only(tmp_path: Path) ->
     keys = GatewayKeys(path, grace=3600)
     old = keys.private_keys()[1]
     assert rotate(path, 3600) == 2
-    assert _ids(keys) == [2, 1] and keys.private_keys()[1] == old  # a running gateway sees it at once
+    assert _ids(keys) == [2, 3, 1] and keys.private_keys()[1] == old  # a running gateway sees it at once
     strict = GatewayKeys(path, grace=0)
-    assert _ids(strict) == [2] and 1 not in strict.private_keys()
+    assert _ids(strict) == [2, 3] and 1 not in strict.private_keys()
     # 2 retired with no grace is dropped; 3 (announced since the first rotation) current, 4 announced
     assert rotate(path, 0) == 3 and [k["key_id"] for k in json.loads(path.read_text())["keys"]] == [2, 3, 4]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -45,9 +45,9 @@ def test_rotation_by_age(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     data["keys"][0]["activated"] = time.time() - 3 * 86400
     path.write_text(json.dumps(data))
-    assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 1]
+    assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 3, 1]
     # a second replica sharing the file does not rotate again: the new key is young
-    assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 1]
+    assert _ids(GatewayKeys(path, grace=3600, rotate_after=2 * 86400)) == [2, 3, 1]
     assert rotate(path, 3600, older_than=86400) == 2
 
 

@@ -62,11 +62,14 @@ def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
                    {**payload, "spots": {**payload["spots"], "ids": payload["spots"]["ids"][1:]}}):
         with pytest.raises(PublicError):
             parse(broken)
-    same = client.get("/v1/public", query_string={"since": doc.version}).get_json()
+    same = client.get("/v1/public", query_string={"since": doc.digest}).get_json()
     assert same["kind"] == "delta" and not same["removed"] and not same["spots"]["ids"]
-    assert apply_delta(doc, same).digest == doc.digest
+    assert same["base_digest"] == doc.digest and apply_delta(doc, same).digest == doc.digest
     with pytest.raises(PublicError):
-        apply_delta(doc, {**same, "base_version": "another"})
+        apply_delta(doc, {**same, "base_digest": "f" * 64})
+    # A phone names its document by digest only: a version label, or a digest nobody kept, gets the whole.
+    for since in (doc.version, "e" * 64, "../" + doc.digest):
+        assert client.get("/v1/public", query_string={"since": since}).get_json()["kind"] == "full"
 
 
 # --- size ---------------------------------------------------------------------------------------------

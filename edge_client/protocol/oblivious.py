@@ -25,6 +25,14 @@ The key configuration to seal with comes from, in order of preference:
 - a server that signs nothing (an older one): its configuration is pinned, and a different
   one later is a :class:`GatewayKeyError`. Once an identity is pinned, a server that signs
   nothing is an :class:`IdentityError`.
+
+With ``consistency`` on (the default with a relay), the key the phone is about to seal to
+must also be in the *shared copy* of the key configuration
+(``<consistency_url or relay origin>/.well-known/ohttp-gateway``, which ``enfpire-relay``
+fetches once for all its clients) before it is first used and whenever it changes
+(:meth:`ObliviousTransport._take`): the identity proves the server signed a key, the shared
+copy that every phone is given the same one. A key of this phone's own is a
+:class:`ConsistencyError`, nothing is sealed to it and the pins are left as they were.
 """
 from __future__ import annotations
 
@@ -44,7 +52,8 @@ from urllib.parse import urlsplit
 from requests.structures import CaseInsensitiveDict
 
 from ..config import ClientConfig
-from ..errors import BadResponseError, ConfigError, EncapsulationError, GatewayKeyError, IdentityError
+from ..errors import (BadResponseError, ConfigError, ConsistencyError, EncapsulationError, GatewayKeyError,
+                      IdentityError)
 from ..state import write_private
 from . import bhttp
 from .identity import SIGNED_KEYS_PATH, KeySchedule, open_signed_keys, parse_identity
@@ -79,6 +88,15 @@ class KeyPins:
     def put_signed(self, server: str, schedule: KeySchedule) -> None:
         self._put(server, {"identity": schedule.identity.hex(), "document": schedule.document,
                            "fetched": schedule.fetched})
+
+    def restore(self, server: str, entry: bytes | dict[str, Any] | None) -> None:
+        """Put back what ``get`` returned before (None: no pin)."""
+        if entry is not None:
+            self._put(server, entry.hex() if isinstance(entry, bytes) else entry)
+            return
+        pins = self._read()
+        if pins.pop(server, None) is not None:
+            write_private(self.path, json.dumps(pins, indent=1).encode())
 
     def _put(self, server: str, entry: Any) -> None:
         pins = self._read()
@@ -130,7 +148,17 @@ class ObliviousTransport:
         self.keys_url = config.gateway_keys_url or f"{origin.scheme}://{origin.netloc}{KEYS_PATH}"
         self.signed_url = f"{origin.scheme}://{origin.netloc}{SIGNED_KEYS_PATH}"
         self._schedule: KeySchedule | None = None
+        shared = config.shared_origin()
+        self.shared_keys_url = shared + KEYS_PATH if shared else ""
+        self.generation = 0  # keys taken into use so far: the client checks each against the gateway's word
+        self._current: Any = None  # the key last checked and sealed to
+        self._pin_before: bytes | dict[str, Any] | None = None  # the pin as the last resolve found it
         self._lock = threading.Lock()
+
+    @property
+    def key(self) -> Any:
+        """The key configuration requests are sealed to now (None before the first request)."""
+        return self._current
 
     def exchange(self, method: str, path: str, data: bytes | None) -> Answer:
         """One request through the relay; the inner answer with the outer (wire) byte counts."""
@@ -153,7 +181,7 @@ class ObliviousTransport:
 
     def _post(self, method: str, path: str, data: bytes | None) -> tuple[Answer, Any]:
         with self._lock:
-            key = self._key()
+            key = self._take(self._key())
         # gzip inside the sealed answer, as direct: a third fewer bytes on the phone's data plan
         headers = (("accept-encoding", "gzip"),) + ((("content-type", "application/json"),) if data is not None else ())
         message = bhttp.encode_request(bhttp.Request(method, path, headers=headers, content=data or b""))
@@ -187,7 +215,7 @@ class ObliviousTransport:
         ``fresh``: not from the pins (the gateway refused the key, or the document is too old)."""
         server, wanted = self.config.server.rstrip("/"), self.config.gateway_keys.strip().lower()
         shipped = configured_keys(wanted)
-        pin = self.pins.get(server)
+        pin = self._pin_before = self.pins.get(server)
         signed = pin if isinstance(pin, dict) and (self.identity is None or
                                                    pin["identity"] == self.identity.hex()) else None
         if shipped is not None and (self.identity is None or (signed is None and not fresh)):
@@ -217,6 +245,44 @@ class ObliviousTransport:
             log.info("pinned server identity %s for %s", schedule.identity.hex(), server)
         self.pins.put_signed(server, schedule)
         return schedule
+
+    def _take(self, key: Any) -> Any:
+        """``key``, checked against the shared copy when this transport has not sealed to it yet.
+
+        A key configured whole (shipped with the app) is the same for every phone and is not
+        checked. A key the shared copy does not list is resolved once more without the pins (the
+        pin is stale, or was this phone's own); still not listed, it is a :class:`ConsistencyError`
+        and the pins are put back as they were.
+        """
+        if key == self._current:
+            return key
+        if self.shared_keys_url and configured_keys(self.config.gateway_keys) is None:
+            shared = self._shared_keys()
+            if key not in shared:
+                before = self._pin_before
+                self._schedule = self._resolve(fresh=True)
+                key = self.ohttp.decode_key_configs(self._schedule.config(time.time()))[0]
+                if key not in shared:
+                    self._schedule = None
+                    self.pins.restore(self.config.server.rstrip("/"), before)
+                    raise ConsistencyError(
+                        f"the gateway key this phone got (id {key.key_id}) is not in the shared copy at "
+                        f"{self.shared_keys_url} (ids {', '.join(str(c.key_id) for c in shared)}): "
+                        "a key of its own would link its requests; refused, nothing sealed to it")
+        self._current = key
+        self.generation += 1
+        return key
+
+    def _shared_keys(self) -> list[Any]:
+        answer = self.send("GET", self.shared_keys_url, None, {"Accept": self.ohttp.KEYS_TYPE})
+        if answer.status != 200 or answer.headers.get("Content-Type", "").split(";")[0] != self.ohttp.KEYS_TYPE:
+            raise ConsistencyError(f"{self.shared_keys_url} answered {answer.status}, not a shared key configuration: "
+                                   "set consistency_url to a place that serves one, or consistency off")
+        try:
+            return list(self.ohttp.decode_key_configs(answer.content))
+        except EncapsulationError as exc:
+            raise ConsistencyError(f"the shared key configuration at {self.shared_keys_url} is unusable: "
+                                   f"{exc}") from None
 
     def _by_sha256(self, server: str, wanted: str, pinned: bytes | None, fresh: bool) -> bytes:
         if pinned is not None and not fresh and _sha(pinned) == wanted:

@@ -13,11 +13,19 @@ phone needs before it asks anything, and nothing about any user:
 
 Every array is exact (little-endian, its own dtype, see
 :func:`edge_client.protocol.wire.encode_array`), so the phone can apply a *delta*
-(``?since=VERSION``: removed ids, upserted spot rows, changed globals) to the
+(``?since=DIGEST``: removed ids, upserted spot rows, changed globals) to the
 document it keeps and check the result against the server's ``digest``, a
 sha256 of the canonical form of the whole document. Rows are sorted by spot
 id, so that form does not depend on how the document was assembled.
 Cells, Mix and the dummy catalogue all read this one parsed object.
+
+The document's identity is its content: the digest covers every global and
+row but not the server's ``index_version`` label, and the phone names the
+document it holds by the digest it computed itself (``?since=``, its kept
+copy, its comparisons), never by a string the server chose, so a version
+label cannot serve as a cookie. Whether every phone sees the same document
+is checked against a shared copy of the digest (``edge_client.client``,
+``consistency`` in :class:`~edge_client.config.ClientConfig`).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +55,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 #: Blocks of int8 rows (codes + float16 scales), concatenated in spot order, with their count column.
 BLOCKS = {"prototypes": "n_prototypes", "looks": "n_looks"}
 GLOBALS = ("n_cells", "spread", "codec")  # small JSON fields, compared and sent whole
+#: Where a relay (or mirror) serves its shared copy of the public document's digest (``enfpire-relay``).
+SHARED_PATH = "/.well-known/enfpire-public"
 
 
 class PublicError(BadResponseError):
@@ -115,10 +126,13 @@ class PublicParams:
         block = "looks" if int(self.columns["n_looks"].sum()) else "prototypes"
         return self.blocks[block], self.columns[BLOCKS[block]].astype(np.int64)
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """sha256 of the canonical form: globals as sorted JSON, then every array's dtype, shape and bytes."""
-        h = hashlib.sha256(json.dumps({"format": FORMAT, "version": self.version, **self.settings},
+        """sha256 of the canonical form: globals as sorted JSON, then every array's dtype, shape and bytes.
+
+        Content only: the server's ``version`` label is not part of it (two phones holding the same
+        content hold the same digest, whatever label each was given)."""
+        h = hashlib.sha256(json.dumps({"format": FORMAT, **self.settings},
                                       sort_keys=True, separators=(",", ":")).encode())
         h.update(json.dumps(self.ids.tolist(), separators=(",", ":")).encode())
         arrays = [self.columns[c] for c in COLUMNS] + [a for b in BLOCKS for a in (self.blocks[b].codes,
@@ -168,8 +182,9 @@ def apply_delta(base: PublicParams, payload: Any) -> PublicParams:
     try:
         if payload.get("format") != FORMAT or payload.get("kind") != "delta":
             raise PublicError("not a public delta of format 1")
-        if str(payload["base_version"]) != base.version:
-            raise PublicError(f"the delta is from {payload['base_version']}, the phone holds {base.version}")
+        if str(payload["base_digest"]) != base.digest:  # the digest the phone computed, not a label
+            raise PublicError(f"the delta is from {str(payload['base_digest'])[:12]}..., "
+                              f"the phone holds {base.digest[:12]}...")
         settings, basis = _globals(payload["globals"], base.settings, base.basis)
         ids, columns, blocks = _spots(payload["spots"])
         removed = np.array([str(i) for i in payload["removed"]] + ids.tolist(), dtype=str)
@@ -241,24 +256,32 @@ def canonical(doc: PublicParams) -> PublicParams:
 class PublicStore:
     """The phone's copy of one server's public document: one gzip JSON file, private, written whole.
 
-    An unreadable or corrupt file is ignored (the next download replaces it).
+    An unreadable or corrupt file is ignored (the next download replaces it). Beside the
+    document it records whether the document passed the consistency check (its digest
+    was the shared one when it arrived), so a kept copy needs no network to be used.
     """
 
     def __init__(self, path: Path | None):
         self.path = path
 
     def load(self) -> PublicParams | None:
-        if self.path is None or not self.path.exists():
-            return None
-        try:
-            return parse(json.loads(gzip.decompress(self.path.read_bytes())))
-        except (OSError, EOFError, zlib.error, ValueError, PublicError) as exc:
-            log.warning("ignoring the unreadable public document %s (%s)", self.path, exc)
-            return None
+        return self.load_checked()[0]
 
-    def save(self, doc: PublicParams) -> None:
+    def load_checked(self) -> tuple[PublicParams | None, bool]:
+        """(the kept document or None, whether it passed the consistency check when it arrived)."""
+        if self.path is None or not self.path.exists():
+            return None, False
+        try:
+            payload = json.loads(gzip.decompress(self.path.read_bytes()))
+            return parse(payload), payload.get("view_checked") is True
+        except (OSError, EOFError, zlib.error, ValueError, AttributeError, PublicError) as exc:
+            log.warning("ignoring the unreadable public document %s (%s)", self.path, exc)
+            return None, False
+
+    def save(self, doc: PublicParams, checked: bool = False) -> None:
         if self.path is not None:
-            data = json.dumps(doc.to_payload(), separators=(",", ":")).encode()
+            payload = {**doc.to_payload(), **({"view_checked": True} if checked else {})}
+            data = json.dumps(payload, separators=(",", ":")).encode()
             write_private(self.path, gzip.compress(data, compresslevel=6, mtime=0))
 
     def clear(self) -> None:

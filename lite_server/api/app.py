@@ -4,8 +4,9 @@
     GET  /readyz           index loaded, with its counts
     GET  /v1/info          what a client needs before it asks
     POST /v1/candidates    a transformed query in, candidate spots out
-    GET  /v1/public        the public parameters of the index version (?since=VERSION: a delta)
+    GET  /v1/public        the public parameters of the index version (?since=DIGEST: a delta)
     GET  /openapi.json     the description of all of the above
+    GET  /.well-known/enfpire-public   the public document's digest alone, for relays and mirrors to share
     GET  /.well-known/ohttp-gateway, POST /ohttp   Oblivious HTTP (lite_server.ohttp.gateway)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flask import Flask, Response, jsonify, request
 
 from edge_client.protocol import wire
+from edge_client.protocol.public import SHARED_PATH
 
 from ..config import ServerConfig
 from ..errors import ApiError, register_error_handlers
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 PROTOCOL = 1
 GZIP_MIN_BYTES = 1024
 EXTENSION = "enfpire"
+#: What every phone must see the same of, so caches (relays, mirrors) may keep one copy for all:
+#: the public document's digest and the OHTTP key configuration. Everything else is no-store.
+SHARED = {SHARED_PATH: "public, max-age=60", "/.well-known/ohttp-gateway": "public, max-age=60"}
 
 
 class Service:
@@ -106,9 +111,10 @@ def service() -> Service:
 
 
 def _no_identifiers(response: Response) -> Response:
-    """Nothing that could link one request to the next: no cookies, no caching."""
+    """Nothing that could link one request to the next: no cookies, no caching (but of :data:`SHARED`)."""
     response.headers.pop("Set-Cookie", None)
-    response.headers["Cache-Control"] = "no-store"
+    shared = SHARED.get(request.path) if response.status_code == 200 and request.method == "GET" else None
+    response.headers["Cache-Control"] = shared or "no-store"
     return response
 
 
@@ -174,6 +180,13 @@ def _routes() -> Any:
         response.headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
         return response
 
+    @api.get(SHARED_PATH)
+    def shared_public() -> Response:
+        """The public document's digest alone: the resource relays and mirrors keep one copy of for
+        every phone, which phones compare their own document with (docs/ohttp.md)."""
+        lookup = service().ready()
+        return jsonify({"index_version": lookup.index.version, "digest": document(lookup).digest})
+
     @api.get("/openapi.json")
     def openapi() -> Response:
         svc = service()
@@ -198,7 +211,21 @@ def info_payload(svc: Service) -> dict[str, Any]:
         "query_kinds": ["vector", "cells"],
         "public": {"index_version": index.version, "digest": document(lookup).digest},
         "calibration": lookup.calibration,
+        **_gateway_keys(),
     }
+
+
+def _gateway_keys() -> dict[str, str]:
+    """The gateway's key configurations as it serves them (hex), stated inside the sealed channel too:
+    the phone compares them with the relay's shared copy (the consistency check, docs/ohttp.md)."""
+    from flask import current_app
+
+    try:
+        from ..ohttp.gateway import EXTENSION as OHTTP
+    except ImportError:  # no ohttp extra: no gateway
+        return {}
+    keys = current_app.extensions.get(OHTTP)
+    return {"ohttp_keys": keys.body().hex()} if keys is not None else {}
 
 
 def _json_body() -> dict[str, Any]:

@@ -44,12 +44,14 @@ SPOT_ROWS = {
 }
 PUBLIC = {
     "type": "object", "required": ["format", "kind", "index_version", "digest", "globals", "spots"],
-    "description": "kind full: the whole document; kind delta: what turns base_version's document into "
+    "description": "kind full: the whole document; kind delta: what turns the document of base_digest into "
                    "index_version's (drop removed and upserted ids, add the spots rows, take the globals "
                    "sent); digest: sha256 of the resulting document's canonical form (edge_client.protocol.public)",
     "properties": {
         "format": {"const": 1}, "kind": {"enum": ["full", "delta"]}, "index_version": {"type": "string"},
         "base_version": {"type": "string"}, "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "base_digest": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                        "description": "delta: the digest of the document it applies to"},
         "removed": {"type": "array", "items": {"type": "string"}},
         "globals": {"type": "object", "properties": {
             "n_cells": {"type": "integer", "minimum": 0}, "codec": {"type": "object", "required": ["kind"]},
@@ -58,7 +60,7 @@ PUBLIC = {
                        "description": "leave-one-out spread of photos around their spot's mean"}}},
         "spots": {"$ref": "#/components/schemas/SpotRows"},
     },
-    "if": {"properties": {"kind": {"const": "delta"}}}, "then": {"required": ["base_version", "removed"]},
+    "if": {"properties": {"kind": {"const": "delta"}}}, "then": {"required": ["base_version", "base_digest", "removed"]},
 }
 ERROR = {
     "type": "object", "required": ["error"],
@@ -95,7 +97,15 @@ SCHEMAS: dict[str, Any] = {
             "public": {"type": "object", "required": ["index_version", "digest"],
                        "description": "the digest of this version's public document (GET /v1/public)"},
             "calibration": {"$ref": "#/components/schemas/Calibration"},
+            "ohttp_keys": {"type": "string", "pattern": "^([0-9a-f]{2})+$",
+                           "description": "the gateway's application/ohttp-keys document (hex), as "
+                                          "GET /.well-known/ohttp-gateway serves it; absent without a gateway"},
         },
+    },
+    "SharedPublic": {
+        "type": "object", "required": ["index_version", "digest"],
+        "properties": {"index_version": {"type": "string"},
+                       "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
     },
     "Calibration": {
         "type": "object",
@@ -214,10 +224,12 @@ def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None =
     candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
     candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
     public = _op("The public parameters (cells, prototypes, dummies' catalogue, codec) of the index version; "
-                 "with since=VERSION a delta from that version when it is still kept, else the full document",
+                 "with since=DIGEST a delta from the document of that digest when it is still kept, "
+                 "else the full document",
                  "Public", (503,))
     public["parameters"] = [{"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
-                             "description": "the version of the document the phone holds"}]
+                             "description": "the digest (sha256 hex, as the phone computed it) of the document "
+                                            "the phone holds"}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "EnfPire lite_server", "version": "1"},
@@ -227,6 +239,9 @@ def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None =
             "/v1/info": {"get": _op("Model, index, limits, calibration and the public document's digest", "Info", (503,))},
             "/v1/candidates": {"post": candidates},
             "/v1/public": {"get": public},
+            "/.well-known/enfpire-public": {"get": _op(
+                "The public document's digest alone (cacheable): relays and mirrors keep one copy for every "
+                "phone, which compares its own document's digest with it", "SharedPublic", (503,))},
             **_ohttp_paths(),
         },
         "components": {"schemas": {**SCHEMAS, "CandidatesRequest": candidates_request(dim, max_k, n_cells)}},

@@ -239,10 +239,11 @@ class GatewayKeys:
             private = bytes.fromhex(entry["private_key"])
             return KeyConfig(int(entry["key_id"]), public_key(private)), private
 
-        served = [config(current)] + [config(e) for e in retired if e["key_id"] != current["key_id"]]
+        # the current key first (what a standard client seals to), then the announced next one and those
+        # in grace: every key the gateway accepts, so a phone's consistency check finds the one it uses
+        served = [config(current)] + ([config(upcoming)] if upcoming is not None else []) + \
+            [config(e) for e in retired if e["key_id"] != current["key_id"]]
         keys = {c.key_id: (c, p) for c, p in served}
-        if upcoming is not None:
-            keys.setdefault(int(upcoming["key_id"]), config(upcoming))
         next_at = current["activated"] + self.rotate_after if self.rotate_after > 0 else None
         self.identity = ServerIdentity(bytes.fromhex(data["identity"]["private_key"]))
         self._keys = keys
@@ -266,7 +267,7 @@ class GatewayKeys:
         return self._keys
 
     def body(self) -> bytes:
-        """The ``application/ohttp-keys`` document: the current key first, then those still in grace."""
+        """The ``application/ohttp-keys`` document: the current key first, then the next, then those in grace."""
         self.refresh()
         return self._body
 

@@ -4,7 +4,9 @@ What goes in, and why, is described in :mod:`edge_client.protocol.public`; this 
 assembles it from a :class:`Lookup`, keeps one per version beside the index
 (``public.json.gz`` in the version folder, so a delta can be answered from
 any version still on disk, see ``index.KEEP_VERSIONS``) and computes the
-delta between two versions, keyed by spot id.
+delta between two versions, keyed by spot id. Phones name the document they
+hold by its digest (``?since=DIGEST``), which :class:`Publisher` matches
+against the kept versions' digests.
 
 How much per-spot content is published is sized to the catalogue by
 ``ServerConfig.public_budget`` (bytes of int8 rows): a catalogue whose
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 FILE = "public.json.gz"
 SPREAD_SPOTS = 2000  # the dummies' photo spread is measured on at most this many spots
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DIGEST = re.compile(r"^[0-9a-f]{64}$")  # how a phone names the document it holds (``?since=``)
 _cache: "weakref.WeakKeyDictionary[Lookup, PublicParams]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
@@ -196,8 +199,8 @@ def delta(base: PublicParams, new: PublicParams) -> dict[str, Any]:
     names = tuple(k for k in GLOBALS if base.settings.get(k) != new.settings.get(k))
     if not _same(base.basis, new.basis) and "codec" not in names:
         names += ("codec",)
-    return {"format": FORMAT, "kind": "delta", "base_version": base.version, "index_version": new.version,
-            "digest": new.digest, "globals": new._globals_payload(names),
+    return {"format": FORMAT, "kind": "delta", "base_version": base.version, "base_digest": base.digest,
+            "index_version": new.version, "digest": new.digest, "globals": new._globals_payload(names),
             "removed": np.setdiff1d(base.ids, new.ids, assume_unique=True).tolist(),
             "spots": new.spots_payload(upserted)}
 
@@ -244,11 +247,30 @@ def delta_bytes(base: PublicParams, new: PublicParams) -> int:
     return len(_gzip(_dumps(delta(base, new))))
 
 
-class Publisher:
-    """Answers ``GET /v1/public``: the current document, or a delta from a version still kept.
+def kept_digests(current_dir: Path) -> dict[str, str]:
+    """digest -> version of every document kept beside ``current_dir``'s siblings (the digest field of
+    each file, not re-derived: a match is only a candidate, :func:`load_version` checks it)."""
+    out: dict[str, str] = {}
+    for path in sorted(Path(current_dir).parent.glob(f"*/{FILE}")):
+        try:
+            digest = json.loads(gzip.decompress(path.read_bytes())).get("digest")
+        except (OSError, EOFError, ValueError, AttributeError) as exc:
+            log.warning("the kept public document %s is unusable (%s)", path, exc)
+            continue
+        if isinstance(digest, str) and DIGEST.match(digest):
+            out[digest] = path.parent.name
+    return out
 
-    The current version's JSON text and the last few deltas are kept ready, gzipped
-    too (a national catalogue's document is megabytes: dumped and compressed once, not per phone).
+
+class Publisher:
+    """Answers ``GET /v1/public``: the current document, or a delta from a document still kept.
+
+    A phone names the document it holds by its digest (``?since=DIGEST``, the sha256 it
+    computed itself), never by a version label of the server's: the kept versions'
+    digests are read once per change of the versions on disk and the delta is made from
+    the matching one; an unknown digest gets the full document. The current version's
+    JSON text and the last few deltas are kept ready, gzipped too (a national catalogue's
+    document is megabytes: dumped and compressed once, not per phone).
     """
 
     def __init__(self, keep: int = 8):
@@ -256,16 +278,17 @@ class Publisher:
         self._lock = threading.Lock()
         self._full: dict[str, tuple[bytes, bytes]] = {}
         self._deltas: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self._digests: tuple[tuple[Any, ...], dict[str, str]] = ((), {})
 
     def answer(self, lookup: Lookup, since: str | None) -> tuple[bytes, bytes]:
-        """(JSON text, its gzip) for a phone holding version ``since`` (None: it holds none)."""
+        """(JSON text, its gzip) for a phone holding the document of digest ``since`` (None: it holds none)."""
         doc = document(lookup)
-        if since:
+        if since and DIGEST.match(since):
             key = (since, doc.version)
             with self._lock:
                 kept = self._deltas.get(key)
             if kept is None:
-                base = load_version(lookup.index.path, since)
+                base = self._base(lookup, doc, since)
                 if base is not None:
                     kept = self._remember(self._deltas, key, _dumps(delta(base, doc)))
             if kept is not None:
@@ -273,6 +296,25 @@ class Publisher:
         with self._lock:
             kept = self._full.get(doc.version)
         return kept or self._remember(self._full, doc.version, _dumps(doc.to_payload()))
+
+    def _base(self, lookup: Lookup, doc: PublicParams, digest: str) -> PublicParams | None:
+        """The kept document whose digest is ``digest`` (the current one included), or None."""
+        if digest == doc.digest:
+            return doc
+        current = Path(lookup.index.path)
+        try:  # the versions on disk and their files' times: re-read the digests only when these change
+            stamp = tuple((p.parent.name, p.stat().st_mtime_ns) for p in sorted(current.parent.glob(f"*/{FILE}")))
+        except OSError:
+            stamp = ()
+        with self._lock:
+            seen, digests = self._digests
+        if stamp != seen:
+            digests = kept_digests(current)
+            with self._lock:
+                self._digests = (stamp, digests)
+        version = digests.get(digest)
+        base = load_version(current, version) if version else None
+        return base if base is not None and base.digest == digest else None
 
     def _remember(self, store: dict[Any, tuple[bytes, bytes]], key: Any, text: bytes) -> tuple[bytes, bytes]:
         pair = (text, _gzip(text))
