@@ -31,6 +31,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from .config import ClientConfig
 from .errors import BadResponseError, IncompatibleServerError, ServerError, ServerUnreachableError
+from .privacy import floors
 from .privacy.cache import AnswerCache
 from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .privacy.transforms import Transform, make_transform
@@ -60,6 +61,12 @@ class Client:
         self.extractor = extractor
         self.transform = transform or make_transform(self.config.transform, self.config.strength,
                                                      self.config.k or None)
+        # The phone's own floors: every public document is checked against them before use, and the
+        # decoys follow the server's popularity only as far as they allow (edge_client.privacy.floors).
+        self.floors = floors.Floors.from_config(self.config)
+        self.transform.max_decoy_share = self.floors.max_decoy_share
+        self.transform.decoy_uniform = self.floors.decoy_uniform
+        self.transform.max_decoy_cell_ratio = self.floors.max_decoy_cell_ratio
         self.rng = np.random.default_rng(self.config.seed)
         self.session = requests.Session()
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
@@ -140,12 +147,18 @@ class Client:
         names; otherwise the phone asks for the change since its version and
         applies the delta (a delta that fails its checks, or any unusable
         answer, is replaced by the full document).
+
+        Every document, kept, downloaded or made by a delta, is checked against
+        this phone's privacy floors first: one below them raises
+        :class:`~edge_client.errors.PrivacyFloorError` and is neither kept nor
+        used, so nothing that depends on it is ever sent.
         """
         info = self.info()
         wanted = info.get("public") or {}
         current = self._public is not None and self._public.version == info["index_version"]
         kept = self._public if current else self._public or self.public_store.load()
         if kept is not None and kept.version == info["index_version"] and kept.digest == wanted.get("digest"):
+            floors.check(kept, self.floors)  # the floors may have been raised since it was kept
             if not current:
                 self._public, self.last_public = kept, ("kept", 0)
             return kept
@@ -161,6 +174,7 @@ class Client:
             payload, _, received = self._request("GET", "/v1/public")
             doc = parse(payload)
             self.last_public = ("full", received)
+        floors.check(doc, self.floors)  # before it is kept, fitted or used for anything
         self.public_store.save(doc)
         self._public = doc
         if doc.version != info["index_version"]:  # the server moved on meanwhile: the info is stale too
@@ -180,7 +194,8 @@ class Client:
         """The spot catalogue of the public document, for dummy requests."""
         from .dummies.catalogue import Catalogue
 
-        return Catalogue.from_public(self.public(), int(self.info()["dim"]))
+        return Catalogue.from_public(self.public(), int(self.info()["dim"]), self.floors.max_decoy_share,
+                                     self.floors.max_decoy_cell_ratio)
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""

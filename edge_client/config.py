@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from .errors import ConfigError
+from .privacy import floors
 from .vision import registry
 
 ENV_PREFIX = "ENFPIRE_"
@@ -74,10 +75,27 @@ class ClientConfig:
     relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
     gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway
+    # Privacy floors the phone holds itself (edge_client.privacy.floors): a public document below one is
+    # refused with PrivacyFloorError and nothing is sent. The defaults pass the honest default server.
+    min_cell_spots: int = floors.MIN_CELL_SPOTS     # fewest spots (with photos and prototypes) in every cell
+    min_cells: int = floors.MIN_CELLS               # fewest cells
+    max_decoy_share: float = floors.MAX_DECOY_SHARE  # largest share of the decoy draw any one spot may take
+    decoy_uniform: float = floors.DECOY_UNIFORM     # share of the decoy draw that is uniform over the spots
+    max_decoy_cell_ratio: float = floors.MAX_DECOY_CELL_RATIO  # no cell's share of the decoy draw above this
+                                                    # many times its share of the spots
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        if self.min_cell_spots < 1 or self.min_cells < 1:
+            raise ConfigError(f"min_cell_spots and min_cells must be at least 1, got {self.min_cell_spots}, "
+                              f"{self.min_cells}")
+        if not 0.0 < self.max_decoy_share <= 1.0:
+            raise ConfigError(f"max_decoy_share must be in (0, 1], got {self.max_decoy_share}")
+        if not 0.0 <= self.decoy_uniform <= 1.0:
+            raise ConfigError(f"decoy_uniform must be in [0, 1], got {self.decoy_uniform}")
+        if not self.max_decoy_cell_ratio >= 1.0:
+            raise ConfigError(f"max_decoy_cell_ratio must be at least 1, got {self.max_decoy_cell_ratio}")
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""

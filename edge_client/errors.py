@@ -22,6 +22,7 @@ with the modules that define the classes not listed here::
     +-- IncompatibleServerError
     +-- EncapsulationError           (also ValueError)
     +-- GatewayKeyError
+    +-- PrivacyFloorError            a public document below the phone's own floors
     +-- WireError                    edge_client.protocol.wire (also ValueError)
     +-- BadIndexError                lite_server.index.store
     +-- UpdateError                  lite_server.api.updates
@@ -108,3 +109,20 @@ class EncapsulationError(EnfPireError, ValueError):
 
 class GatewayKeyError(EnfPireError):
     """The gateway's key configuration differs from the one pinned (or configured) for this server."""
+
+
+class PrivacyFloorError(EnfPireError):
+    """The server's public document is below one of this phone's privacy floors: refused, and
+    nothing that depends on it is sent (``edge_client.privacy.floors``).
+
+    ``floor`` names the :class:`~edge_client.config.ClientConfig` setting (``min_cell_spots``,
+    ``min_cells``), ``value`` is what the document gives and ``required`` the floor.
+    """
+
+    def __init__(self, floor: str, value: float, required: float, detail: str = ""):
+        what = f" ({detail})" if detail else ""
+        super().__init__(f"refused the server's public document: {floor} {value} is below this phone's "
+                         f"floor {required}{what}; nothing was sent")
+        self.floor = floor
+        self.value = value
+        self.required = required
