@@ -392,3 +392,28 @@ def test_a_delta_below_the_floors_is_refused_and_the_kept_document_stays(
         assert caught.value.floor == "min_cell_spots"
         assert hits["/v1/candidates"] == 1  # nothing more was sent
         assert client.public_store.load().version == honest.version  # the refused document was not kept
+
+
+def test_a_kept_document_is_checked_again_against_raised_floors(
+        app: Any, extractor: Extractor, held_out: list[tuple[str, Path]], tmp_path: Path) -> None:
+    """The session index is 2 cells of 12 spots: kept by a phone with the default floors, then refused
+    by the same phone once its owner asks for 13 spots a cell, with no request but the document's."""
+    from tools.inprocess import mount
+
+    feature = extractor.extract(held_out[0][1])
+
+    def phone(**floors_: Any) -> tuple[Client, list[str]]:
+        client = Client(ClientConfig(seed=0, dummies=0, state_dir=str(tmp_path), **floors_), extractor)
+        client.config = dataclasses.replace(client.config, server=mount(client.session, app))
+        sent: list[str] = []
+        client.session.hooks["response"].append(lambda r, *a, **k: sent.append(r.request.path_url))
+        return client, sent
+
+    client, sent = phone()
+    with client:
+        client.recognize_feature(feature)
+    assert sent[-1] == "/v1/candidates" and client.public_store.load() is not None
+    client, sent = phone(min_cell_spots=13)
+    with client, pytest.raises(PrivacyFloorError, match="min_cell_spots 12 is below this phone's floor 13"):
+        client.recognize_feature(feature)
+    assert "/v1/candidates" not in sent and client.last_public[0] != "full"  # refused as kept, not downloaded
