@@ -17,6 +17,12 @@ that path never builds an extractor.
 Oblivious HTTP: ``config_json`` may carry ``relay`` (the relay's URL) and
 ``gateway_keys`` (the gateway's key configuration, best shipped with the app,
 or its sha256); the key pin is kept in ``$HOME/.enfpire/ohttp-pins.json``.
+
+Privacy floors (``min_cell_spots``, ``min_cells``, ``max_decoy_share``,
+``decoy_uniform``, ``max_decoy_cell_ratio`` in ``config_json``): a server whose
+public document is below them gets no request beyond ``/v1/info`` and
+``/v1/public``, and the app gets ``{"ok": false, "error": {"type":
+"PrivacyFloorError", "message": ...}}`` naming the floor and the value.
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(ClientConfig, args.config, **overrides(args))
         return COMMANDS[args.command](args, config)
-    except EnfPireError as exc:
+    except EnfPireError as exc:  # one line and exit 2; a PrivacyFloorError names the floor the server fails
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

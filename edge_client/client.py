@@ -50,6 +50,7 @@ from .errors import (
     ServerError,
     ServerUnreachableError,
 )
+from .privacy import floors
 from .privacy.cache import AnswerCache
 from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
 from .privacy.transforms import Transform, make_transform
@@ -80,6 +81,12 @@ class Client:
         self.extractor = extractor
         self.transform = transform or make_transform(self.config.transform, self.config.strength,
                                                      self.config.k or None)
+        # The phone's own floors: every public document is checked against them before use, and the
+        # decoys follow the server's popularity only as far as they allow (edge_client.privacy.floors).
+        self.floors = floors.Floors.from_config(self.config)
+        self.transform.max_decoy_share = self.floors.max_decoy_share
+        self.transform.decoy_uniform = self.floors.decoy_uniform
+        self.transform.max_decoy_cell_ratio = self.floors.max_decoy_cell_ratio
         self.rng = np.random.default_rng(self.config.seed)
         self.session = requests.Session()
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
@@ -165,6 +172,10 @@ class Client:
         (a delta that fails its checks, or any unusable answer, is replaced by the full
         document). Before a document is first used it must be the shared one
         (:meth:`_check_shared_public`): else :class:`ConsistencyError`, and it is not kept.
+
+        Every document, kept, downloaded or made by a delta, is checked against this phone's
+        privacy floors first: one below them raises :class:`~edge_client.errors.PrivacyFloorError`
+        and is neither kept nor used, so nothing that depends on it is ever sent.
         """
         info = self.info()
         wanted = str((info.get("public") or {}).get("digest", ""))
@@ -177,6 +188,7 @@ class Client:
             (doc, how), checked = (kept, ("kept", 0)), was_checked
         else:
             (doc, how), checked = self._download_public(kept), False
+        floors.check(doc, self.floors)  # kept or new (the floors may have been raised since it was kept)
         if checking and not checked:
             try:
                 self._check_shared_public(doc)
@@ -270,7 +282,8 @@ class Client:
         """The spot catalogue of the public document, for dummy requests."""
         from .dummies.catalogue import Catalogue
 
-        return Catalogue.from_public(self.public(), int(self.info()["dim"]))
+        return Catalogue.from_public(self.public(), int(self.info()["dim"]), self.floors.max_decoy_share,
+                                     self.floors.max_decoy_cell_ratio)
 
     def query(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], int, int]:
         """POST one candidates request; (candidates, bytes sent, bytes received)."""

@@ -16,6 +16,7 @@ from typing import Any, Mapping, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .privacy import floors
 from .vision import registry
 
 ENV_PREFIX = "ENFPIRE_"
@@ -82,6 +83,14 @@ class ClientConfig:
                                     # mismatch is a ConsistencyError and nothing is sent (docs/ohttp.md)
     consistency_url: str = ""       # where the shared copies are; "" = the relay's origin (enfpire-relay serves
                                     # them); with neither a relay nor this, there is nothing to compare with
+    # Privacy floors the phone holds itself (edge_client.privacy.floors): a public document below one is
+    # refused with PrivacyFloorError and nothing is sent. The defaults pass the honest default server.
+    min_cell_spots: int = floors.MIN_CELL_SPOTS     # fewest spots (with photos and prototypes) in every cell
+    min_cells: int = floors.MIN_CELLS               # fewest cells
+    max_decoy_share: float = floors.MAX_DECOY_SHARE  # largest share of the decoy draw any one spot may take
+    decoy_uniform: float = floors.DECOY_UNIFORM     # share of the decoy draw that is uniform over the spots
+    max_decoy_cell_ratio: float = floors.MAX_DECOY_CELL_RATIO  # no cell's share of the decoy draw above this
+                                                    # many times its share of the spots
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -93,6 +102,15 @@ class ClientConfig:
         parts = urlsplit(self.consistency_url)
         if self.consistency_url and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ConfigError(f"consistency_url must be an http(s) URL, got {self.consistency_url!r}")
+        if self.min_cell_spots < 1 or self.min_cells < 1:
+            raise ConfigError(f"min_cell_spots and min_cells must be at least 1, got {self.min_cell_spots}, "
+                              f"{self.min_cells}")
+        if not 0.0 < self.max_decoy_share <= 1.0:
+            raise ConfigError(f"max_decoy_share must be in (0, 1], got {self.max_decoy_share}")
+        if not 0.0 <= self.decoy_uniform <= 1.0:
+            raise ConfigError(f"decoy_uniform must be in [0, 1], got {self.decoy_uniform}")
+        if not self.max_decoy_cell_ratio >= 1.0:
+            raise ConfigError(f"max_decoy_cell_ratio must be at least 1, got {self.max_decoy_cell_ratio}")
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""

@@ -24,6 +24,7 @@ with the modules that define the classes not listed here::
     +-- GatewayKeyError
     |   +-- IdentityError
     +-- ConsistencyError             not the key or document every other phone sees
+    +-- PrivacyFloorError            a public document below the phone's own floors
     +-- WireError                    edge_client.protocol.wire (also ValueError)
     +-- BadIndexError                lite_server.index.store
     +-- UpdateError                  lite_server.api.updates
@@ -124,3 +125,18 @@ class ConsistencyError(EnfPireError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+class PrivacyFloorError(EnfPireError):
+    """The server's public document is below one of this phone's privacy floors: refused, and
+    nothing that depends on it is sent (``edge_client.privacy.floors``).
+
+    ``floor`` names the :class:`~edge_client.config.ClientConfig` setting (``min_cell_spots``,
+    ``min_cells``), ``value`` is what the document gives and ``required`` the floor.
+    """
+
+    def __init__(self, floor: str, value: float, required: float, detail: str = ""):
+        what = f" ({detail})" if detail else ""
+        super().__init__(f"refused the server's public document: {floor} {value} is below this phone's "
+                         f"floor {required}{what}; nothing was sent")
+        self.floor = floor
+        self.value = value
+        self.required = required

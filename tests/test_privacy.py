@@ -30,13 +30,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def env(data: tuple[Path, Path]) -> ev.Env:
-    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=8))
+    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=8),
+                      client_settings={"min_cell_spots": 8})  # the phones' floor lowered to these cells
 
 
 @pytest.fixture(scope="module")
 def fine_env(data: tuple[Path, Path]) -> ev.Env:
     """The same spots in 8 cells of 3: room for real cells and decoys to differ from photo to photo."""
-    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=3))
+    return ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=3),
+                      client_settings={"min_cell_spots": 3})
 
 
 def _fitted(env: ev.Env, name: str, **settings: Any) -> Transform:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadResponseError
+from ..privacy.floors import decoy_weights
 from ..protocol.public import PublicParams
 
 EARTH_KM = 6371.0088
@@ -39,11 +40,19 @@ class Catalogue:
         return haversine_km(self.lat[row], self.lon[row], self.lat, self.lon)
 
     @classmethod
-    def from_public(cls, doc: PublicParams, dim: int | None = None) -> "Catalogue":
+    def from_public(cls, doc: PublicParams, dim: int | None = None, max_share: float = 1.0,
+                    max_cell_ratio: float | None = None) -> "Catalogue":
         """The catalogue of a public document; spots without coordinates or looks are left out
         (no one can walk there). Looks published as codec codes are lifted back to feature
         space with the codec's basis in one matrix product, so dummies start from the same
-        kind of vector a photo gives."""
+        kind of vector a photo gives.
+
+        ``max_share`` caps any one spot's popularity and ``max_cell_ratio`` any one cell's
+        (the phone's ``max_decoy_share`` and ``max_decoy_cell_ratio``; the excess goes to the
+        others in proportion), so a document that sinks all popularity into one spot, or the
+        spots of one cell, cannot send every persona there. Unlike the decoys' draw there is
+        no uniform share: personas should go where people go, and the caps leave an honest
+        document's popularity as it is."""
         rows, counts = doc.anchors()
         looks = rows.decode()
         if doc.basis is not None:
@@ -55,8 +64,9 @@ class Catalogue:
         keep = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon) & (counts > 0))
         if not len(keep):
             raise BadResponseError("the public document has no spot with coordinates and looks")
-        popularity = doc.popularity[keep]
-        return cls(doc.ids[keep].tolist(), lat[keep], lon[keep], popularity / popularity.sum(),
+        cells = None if max_cell_ratio is None else doc.columns["cell"][keep]
+        popularity = decoy_weights(doc.popularity[keep], max_share, 0.0, cells, max_cell_ratio or 1.0)
+        return cls(doc.ids[keep].tolist(), lat[keep], lon[keep], popularity,
                    [_unit_rows(parts[r]) for r in keep], doc.spread, doc.version)
 
 

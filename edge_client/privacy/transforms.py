@@ -7,6 +7,11 @@ publishes in ``/v1/public`` (``fit`` takes the parsed document,
 and it draws all its randomness from the generator it is handed, so a seed
 fixes every query. Every request a transform makes has one size on the
 wire (``pad``), so the size says nothing about the query.
+
+Decoys follow the published popularity only as far as the phone's floors
+allow (``max_decoy_share``, ``decoy_uniform``, ``max_decoy_cell_ratio``:
+:func:`edge_client.privacy.floors.decoy_weights`), so a server that lies about
+popularity can shape the decoys, never steer them.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from ..errors import ConfigError
 from ..protocol import wire
 from ..protocol.public import PublicParams, parse
 from ..vision.extractor import l2_normalize, random_mixture
+from . import floors
 from .recognizer import Projector, projector
 
 
@@ -28,10 +34,20 @@ class Transform:
     name: ClassVar[str] = ""
     default_strength: ClassVar[float] = 0.0
     default_k: ClassVar[int] = 10
+    # How the decoys' spots follow popularity (the phone's floors; the client sets them from its config).
+    max_decoy_share: float = floors.MAX_DECOY_SHARE
+    decoy_uniform: float = floors.DECOY_UNIFORM
+    max_decoy_cell_ratio: float = floors.MAX_DECOY_CELL_RATIO
 
     def __init__(self, strength: float | None = None, k: int | None = None):
         self.strength = strength
         self.k = k
+
+    def decoy_draw(self, popularity: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """The decoys' draw over spots (each in its cell of ``cells``): ``popularity`` mixed with
+        a uniform draw and capped per spot and per cell."""
+        return floors.decoy_weights(popularity, self.max_decoy_share, self.decoy_uniform, cells,
+                                    self.max_decoy_cell_ratio)
 
     @property
     def strength_(self) -> float:
@@ -92,9 +108,10 @@ class Mix(Transform):
     """Decoy mixing: the query blends the true feature with decoys from a public pool.
 
     The pool is the server's published prototypes lifted back to feature
-    space, each decoy perturbed; the decoys' spots follow popularity and the
-    weights are random. ``strength`` is the decoys' expected share of the
-    blend (0 = the raw feature). A server that knows the pool can explain the
+    space, each decoy perturbed; the decoys' spots follow popularity (capped and
+    mixed with a uniform draw, :meth:`Transform.decoy_draw`) and the weights are
+    random. ``strength`` is the decoys' expected share of the blend (0 = the raw
+    feature). A server that knows the pool can explain the
     decoys away (see ``tools/evaluate/attackers.py``), which is why this family loses
     to cells; it is here as the comparison the paper's idea invites.
     """
@@ -110,8 +127,12 @@ class Mix(Transform):
         if not doc.n_cells or doc.basis is None:
             raise ConfigError("the mix transform needs the server's published prototypes and codec")
         self.pool_ = l2_normalize(doc.blocks["prototypes"].decode() @ doc.basis.astype(np.float32))
-        popularity = doc.popularity[doc.spot_of("prototypes")]
-        self.weights_ = popularity / popularity.sum()
+        counts = doc.columns["n_prototypes"].astype(np.float64)
+        spots = np.zeros(len(doc))  # each spot's share, as before spread over its prototypes
+        drawn = counts > 0
+        spots[drawn] = self.decoy_draw((doc.popularity * counts)[drawn], doc.columns["cell"][drawn])
+        weights = (spots / np.maximum(counts, 1))[doc.spot_of("prototypes")]
+        self.weights_ = weights / weights.sum()
         return self
 
     def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
@@ -135,7 +156,9 @@ class Cells(Transform):
     names few, and where places look alike it names more and keeps recall.
     ``strength`` decoy groups are then drawn *the same way from a fictitious
     photo*: a spot picked by popularity, a random mixture of its prototypes
-    (:meth:`decoy`), its cells chosen by the same rule. The query is the
+    (:meth:`decoy`), its cells chosen by the same rule; the popularity is capped
+    and mixed with a uniform draw (:meth:`Transform.decoy_draw`), so a server's
+    popularity shapes the decoys but cannot steer them. The query is the
     sorted union, so the server sees several equally plausible groups and
     cannot say which one is real; it answers with every spot of every named
     cell.
@@ -192,8 +215,9 @@ class Cells(Transform):
         if len(np.unique(cell_of)) != self.n_cells_:
             raise ConfigError("every published cell must hold at least one prototype")
         # A decoy starts from a prototype of its spot: a spot without one is never drawn.
-        popularity = np.asarray(popularity, np.float64) * (np.bincount(self.prototype_spot_, minlength=len(spot_cell)) > 0)
-        self.popularity_ = popularity / popularity.sum()
+        drawn = np.bincount(self.prototype_spot_, minlength=len(spot_cell)) > 0
+        self.popularity_ = np.zeros(len(spot_cell))
+        self.popularity_[drawn] = self.decoy_draw(np.asarray(popularity, np.float64)[drawn], spot_cell[drawn])
         return self
 
     def transform(self, feature: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
@@ -218,8 +242,8 @@ class Cells(Transform):
         return tuple(int(c) for c in order[: max(min(self.min_cells, self.k_), close)])
 
     def decoy(self, rng: np.random.Generator) -> np.ndarray:
-        """A fictitious photo's codec-space vector: a spot drawn by popularity and a random
-        mixture of its prototypes (Dirichlet, ``decoy_alpha``).
+        """A fictitious photo's codec-space vector: a spot drawn by popularity (capped and mixed
+        with a uniform draw) and a random mixture of its prototypes (Dirichlet, ``decoy_alpha``).
 
         Not a prototype itself: a cluster centre is more typical than any photo, one of
         only ~3 per spot, so its cells were a short list a transform-aware server could

@@ -2,7 +2,8 @@
 
     python -m tools.evaluate privacy --dataset DIR --out OUT [--transform NAME --strength S --k K]
                                      [--sweep] [--server URL] [--seed N] [--links 1,2,3,5]
-                                     [--structure-seeds N]
+                                     [--structure-seeds N] [--server-config FILE] [--cell-min-spots N]
+                                     [--client-config FILE]
 
 Split: per spot, about 20% of its photos (at least one, chosen by a hash of
 the file name) are queries and never in the gallery; spots with fewer than 5
@@ -24,6 +25,13 @@ derived with the N - 1 k-means seeds after the server's (``structure_seed``,
 and standard error over the seeds say how much of a difference between two
 versions the starts alone can make.
 
+The in-process server runs with ``--server-config`` (a JSON file of
+``ServerConfig`` fields, as ``enfpire-server --config`` takes) and
+``--cell-min-spots``; the phones with ``--client-config`` (``ClientConfig``
+fields: their privacy floors, for instance). A phone whose floors refuse the
+server's public document sends nothing: the run then reports the refusal
+(``refused`` in metrics.json, with the floor and its message) and no figures.
+
 Writes OUT/metrics.json, OUT/report.md, OUT/curves.png, OUT/open_set.png and OUT/linked.png.
 """
 from __future__ import annotations
@@ -39,8 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from edge_client.errors import ConfigError, PrivacyFloorError
 from edge_client.privacy.recognizer import Recognition
 from edge_client.privacy.transforms import DEFAULT_TRANSFORM, Transform, make_transform
+from lite_server.config import ServerConfig, load_config
 from lite_server.search.lookup import Lookup
 from tools import dataset as ds
 from tools.evaluate import attackers as atk
@@ -114,16 +124,41 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]]) -> dict
             "strongest_attacker": strongest, "attackers": results}
 
 
+def _client_settings(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the client config {path}: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"the client config {path} must hold a JSON object")
+    return settings
+
+
 def privacy(args: argparse.Namespace) -> dict[str, Any]:
-    env = prepare(args.dataset, args.server, args.tune)
+    server = load_config(ServerConfig, getattr(args, "server_config", None),
+                         cell_min_spots=getattr(args, "cell_min_spots", None))
+    env = prepare(args.dataset, args.server, args.tune, config=server,
+                  client_settings=_client_settings(getattr(args, "client_config", None)))
     base = baseline(env)
     answers: list[tuple[str, Recognition]] = []
     metrics: dict[str, Any] = {
         "dataset": str(args.dataset), "n_spots": len(env.index.spots), "n_queries": int(len(env.queries)),
         "n_gallery": int(len(env.gallery)), "spots_left_out": env.left_out, "baseline_top1": base,
         "seed": args.seed, "split": "tuning (gallery only)" if args.tune else "queries",
-        "default": run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k, args.seed, answers),
+        "server": {"cell_min_spots": server.cell_min_spots, "n_cells": env.lookup.n_cells,
+                   "structure_seed": server.structure_seed},
+        "client": env.client_settings,
     }
+    try:
+        metrics["default"] = run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k,
+                                         args.seed, answers)
+    except PrivacyFloorError as exc:  # the phone refused the document: nothing was sent, nothing to measure
+        metrics["refused"] = {"floor": exc.floor, "value": exc.value, "required": exc.required,
+                              "message": str(exc)}
+        log.warning("%s", exc)
+        return metrics
     if args.outside is not None:
         transform = make_transform(args.transform or DEFAULT_TRANSFORM, args.strength, args.k)
         others = openset.other_datasets(args.dataset) if args.outside == "auto" else \
@@ -188,6 +223,8 @@ def write_outputs(metrics: dict[str, Any], out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text(report(metrics, command))
+    if "refused" in metrics:
+        return
     plot(metrics, out / "curves.png")
     if "open_set" in metrics["default"]:
         openset.plot(metrics, out / "open_set.png")
@@ -205,6 +242,13 @@ def _row(run: dict[str, Any], base: float) -> str:
 
 def report(metrics: dict[str, Any], command: str) -> str:
     base = metrics["baseline_top1"]
+    if "refused" in metrics:
+        return "\n".join([
+            "# Privacy evaluation", "", f"Command: `{command}`", "",
+            f"Dataset {metrics['dataset']}: {metrics['n_spots']} spots; the server's cells: "
+            f"cell_min_spots {metrics['server']['cell_min_spots']}, {metrics['server']['n_cells']} cells.", "",
+            f"**Refused by the phone** (floor `{metrics['refused']['floor']}`): {metrics['refused']['message']}.",
+            "No candidates request was sent, so there is nothing for the server to attack.", ""])
     head = ("| transform | strength | k | user top-1 | recall | candidates | server naive | server aware | "
             "aware top-5 | median rank | strongest | KiB/query |\n|" + "---|" * 12)
     runs = [metrics["default"]] + metrics.get("sweep", [])
@@ -320,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the default setting on structures derived with the N-1 k-means seeds "
                         "after the server's structure_seed and report each figure's mean and standard "
                         "error (in-process server only)")
+    p.add_argument("--server-config", type=Path, metavar="FILE",
+                   help="JSON file of ServerConfig fields for the in-process server (e.g. cell_min_spots)")
+    p.add_argument("--cell-min-spots", type=int, metavar="N",
+                   help="the in-process server's cell_min_spots (overrides --server-config)")
+    p.add_argument("--client-config", type=Path, metavar="FILE",
+                   help="JSON file of ClientConfig fields for every phone (e.g. its privacy floors)")
     p.add_argument("-v", "--verbose", action="store_true")
     history.add_parser(sub, ds.DEFAULT_DATASET)
     args = parser.parse_args(argv)
@@ -328,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return history.main(args, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
     if args.structure_seeds > 1 and args.server:
         parser.error("--structure-seeds derives structures in-process: it cannot vary a --server's")
+    if args.server and (args.server_config or args.cell_min_spots is not None):
+        parser.error("--server-config and --cell-min-spots set the in-process server: not a --server's")
     from threadpoolctl import threadpool_limits
 
     # Thousands of small products: BLAS threads only fight each other (about 5x slower here).

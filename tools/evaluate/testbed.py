@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
+from edge_client.config import load_config as load_client_config
 from edge_client.privacy.cache import AnswerCache
 from edge_client.privacy.transforms import Transform, make_transform
 from edge_client.vision.extractor import Extractor
@@ -42,6 +43,8 @@ class Env:
     index: Index
     lookup: Lookup
     server_url: str | None = None
+    #: ClientConfig fields every phone of the run gets (e.g. its privacy floors), over the defaults.
+    client_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def truth(self) -> np.ndarray:
@@ -53,8 +56,9 @@ class Env:
                stable_decoys: bool = True) -> Client:
         """A phone with ``transform`` on the evaluated server; without ``cache`` it keeps no
         answers, as every single query is another phone's."""
-        config = ClientConfig(server=self.server_url or ClientConfig.server, seed=seed, cache=cache is not None,
-                              stable_decoys=stable_decoys)
+        config = load_client_config(ClientConfig, env={}, **{
+            **self.client_settings, "server": self.server_url or ClientConfig.server, "seed": seed,
+            "cache": cache is not None, "stable_decoys": stable_decoys})
         client = Client(config, self.extractor, transform, cache)
         if not self.server_url:
             client.config = dataclasses.replace(config, server=mount(client.session, self.app))
@@ -80,9 +84,11 @@ class Env:
 
 
 def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
-            config: ServerConfig | None = None) -> Env:
+            config: ServerConfig | None = None, client_settings: dict[str, Any] | None = None) -> Env:
     """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
-    alone, split again, so settings are chosen without ever seeing a query."""
+    alone, split again, so settings are chosen without ever seeing a query. ``config``
+    is the in-process server's (default: its defaults and ``ENFPIRE_*`` variables),
+    ``client_settings`` the phones' ClientConfig fields over their defaults."""
     data = ds.load_dataset(dataset)
     gallery, queries, left_out = ds.split(data)
     if tune:
@@ -96,7 +102,8 @@ def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, ca
     except BadIndexError:
         index = ds.build_from_features(data, gallery, features, extractor, index_dir)
     lookup = Lookup(index, config or load_config(ServerConfig))
-    return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url)
+    return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url,
+               dict(client_settings or {}))
 
 
 def baseline(env: Env) -> float:
