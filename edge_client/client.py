@@ -40,10 +40,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import requests
 from urllib3.exceptions import HTTPError as TransportError
+from urllib3.exceptions import LocationValueError
 
-from .config import ClientConfig
+from .config import ClientConfig, origin
 from .errors import (
     BadResponseError,
+    ConfigError,
     ConsistencyError,
     EnfPireError,
     IncompatibleServerError,
@@ -70,6 +72,9 @@ RETRY_STATUSES = {429, 502, 503, 504}
 PROTOCOL = 1
 MAX_ANSWER = 32 << 20  # bytes; a full candidates answer is under 2 MB
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
+#: What requests raises for a URL it cannot send to (ClientConfig refuses most of them earlier).
+URL_ERRORS = (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+              requests.exceptions.URLRequired, LocationValueError)
 
 
 class Client:
@@ -416,8 +421,13 @@ class Client:
         return transport.exchange(method, path, data)
 
     def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> Answer:
-        response = self.session.request(method, url, data=data, headers=headers, stream=True,
-                                        timeout=(self.config.connect_timeout, self.config.read_timeout))
+        try:
+            response = self.session.request(method, url, data=data, headers=headers, stream=True,
+                                            timeout=(self.config.connect_timeout, self.config.read_timeout))
+        except URL_ERRORS as exc:
+            raise _url_error(self.session, url, exc) from None
+        except requests.TooManyRedirects:
+            raise BadResponseError(f"{url} redirects without end") from None
         content = _read_answer(response, self.config.read_timeout)
         return Answer(response.status_code, response.headers, content, response.reason or "",
                       _sent_bytes(response), _received_bytes(response, content))
@@ -479,6 +489,19 @@ def clear_caches(config: ClientConfig, every_server: bool = False) -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+def _url_error(session: requests.Session, url: str, exc: Exception) -> Exception:
+    """A typed error for a URL requests refused: this device's setting (:class:`ConfigError`), or a
+    redirect the server sent to somewhere that cannot be followed (:class:`BadResponseError`)."""
+    if isinstance(exc, requests.exceptions.InvalidProxyURL):
+        return ConfigError(f"the proxy for {url} (HTTP_PROXY, HTTPS_PROXY) is not a valid URL: {exc}")
+    try:
+        origin(url)
+        session.get_adapter(requests.Request("GET", url).prepare().url or "")
+    except (ConfigError, *URL_ERRORS):
+        return ConfigError(f"cannot send a request to {url!r}: {exc}")
+    return BadResponseError(f"{url} redirected to a URL that cannot be followed: {exc}")
 
 
 def _is_info(info: Any) -> bool:

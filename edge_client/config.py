@@ -8,8 +8,10 @@ read their settings the same way.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -111,6 +113,17 @@ class ClientConfig:
             raise ConfigError(f"decoy_uniform must be in [0, 1], got {self.decoy_uniform}")
         if not self.max_decoy_cell_ratio >= 1.0:
             raise ConfigError(f"max_decoy_cell_ratio must be at least 1, got {self.max_decoy_cell_ratio}")
+        server = origin(self.server, "server")
+        parts = urlsplit(self.server)
+        if parts.query or parts.fragment or self.server.endswith(("?", "#")):
+            raise ConfigError(f"server {self.server!r} must not carry a query or fragment: the API paths follow it")
+        if self.gateway_keys_url:
+            origin(self.gateway_keys_url, "gateway_keys_url")
+        # A relay is there to hide the device's address from the server: one at the server's own origin
+        # hides nothing, and the key fetched through it would be pinned as if it came through a relay.
+        if self.relay and origin(self.relay, "relay") == server:
+            raise ConfigError(f"relay {self.relay!r} is the server itself ({_spell(server)}): the server would see "
+                              "this device's address; give a separate Oblivious HTTP relay, or no relay")
 
     def model_path(self) -> Path:
         """The extractor's file: ``model`` as a path, or the file registered under that name."""
@@ -130,6 +143,52 @@ class ClientConfig:
 
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else Path.home() / ".enfpire"
+
+
+#: The port part of a URL's authority: digits only (``urlsplit`` alone also takes "+80" or " 80").
+_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::([0-9]*))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str, name: str = "url") -> tuple[str, str, int]:
+    """The origin ``(scheme, host, port)`` of ``url``, which must be an ``http(s)://`` URL with a host and,
+    if any, a port in 1-65535; a one-line :class:`ConfigError` naming ``name`` otherwise.
+
+    Scheme and host are lower-cased, an IP address written canonically and the default port filled in,
+    so two spellings of one origin compare equal. Host names are not resolved: ``localhost`` and
+    ``127.0.0.1`` are different origins here.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ConfigError(f"{name} {url!r} holds a space or control character")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # out of range or not a number: ValueError
+    except ValueError as exc:  # also a bad IPv6 literal
+        raise ConfigError(f"{name} {url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not url[len(scheme) + 1:].startswith("//"):
+        hint = "" if "://" in url or url.lower().startswith(("http:", "https:")) else f" (did you mean 'http://{url}'?)"
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}{hint}")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise ConfigError(f"{name} {url!r} has no host")
+    if _PORT.fullmatch(parts.netloc.rpartition("@")[2]) is None or port == 0:
+        raise ConfigError(f"{name} {url!r} is not a valid URL: the port must be a number in 1-65535")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        try:
+            host.encode("idna")  # what the connection will do: an empty or over-long label fails there
+        except UnicodeError:
+            raise ConfigError(f"{name} {url!r} is not a valid URL: {host!r} is not a host name") from None
+    return scheme, host, port or _DEFAULT_PORTS[scheme]
+
+
+def _spell(where: tuple[str, str, int]) -> str:
+    scheme, host, port = where
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def load_config(

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from edge_client.protocol import wire
+from lite_server.api.openapi import MAX_SCALE, spec
 from tools.live import LiveServer
 
 # No shrinking: a failing body is reported as found (shrinking kilobytes of base64 takes minutes).
@@ -110,8 +111,9 @@ VECTORS = st.sampled_from([_VECTOR, wire.encode(np.ones(1280), "float32"), {**_V
                            {"dtype": "uint8", "shape": [1280], "data": wire.encode(np.ones(1280), "uint8")["data"]},
                            wire.encode(np.ones(1280), "uint8"), [], "x"])
 FIELDS = {"vector": VECTORS,
-          "k": st.sampled_from([1, 5, 64, 65, 0, -1, 2.5, "3", True, None]),
-          "cells": st.lists(st.integers(-1, 3), max_size=4) | st.sampled_from([[0, 0], "0", [True], [0.5]]),
+          "k": st.sampled_from([1, 5, 64, 65, 0, -1, 2.5, 3.0, "3", True, None]),
+          "cells": st.lists(st.integers(-1, 3), max_size=4) | st.sampled_from([[0, 0], "0", [True], [0.5], [0.0],
+                                                                               [1.0, 0], [0.0, 0]]),
           "pad": st.sampled_from(["", "xxx", 3, None]),
           "where": st.just("here")}
 # Any subset of the fields, and bodies of one kind with one field off, so both answers come up often.
@@ -144,6 +146,72 @@ def test_a_body_with_both_vector_and_cells_is_refused_by_both(live_server: LiveS
     assert not jsonschema.Draft202012Validator(_schema(document, "CandidatesRequest")).is_valid(body)
     response = _post(live_server, session, body)
     assert response.status_code == 400 and response.json()["error"]["code"] == "missing_field"
+
+
+def _cells_schema(document: dict[str, Any]) -> dict[str, Any]:
+    return document["components"]["schemas"]["CandidatesRequest"]["oneOf"][1]["properties"]["cells"]
+
+
+def _edges(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Bodies on the schema's edges (found by schemathesis against /openapi.json): a scale just over
+    the maximum, integers spelt as floats (integers to JSON Schema), integers beyond any float."""
+    last = _cells_schema(document)["maxItems"] - 1
+    # every code 1, so the values stay finite float32 up to a scale of 3.4e38: only the maximum refuses
+    small = {"dtype": "uint8", "shape": [1280], "data": base64.b64encode(np.ones(1280, np.uint8).tobytes()).decode()}
+    signed = wire.encode(np.ones(1280), "int8")
+    over = MAX_SCALE * (1 + 2 ** -52)
+    return [
+        ("scale over the maximum", {"vector": {**small, "scale": over}, "k": 1}),
+        ("int8 scale over the maximum", {"vector": {**signed, "scale": [over]}, "k": 1}),
+        ("integer scale over the maximum", {"vector": {**small, "scale": 10 ** 37}, "k": 1}),
+        ("integer scale beyond any float", {"vector": {**small, "scale": 10 ** 400}, "k": 1}),
+        ("scale at the maximum", {"vector": {**small, "scale": MAX_SCALE}, "k": 1}),
+        ("large integer scale", {"vector": {**small, "scale": 10 ** 19}, "k": 1}),
+        ("cells as floats", {"cells": [0.0]}),
+        ("the last cell as a float", {"cells": [float(last)]}),
+        ("a cell twice, once as a float", {"cells": [0.0, 0]}),
+        ("a fractional cell", {"cells": [0.5]}),
+        ("k as a float", {"vector": _VECTOR, "k": 3.0}),
+        ("k true", {"vector": _VECTOR, "k": True}),
+        ("shape as floats", {"vector": {**_VECTOR, "shape": [1.0, 1280.0]}, "k": 2}),
+        ("int8 scale shape as a float", {"vector": {**signed, "scale": {**signed["scale"], "shape": [1.0]}}, "k": 2}),
+    ]
+
+
+def test_the_edges_of_the_schema_are_the_edges_of_the_server(live_server: LiveServer, session: requests.Session,
+                                                             document: dict[str, Any]) -> None:
+    """On each edge the server answers as the document says: 200 when valid, else 400 with a code."""
+    validator = jsonschema.Draft202012Validator(_schema(document, "CandidatesRequest"))
+    verdicts = {}
+    for name, body in _edges(document):
+        valid = validator.is_valid(body)
+        response = _post(live_server, session, body)
+        verdicts[name] = (valid, response.status_code)
+        if not valid:
+            assert response.status_code == 400 and response.json()["error"]["code"], (name, response.text[:200])
+        assert (response.status_code == 200) == valid, (name, valid, response.status_code, response.text[:200])
+    assert sorted(name for name, (valid, _) in verdicts.items() if valid) == sorted([
+        "scale at the maximum", "large integer scale", "cells as floats", "the last cell as a float", "k as a float",
+        "shape as floats", "int8 scale shape as a float"])
+
+
+def test_every_schema_in_the_document_is_a_valid_json_schema() -> None:
+    """Each schema (components and the media types of bodies and answers) passes the 2020-12
+    metaschema, and the binary bodies say so in both spellings fuzzers read."""
+    document = spec(1280, 64, 16)
+    for schema in document["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    media = [(path, media_type, content["schema"]) for path, item in document["paths"].items()
+             for operation in item.values()
+             for part in [operation.get("requestBody", {}), *operation["responses"].values()]
+             for media_type, content in part.get("content", {}).items()]
+    for path, media_type, schema in media:
+        jsonschema.Draft202012Validator.check_schema(schema)
+        if not media_type.endswith("json"):
+            assert schema["format"] == "binary" and schema["contentMediaType"] == media_type, (path, schema)
+    body = document["paths"]["/ohttp"]["post"]["requestBody"]["content"]["message/ohttp-req"]["schema"]
+    assert body["minLength"] == 55
+    assert "/ohttp" not in spec(ohttp=False)["paths"]
 
 
 def test_cli_prints_nothing_from_the_tflite_runtime(held_out: list[tuple[str, Path]]) -> None:

@@ -178,3 +178,43 @@ def test_large_answers_are_gzipped_for_clients_that_accept_it(client: Any, query
     assert "Content-Encoding" not in plain.headers and packed.headers["Content-Encoding"] == "gzip"
     assert json.loads(gzip.decompress(packed.data)) == plain.get_json()
     assert len(packed.data) < 0.85 * len(plain.data)
+
+
+def test_the_document_lists_the_gateway_only_where_it_is_served(client: Any, index_dir: Path) -> None:
+    """A fuzzer reads /openapi.json: without a gateway (ohttp_keys off) it must not be sent to one that
+    answers 404, and with one it finds the sealed body described as bytes."""
+    from lite_server.api.app import create_app
+    from lite_server.config import ServerConfig
+
+    served = client.get("/openapi.json").get_json()["paths"]
+    body = served["/ohttp"]["post"]["requestBody"]["content"]["message/ohttp-req"]["schema"]
+    assert body["format"] == "binary" and body["minLength"] == 55
+    assert client.post("/ohttp", data=bytes(54), content_type="message/ohttp-req").status_code == 400
+    off = create_app(ServerConfig(index=str(index_dir), ohttp_keys="off")).test_client()
+    assert not {"/ohttp", "/.well-known/ohttp-gateway"} & set(off.get("/openapi.json").get_json()["paths"])
+    assert off.get("/.well-known/ohttp-gateway").status_code == 404
+
+
+@pytest.mark.parametrize("body", [{"cells": [0.0]}, {"cells": [1.0, -0.0]}, {"k": 3.0}], ids=["0.0", "1.0 and -0.0", "k 3.0"])
+def test_integers_spelt_as_floats_are_integers(client: Any, query: np.ndarray, body: dict[str, Any]) -> None:
+    """JSON Schema (the published contract) calls 0.0 an integer, so the server does too."""
+    if "k" in body:
+        body = {**body, "vector": _vector(query)}
+        same = {**body, "k": 3}
+    else:
+        same = {"cells": [int(c) for c in body["cells"]]}
+    response = client.post("/v1/candidates", json=body)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == client.post("/v1/candidates", json=same).get_json()
+
+
+@pytest.mark.parametrize("scale", [1e36 * (1 + 2 ** -52), 3e38, 10 ** 37, 10 ** 400], ids=["just over", "float32 max",
+                                                                                         "big int", "huge int"])
+def test_a_scale_over_the_documented_maximum_is_400(client: Any, scale: float) -> None:
+    """The document says a scale is at most 1e36 (its largest code times it stays a finite float32):
+    the server says so too, never 200 nor 500."""
+    ones = base64.b64encode(np.ones(1280, np.uint8).tobytes()).decode()
+    for vector in ({"dtype": "uint8", "shape": [1280], "data": ones, "scale": scale},
+                   {"dtype": "int8", "shape": [1280], "data": ones, "scale": [scale]}):
+        status, error = _post(client, {"vector": vector, "k": 1})
+        assert status == 400 and error["code"] == "bad_vector" and "scale" in error["message"], (status, error)

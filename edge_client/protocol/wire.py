@@ -31,6 +31,7 @@ DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dt
 ARRAY_DTYPES = {**DTYPES, "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"), "uint32": np.dtype("<u4"),
                 "int32": np.dtype("<i4")}
 MAX_ELEMENTS = 1 << 24  # a bound on what one decoded matrix may allocate
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class WireError(EnfPireError, ValueError):
@@ -116,10 +117,10 @@ def _raw(obj: dict[str, Any], dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
+def decode(obj: Any, expect_dim: int | None = None, max_scale: float | None = None) -> np.ndarray:
     """Decode an encoded matrix to float32, checking every field; ``WireError`` otherwise.
 
-    With ``expect_dim`` the last axis must have that length.
+    With ``expect_dim`` the last axis must have that length; with ``max_scale`` no scale may exceed it.
     """
     if not isinstance(obj, dict):
         raise WireError("an encoded matrix must be an object with dtype, shape and data")
@@ -132,9 +133,9 @@ def decode(obj: Any, expect_dim: int | None = None) -> np.ndarray:
     if expect_dim is not None and (not shape or shape[-1] != expect_dim):
         raise WireError(f"expected vectors of dimension {expect_dim}, got shape {shape}")
     if dtype == np.uint8:
-        matrix *= _scale(obj.get("scale"))
+        matrix *= _scale(obj.get("scale"), max_scale)
     elif dtype == np.int8:
-        matrix *= _row_scales(obj.get("scale"), shape)
+        matrix *= _row_scales(obj.get("scale"), shape, max_scale)
     if not np.isfinite(matrix).all():
         raise WireError("values must be finite (no NaN or infinity)")
     return matrix
@@ -162,10 +163,22 @@ def quantize(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def integer(value: Any) -> int | None:
+    """``value`` as an int when JSON Schema calls it an integer (``3`` or ``3.0``, never ``true``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _shape(shape: Any) -> list[int]:
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+    sizes = [integer(n) for n in shape] if isinstance(shape, list) and len(shape) <= 2 else []
+    if not 1 <= len(sizes) <= 2 or not all(n is not None and n >= 0 for n in sizes):
         raise WireError("shape must be a list of one or two non-negative integers")
+    shape = sizes
     # Python ints: numpy's int64 product can wrap to 0. Each axis too: numpy refuses a giant axis
     # even beside a zero one ([0, 2**62] has no elements but is "too big"; the fuzzer found it).
     if math.prod(shape) > MAX_ELEMENTS or max(shape) > MAX_ELEMENTS:
@@ -173,17 +186,24 @@ def _shape(shape: Any) -> list[int]:
     return shape
 
 
-def _row_scales(scales: Any, shape: list[int]) -> np.ndarray:
+def _row_scales(scales: Any, shape: list[int], max_scale: float | None = None) -> np.ndarray:
     rows = shape[0] if len(shape) == 2 else 1
     if isinstance(scales, dict):  # exact float16 scales (encode_codes)
         scales = decode_array(scales, "float16").astype(np.float64).tolist()
     if not isinstance(scales, list) or len(scales) != rows:
         raise WireError(f"an int8 matrix needs a list of {rows} scale(s), one per row")
-    column = np.array([_scale(s) for s in scales], dtype=np.float32)
+    column = np.array([_scale(s, max_scale) for s in scales], dtype=np.float32)
     return column[:, None] if len(shape) == 2 else column
 
 
-def _scale(scale: Any) -> np.float32:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
-        raise WireError("a scale must be a positive, finite number")
-    return np.float32(scale)
+def _scale(scale: Any, max_scale: float | None = None) -> np.float32:
+    """A positive, finite scale (at most ``max_scale``); a JSON integer too, however large."""
+    try:
+        value = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else math.nan
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
+    if not math.isfinite(value) or value <= 0 or value > FLOAT32_MAX:
+        raise WireError("a scale must be a positive, finite number (a float32)")
+    if max_scale is not None and value > max_scale:
+        raise WireError(f"a scale must be at most {max_scale:g}")
+    return np.float32(value)

@@ -18,7 +18,10 @@ full size.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import threading
+import warnings
 from typing import Union
 
 import numpy as np
@@ -26,6 +29,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PhotoError
 from .frame import Frame, squash
+
+log = logging.getLogger(__name__)
+#: ``warnings.catch_warnings`` swaps process-wide state: photos decoded on several threads take turns.
+_WARNINGS_LOCK = threading.Lock()
 
 Photo = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, Frame]
 
@@ -53,7 +60,8 @@ def load_rgb(photo: Photo, size: tuple[int, int], max_pixels: int, fast: bool = 
         return photo.to_rgb(size)
     if isinstance(photo, np.ndarray):
         return _from_array(photo, size)
-    image = photo if isinstance(photo, Image.Image) else _open(photo)
+    opened = None if isinstance(photo, Image.Image) else _open(photo)
+    image = photo if opened is None else opened
     try:
         _check_pixels(image, max_pixels, photo)
         if fast and image.format == "JPEG":
@@ -69,19 +77,47 @@ def load_rgb(photo: Photo, size: tuple[int, int], max_pixels: int, fast: bool = 
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise PhotoError(f"cannot decode photo {describe(photo)}: {exc}") from exc
+    finally:
+        if opened is not None:  # the file closes now, a refused photo's too, not when collected
+            opened.close()
 
 
 def _open(photo: Photo) -> Image.Image:
+    """The photo opened (its header read), with Pillow's ``DecompressionBombWarning`` sent to the log.
+
+    ``max_pixels`` is the limit this library keeps (checked next); Pillow's own warning threshold
+    (``Image.MAX_IMAGE_PIXELS``, ~89 megapixels) lies below the default limit, so a large photo that
+    is accepted would otherwise print a library warning on the user's terminal. Pillow warns when it
+    reads the header, so only the opening is watched (cheap: no pixels are decoded). The record is
+    INFO: the photo is within the limit the user set, so nothing needs doing (``-v`` shows it).
+    """
     try:
         if isinstance(photo, (bytes, bytearray, memoryview)):
             if not len(photo):
                 raise PhotoError("cannot decode photo <0 bytes>: it is empty")
-            return Image.open(io.BytesIO(bytes(photo)))
-        return Image.open(os.fspath(photo))
+            source: object = io.BytesIO(bytes(photo))
+        else:
+            source = os.fspath(photo)
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(source)  # type: ignore[arg-type]
+        _pass_on(caught, photo)
+        return image
     except FileNotFoundError as exc:
         raise PhotoError(f"photo {describe(photo)} does not exist") from exc
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise PhotoError(f"cannot decode photo {describe(photo)}: {exc}") from exc
+
+
+def _pass_on(caught: list[warnings.WarningMessage], photo: Photo) -> None:
+    """Pillow's decompression-bomb warnings to the log; any other warning (another thread's,
+    caught meanwhile) back to the warnings machinery as it came."""
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            log.info("photo %s: Pillow warns: %s (the limit kept is max_pixels)", describe(photo), warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                   source=warning.source)
 
 
 def _check_pixels(image: Image.Image, max_pixels: int, photo: Photo) -> None:

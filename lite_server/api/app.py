@@ -29,7 +29,7 @@ from ..index.store import Index
 from ..search.lookup import Lookup
 from ..search.publication import Publisher, document
 from .admission import Admission, install_admission
-from .openapi import spec
+from .openapi import MAX_SCALE, spec
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1
@@ -47,6 +47,7 @@ class Service:
         self.config = config
         self._lock = threading.Lock()
         self.publisher = Publisher()
+        self.ohttp = False  # the Oblivious HTTP gateway is served (set by _install_ohttp)
         self.lookup: Lookup | None = lookup
         if lookup is None and (index is not None or config.index):
             self.load(index or Index.load(config.index))
@@ -91,11 +92,13 @@ def create_app(config: ServerConfig | None = None, index: Index | None = None, l
 def _install_ohttp(app: Flask, config: ServerConfig) -> None:
     """The Oblivious HTTP gateway (``lite_server.ohttp.gateway``) when the ``ohttp`` extra is installed."""
     try:
+        from ..ohttp.gateway import EXTENSION as GATEWAY
         from ..ohttp.gateway import install_gateway
     except ImportError as exc:
         log.warning("no Oblivious HTTP gateway: %s (pip install 'enfpire[ohttp]')", exc)
         return
     install_gateway(app, config)
+    app.extensions[EXTENSION].ohttp = GATEWAY in app.extensions
 
 
 def _log_peer() -> None:
@@ -192,8 +195,8 @@ def _routes() -> Any:
         svc = service()
         lookup = svc.lookup
         if lookup is None:
-            return jsonify(spec())
-        return jsonify(spec(lookup.index.dim, svc.config.max_k, lookup.n_cells))
+            return jsonify(spec(ohttp=svc.ohttp))
+        return jsonify(spec(lookup.index.dim, svc.config.max_k, lookup.n_cells, ohttp=svc.ohttp))
 
     return api
 
@@ -255,13 +258,13 @@ def parse_candidates(body: dict[str, Any], dim: int, max_k: int, n_cells: int) -
         if "k" in body:
             raise ApiError(400, "unknown_field", "k goes with a vector query, not with cells")
         return {"cells": _cells(body["cells"], n_cells)}
-    k = body.get("k")
-    if isinstance(k, bool) or not isinstance(k, int):
+    k = wire.integer(body.get("k"))  # 3.0 is an integer to JSON Schema, so here too
+    if k is None:
         raise ApiError(400, "bad_k", "k must be an integer")
     if not 1 <= k <= max_k:
         raise ApiError(400, "bad_k", f"k must be between 1 and {max_k}")
     try:
-        vector = wire.decode(body["vector"], expect_dim=dim)
+        vector = wire.decode(body["vector"], expect_dim=dim, max_scale=MAX_SCALE)
     except wire.WireError as exc:
         raise ApiError(400, "bad_vector", str(exc)) from None
     if vector.size != dim:
@@ -274,9 +277,11 @@ def parse_candidates(body: dict[str, Any], dim: int, max_k: int, n_cells: int) -
 
 
 def _cells(cells: Any, n_cells: int) -> list[int]:
-    if (not isinstance(cells, list) or not cells or len(cells) > n_cells
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n_cells for c in cells)):
+    """Cell ids as ints: integers in JSON Schema's sense, so ``0.0`` is cell 0 (``true`` is no cell)."""
+    ids = [wire.integer(c) for c in cells] if isinstance(cells, list) and 0 < len(cells) <= n_cells else []
+    valid = [c for c in ids if c is not None and 0 <= c < n_cells]
+    if not valid or len(valid) != len(ids):
         raise ApiError(400, "bad_cells", f"cells must be a non-empty list of distinct cell ids in [0, {n_cells})")
-    if len(set(cells)) != len(cells):
+    if len(set(valid)) != len(valid):
         raise ApiError(400, "bad_cells", "cells must be distinct")
-    return cells
+    return valid

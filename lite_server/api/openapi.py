@@ -187,18 +187,30 @@ def _op(summary: str, ok: str, errors: tuple[int, ...] = ()) -> dict[str, Any]:
     return {"summary": summary, "responses": responses}
 
 
-def _binary(media_type: str, description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {media_type: {"schema": {"type": "string", "contentMediaType": media_type}}}}
+#: The shortest encapsulated request (RFC 9458 section 4.3): key id, KEM, KDF and AEAD ids (7 bytes),
+#: the X25519 encapsulated key (32) and an AEAD tag (16) around an empty binary HTTP message.
+MIN_OHTTP_REQUEST = 7 + 32 + 16
+
+
+def _binary(media_type: str, description: str, **limits: int) -> dict[str, Any]:
+    """Raw bytes of ``media_type``: ``format: binary`` (OpenAPI 3.0's spelling, which fuzzers and code
+    generators read) besides 3.1's ``contentMediaType``; ``limits`` (minLength...) count bytes."""
+    schema = {"type": "string", "format": "binary", "contentMediaType": media_type, **limits}
+    return {"description": description, "content": {media_type: {"schema": schema}}}
 
 
 def _ohttp_paths() -> dict[str, Any]:
     """Oblivious HTTP (RFC 9458): the key configurations and the gateway (``lite_server.ohttp.gateway``)."""
-    errors = {str(code): {"description": "error", **_json("Error")} for code in (400, 413, 415)}
+    errors = {"400": {"description": "code ohttp_key: an unknown key id or algorithms (fetch the key "
+                                     "configurations again); bad_ohttp_message: it does not parse or decrypt",
+                      **_json("Error")},
+              "413": {"description": "larger than max_body plus 1024 bytes", **_json("Error")},
+              "415": {"description": "another Content-Type than message/ohttp-req", **_json("Error")}}
     return {
         "/.well-known/ohttp-gateway": {"get": {
             "summary": "The gateway's key configurations, current key first (RFC 9458 section 3)",
-            "responses": {"200": _binary("application/ohttp-keys", "each key configuration with a 2-byte length")}}},
+            "responses": {"200": _binary("application/ohttp-keys", "each key configuration with a 2-byte length",
+                                         minLength=2)}}},
         "/.well-known/enfpire-keys": {"get": {
             "summary": "The same key configurations, the announced next key and the public document's digest, "
                        "signed by the server's Ed25519 identity (docs/ohttp.md; edge_client.protocol.identity)",
@@ -210,17 +222,21 @@ def _ohttp_paths() -> dict[str, Any]:
                     "public": {"type": "object", "required": ["index_version", "digest", "signature"]}}}}}}}}},
         "/ohttp": {"post": {
             "summary": "Oblivious HTTP gateway: an encapsulated binary HTTP request to any route above, "
-                       "answered as an encapsulated binary HTTP response (the inner status inside); "
-                       "400 with code ohttp_key for an unknown key or algorithm, bad_ohttp_message when "
-                       "it does not parse or decrypt; 413 over max_body plus 1024 bytes",
-            "requestBody": {"required": True, **_binary("message/ohttp-req", "encapsulated request")},
+                       "answered as an encapsulated binary HTTP response (the inner status inside)",
+            "description": "The body is sealed to a key of /.well-known/ohttp-gateway (HPKE): no schema can "
+                           "describe one that opens, so bytes a fuzzer makes up get 400 (never a 5xx). To "
+                           "send them with Schemathesis, register the media type as raw bytes: "
+                           "schemathesis.serializer.alias('message/ohttp-req', 'application/octet-stream').",
+            "requestBody": {"required": True, **_binary("message/ohttp-req", "encapsulated request",
+                                                        minLength=MIN_OHTTP_REQUEST)},
             "responses": {"200": _binary("message/ohttp-res", "encapsulated response"), **errors}}},
     }
 
 
-def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
+def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None,
+         ohttp: bool = True) -> dict[str, Any]:
     """The whole document; with the loaded index's ``dim``, ``max_k`` and ``n_cells`` the
-    candidates request is described exactly."""
+    candidates request is described exactly, and the gateway's paths only when it is served (``ohttp``)."""
     candidates = _op("Candidate spots for a transformed query", "CandidatesResponse", (400, 413, 415, 503))
     candidates["requestBody"] = {"required": True, **_json("CandidatesRequest")}
     public = _op("The public parameters (cells, prototypes, dummies' catalogue, codec) of the index version; "
@@ -242,7 +258,7 @@ def spec(dim: int | None = None, max_k: int | None = None, n_cells: int | None =
             "/.well-known/enfpire-public": {"get": _op(
                 "The public document's digest alone (cacheable): relays and mirrors keep one copy for every "
                 "phone, which compares its own document's digest with it", "SharedPublic", (503,))},
-            **_ohttp_paths(),
+            **(_ohttp_paths() if ohttp else {}),
         },
         "components": {"schemas": {**SCHEMAS, "CandidatesRequest": candidates_request(dim, max_k, n_cells)}},
     }
