@@ -8,13 +8,15 @@
 Split: per spot, about 20% (``--query-fraction``) of its photos (at least one,
 never all, chosen by a hash of the file name) are queries and never in the
 gallery; spots with fewer than 5 (``--min-photos``) photos are left out and
-counted. Everything the evaluation writes goes under ``--out`` and
-``--cache-dir`` (the checkout's ``.cache`` by default: features, indexes, the
-evaluated phones' state_dir, matplotlib's font cache), never under ``~/.enfpire``
-where a real client on the machine keeps its own. The gallery is indexed (features cached per
-dataset and model) and every query goes through the real client code
-(transform, request, JSON, rerank) against the real server code: in-process
-through a WSGI adapter by default, over HTTP with ``--server``.
+counted. The gallery is indexed (features cached per dataset and model) and
+every query goes through the real client code (transform, request, JSON,
+rerank) against the real server code: in-process through a WSGI adapter by
+default, over HTTP with ``--server``.
+
+Everything an evaluation writes goes under ``--out`` and ``--cache-dir`` (the
+checkout's ``.cache`` by default: features, indexes, the evaluated phones'
+state_dir, matplotlib's font cache), never under ``~/.enfpire``, where a real
+client on the same machine keeps its own.
 
 For the cells default it also measures linked photos (``tools.evaluate.linked``): m
 photos of one spot from one phone, with and without the phone's defences.

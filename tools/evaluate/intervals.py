@@ -80,17 +80,6 @@ def statistic_ci95(statistic: Callable[[np.ndarray], float],
     return percentile_interval(np.array(values))
 
 
-def with_ci95(figures: dict[str, float], outcomes: dict[str, np.ndarray],
-              clusters: Sequence[object] | np.ndarray) -> dict[str, object]:
-    """``figures`` with ``<name>_ci95`` beside each one whose per-unit ``outcomes`` are given."""
-    out: dict[str, object] = {}
-    for name, value in figures.items():
-        out[name] = value
-        if name in outcomes:
-            out[f"{name}_ci95"] = mean_ci95(outcomes[name], clusters)
-    return out
-
-
 def verdict(label: str, value: float, interval: Interval | None, bound: float, at_most: bool,
             unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
     """One report line: "``label`` <= bound: met (value, 95% lo..hi)" or "... missed (...)";
