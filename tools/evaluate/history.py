@@ -288,6 +288,10 @@ def plot(traffic: Traffic, catalogue: Catalogue, device: int, path: Path) -> Non
     plt.close(fig)
 
 
+def _ci(interval: list[float] | None) -> str:
+    return f" (95% interval {interval[0]:.3f}..{interval[1]:.3f})" if interval else ""
+
+
 def report(m: dict[str, Any], command: str) -> str:
     """The markdown summary."""
     def row(name: str, r: dict[str, Any]) -> str:
@@ -305,7 +309,8 @@ def report(m: dict[str, Any], command: str) -> str:
         "| generator | dummy ratio | traffic overhead | detector AUC | query-only AUC | route-only AUC | "
         "history precision | history recall | user top-1 |", "|" + "---|" * 9,
         row("personas (default)", m), row("naive baseline", m["naive"]), "",
-        f"Without dummies the same attacker rebuilds histories with precision {nd['history_precision']:.3f} and "
+        f"Without dummies the same attacker rebuilds histories with precision {nd['history_precision']:.3f}"
+        f"{_ci(nd.get('history_precision_ci95'))} and "
         f"recall {nd['history_recall']:.3f} (its single-query spot top-1: {nd['spot_top1']:.3f}); user top-1 "
         f"without dummies {m['user_top1_without_dummies']:.3f}.", "",
         "Targets (95% intervals resample target devices):", "",
