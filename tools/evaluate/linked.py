@@ -50,10 +50,10 @@ def photo_sets(env: Env, m: int) -> list[np.ndarray]:
 
 def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended: bool,
                seed: int) -> tuple[list[list[dict[str, Any]]], np.ndarray, float]:
-    """(bodies each phone sent, per set the share of its photos the user got right (closed
+    """(bodies each phone sent, per set how many of its photos the user got right (closed
     set), requests per photo)."""
     sent: list[list[dict[str, Any]]] = []
-    right: list[float] = []
+    right: list[int] = []
     total = 0
     for i, rows in enumerate(sets):
         # A phone without defences keeps no answers; both start with the server's /v1/info.
@@ -68,7 +68,7 @@ def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended:
                 if body is not None:
                     bodies.append(body)
         sent.append(bodies)
-        right.append(mine / len(rows))
+        right.append(mine)
     return sent, np.array(right), sum(map(len, sent)) / total
 
 
@@ -113,8 +113,8 @@ def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ..
         for mode in out:
             sent, user, per_photo = run_phones(env, transform, sets, mode == "defended", seed)
             figures = attack_sets(bayes, sent, env.truth, env.lookup.spot_cell, base_hits)
-            # Every set has m photos: the mean of the per-set shares is the share over photos.
-            out[mode][str(m)] = {**figures, "user_top1": float(np.mean(user)),
-                                 "user_top1_ci95": iv.mean_ci95(user, env.truth), "requests_per_photo": per_photo}
+            # Every set has m photos: the share over photos, and its interval over sets (of spots).
+            out[mode][str(m)] = {**figures, "user_top1": int(user.sum()) / (m * len(sets)),
+                                 "user_top1_ci95": iv.mean_ci95(user / m, env.truth), "requests_per_photo": per_photo}
             log.info("linked m=%d %s: %s", m, mode, {k: v for k, v in out[mode][str(m)].items() if k != "attackers"})
     return out
