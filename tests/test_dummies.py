@@ -27,6 +27,7 @@ from edge_client.protocol import wire
 from edge_client.vision.extractor import Extractor
 from lite_server.index.store import Index
 from tests.conftest import make_subset
+from tools import dataset as ds
 from tools.inprocess import mount
 from tools.live import LiveServer, free_port
 
@@ -338,12 +339,15 @@ def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
 
     dataset = make_subset(tmp_path / "data", spots=24, per_spot=8)
     args = Namespace(dataset=dataset, out=tmp_path / "out", users=6, train_fraction=0.5, dummies=2, window=6.0,
-                     per_hour=120, transform="", strength=None, k=None, seed=0)
+                     per_hour=120, transform="", strength=None, k=None, seed=0, cache_dir=ds.CACHE,
+                     min_photos=ds.MIN_PHOTOS, query_fraction=ds.QUERY_FRACTION)
     assert history.main(args, "test") == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     fields = ["dummy_ratio", "traffic_overhead", "detector_auc", "history_precision", "history_recall", "user_top1"]
     for block in (metrics, metrics["naive"]):
         assert all(0 <= block[f] <= 3 for f in fields), block
+        for name in ("detector_auc", "history_precision"):  # intervals resample the target devices
+            assert block[f"{name}_ci95"][0] <= block[name] <= block[f"{name}_ci95"][1], (name, block)
         assert 1.5 <= block["dummy_ratio"] <= 2.0
     assert (tmp_path / "out" / "trajectories.png").stat().st_size > 10_000
     assert "detector AUC" in (tmp_path / "out" / "report.md").read_text()

@@ -219,7 +219,7 @@ def test_catalogue_and_dummies_go_through_the_relay_too(gateway: LiveServer, rel
                                                         features: list[tuple[str, np.ndarray]], tmp_path: Path) -> None:
     from edge_client.dummies.generator import PersonaGenerator
     from edge_client.dummies.personas import Movement
-    from edge_client.dummies.scheduler import DummyScheduler, ManualClock, Sent
+    from edge_client.dummies.scheduler import DummyScheduler, ManualClock
 
     day = 1_717_200_000.0 + 9 * 3600  # 09:00 UTC: personas are out
     clock, sent = ManualClock(day), []  # type: tuple[ManualClock, list[Sent]]

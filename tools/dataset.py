@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = ROOT.parent / "shared" / "datasets" / "wa-landmarks"
 CACHE = ROOT / ".cache"
+#: The split's defaults: spots with fewer photos are left out; this share of a spot's photos are queries.
+MIN_PHOTOS = 5
+QUERY_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,10 @@ def _rank_key(path: Path) -> str:
     return hashlib.sha1(path.name.encode()).hexdigest()
 
 
-def split(dataset: Dataset, query_fraction: float = 0.2, min_photos: int = 5,
+def split(dataset: Dataset, query_fraction: float = QUERY_FRACTION, min_photos: int = MIN_PHOTOS,
           rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(gallery rows, query rows, spots left out): per spot, the ``query_fraction``
-    of photos first by sha1 of the file name (at least one) are queries; spots with
+    of photos first by sha1 of the file name (at least one, never all) are queries; spots with
     fewer than ``min_photos`` are left out entirely. ``rows`` restricts the split
     to those photos (splitting a gallery again gives a tuning split)."""
     by_spot: dict[str, list[int]] = {}
@@ -62,7 +65,8 @@ def split(dataset: Dataset, query_fraction: float = 0.2, min_photos: int = 5,
             left_out += 1
             continue
         rows = sorted(rows, key=lambda r: _rank_key(dataset.photos[r][1]))
-        n_query = max(1, round(query_fraction * len(rows)))
+        # At least one query, and at least one gallery photo: a query's spot is always in the index.
+        n_query = min(max(1, round(query_fraction * len(rows))), len(rows) - 1)
         queries += rows[:n_query]
         gallery += rows[n_query:]
     return np.array(sorted(gallery)), np.array(sorted(queries)), left_out

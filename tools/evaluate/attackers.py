@@ -24,6 +24,7 @@ import numpy as np
 from edge_client.privacy.transforms import Transform
 from edge_client.protocol import wire
 from lite_server.search.lookup import Lookup
+from tools.evaluate.intervals import mean_ci95
 
 
 def popularity(photo_spot: np.ndarray, n_spots: int) -> np.ndarray:
@@ -126,9 +127,15 @@ def rank_of_truth(scores: np.ndarray, truth: np.ndarray, rng: np.random.Generato
     return (noisy > true_scores[:, None]).sum(axis=1) + 1
 
 
-def summarize(ranks: np.ndarray) -> dict[str, float]:
-    return {"top1": float(np.mean(ranks == 1)), "top5": float(np.mean(ranks <= 5)),
-            "median_rank": float(np.median(ranks))}
+def summarize(ranks: np.ndarray, clusters: np.ndarray | None = None) -> dict[str, Any]:
+    """top-1, top-5 and median rank of the truth; with ``clusters`` (each unit's spot) the
+    top-1's and top-5's spot-clustered 95% intervals too."""
+    out: dict[str, Any] = {"top1": float(np.mean(ranks == 1)), "top5": float(np.mean(ranks <= 5)),
+                           "median_rank": float(np.median(ranks))}
+    if clusters is not None:
+        out["top1_ci95"] = mean_ci95(ranks == 1, clusters)
+        out["top5_ci95"] = mean_ci95(ranks <= 5, clusters)
+    return out
 
 
 

@@ -3,14 +3,21 @@
     python -m tools.evaluate privacy --dataset DIR --out OUT [--transform NAME --strength S --k K]
                                      [--sweep] [--server URL] [--seed N] [--links 1,2,3,5]
                                      [--structure-seeds N] [--server-config FILE] [--cell-min-spots N]
-                                     [--client-config FILE]
+                                     [--client-config FILE] [--cache-dir DIR]
+                                     [--min-photos 5] [--query-fraction 0.2]
 
-Split: per spot, about 20% of its photos (at least one, chosen by a hash of
-the file name) are queries and never in the gallery; spots with fewer than 5
-photos are left out and counted. The gallery is indexed (features cached per
-dataset and model) and every query goes through the real client code
-(transform, request, JSON, rerank) against the real server code: in-process
-through a WSGI adapter by default, over HTTP with ``--server``.
+Split: per spot, about 20% (``--query-fraction``) of its photos (at least one,
+never all, chosen by a hash of the file name) are queries and never in the
+gallery; spots with fewer than 5 (``--min-photos``) photos are left out and
+counted. The gallery is indexed (features cached per dataset and model) and
+every query goes through the real client code (transform, request, JSON,
+rerank) against the real server code: in-process through a WSGI adapter by
+default, over HTTP with ``--server``.
+
+Everything an evaluation writes goes under ``--out`` and ``--cache-dir`` (the
+checkout's ``.cache`` by default: features, indexes, the evaluated phones'
+state_dir, matplotlib's font cache), never under ``~/.enfpire``, where a real
+client on the same machine keeps its own.
 
 For the cells default it also measures linked photos (``tools.evaluate.linked``): m
 photos of one spot from one phone, with and without the phone's defences.
@@ -32,6 +39,10 @@ fields: their privacy floors, for instance). A phone whose floors refuse the
 server's public document sends nothing: the run then reports the refusal
 (``refused`` in metrics.json, with the floor and its message) and no figures.
 
+Every figure has a spot-clustered bootstrap 95% interval beside it
+(``<figure>_ci95``, tools.evaluate.intervals); report.md says of every target
+whether it is met or missed, with the interval.
+
 Writes OUT/metrics.json, OUT/report.md, OUT/curves.png, OUT/open_set.png and OUT/linked.png.
 """
 from __future__ import annotations
@@ -39,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -55,7 +67,8 @@ from lite_server.search.lookup import Lookup
 from tools import dataset as ds
 from tools.evaluate import attackers as atk
 from tools.evaluate import history, linked, openset
-from tools.evaluate.testbed import Env, baseline, prepare
+from tools.evaluate import intervals as iv
+from tools.evaluate.testbed import Env, baseline, baseline_hits, prepare
 
 __all__ = ["Env", "attack", "baseline", "prepare", "privacy", "run_setting"]
 
@@ -72,56 +85,70 @@ PAPER = {"user": 0.869 / 0.998, "server": 0.414 / 0.998}
 
 
 def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed: int = 0,
-                answers: list[tuple[str, Recognition]] | None = None) -> dict[str, Any]:
-    """One transform setting over all queries: the phone's and the server's accuracy, and bytes.
+                answers: list[tuple[str, Recognition]] | None = None,
+                base_hits: np.ndarray | None = None) -> dict[str, Any]:
+    """One transform setting over all queries: the phone's and the server's accuracy, and bytes,
+    each with its spot-clustered 95% interval (``<figure>_ci95``).
 
     The user's top-1 is the closed-set one (the best candidate, answered or not); ``answers``
-    collects (true spot, answer) of every query for the open-set figures.
+    collects (true spot, answer) of every query for the open-set figures. With ``base_hits``
+    (the baseline's per-query hits) the user's and the aware server's top-1 relative to the
+    baseline get intervals too, resampled with the baseline's.
     """
     started = time.monotonic()
     transform = make_transform(name, strength, k)
     truth_ids = [env.data.photos[q][0] for q in env.queries]
-    bodies, right, recalled, sizes, counts = [], 0, 0, [], []
+    bodies, hits, recalled, sizes, counts = [], [], [], [], []
     with env.client(transform, seed) as client:
         for row, spot in zip(env.queries, truth_ids):
             body, result = client.ask(env.features[row])
             bodies.append(body)
-            right += result.best == spot
+            hits.append(result.best == spot)
             if answers is not None:
                 answers.append((spot, result))
-            recalled += any(c.id == spot for c in result.candidates)
+            recalled.append(any(c.id == spot for c in result.candidates))
             sizes.append(result.bytes_sent + result.bytes_received)
             counts.append(len(result.candidates))
-    attacks = attack(env, transform, bodies)
-    n = len(env.queries)
+    attacks = attack(env, transform, bodies, base_hits)
+    spots = env.truth
     out = {"transform": transform.name, "strength": transform.strength_, "k": transform.k_,
-           "user_top1": right / n, "candidate_recall": recalled / n, "mean_candidates": float(np.mean(counts)),
-           "bytes_per_query": float(np.mean(sizes)), "bytes_max": int(np.max(sizes)), **attacks,
-           "seconds": round(time.monotonic() - started, 1)}
+           "user_top1": float(np.mean(hits)), "user_top1_ci95": iv.mean_ci95(hits, spots),
+           "candidate_recall": float(np.mean(recalled)), "candidate_recall_ci95": iv.mean_ci95(recalled, spots),
+           "mean_candidates": float(np.mean(counts)),
+           "bytes_per_query": float(np.mean(sizes)), "bytes_per_query_ci95": iv.mean_ci95(sizes, spots),
+           "bytes_max": int(np.max(sizes)), **attacks, "seconds": round(time.monotonic() - started, 1)}
+    if base_hits is not None:
+        out["user_top1_x_baseline_ci95"] = iv.ratio_ci95(hits, base_hits, spots)
     log.info("%s", out)
     return out
 
 
-def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Naive and transform-aware attackers; the aware figures are the strongest attacker's."""
+def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
+           base_hits: np.ndarray | None = None) -> dict[str, Any]:
+    """Naive and transform-aware attackers, each figure with its spot-clustered interval; the
+    aware figures are the strongest attacker's."""
     truth = env.truth
-    naive = atk.summarize(atk.rank_of_truth(atk.NaiveAttacker(env.lookup).scores(bodies), truth))
+    ranks = {"naive": atk.rank_of_truth(atk.NaiveAttacker(env.lookup).scores(bodies), truth)}
     index = env.index
     simulated = atk.SimulationAttacker().fit(transform, np.asarray(index.features, np.float32),
                                              index.photo_spot, len(index.spots), env.lookup.n_cells)
-    results = {"naive": naive, **{name: atk.summarize(atk.rank_of_truth(s, truth))
-                                  for name, s in simulated.scores(bodies).items()}}
+    ranks.update({name: atk.rank_of_truth(s, truth) for name, s in simulated.scores(bodies).items()})
     if transform.name == "mix":
-        scores = atk.ExplainAwayAttacker(transform.pool_, env.lookup).scores(bodies)
-        results["explain_away"] = atk.summarize(atk.rank_of_truth(scores, truth))
+        ranks["explain_away"] = atk.rank_of_truth(atk.ExplainAwayAttacker(transform.pool_, env.lookup).scores(bodies),
+                                                  truth)
     if transform.name == "cells":
         bayes = atk.CellsBayesAttacker().fit(transform, env.lookup)
-        results["bayes"] = atk.summarize(atk.rank_of_truth(bayes.scores(bodies), truth))
+        ranks["bayes"] = atk.rank_of_truth(bayes.scores(bodies), truth)
+    results = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(results, key=lambda a: (results[a]["top1"], results[a]["top5"]))
-    return {"server_top1_naive": naive["top1"], "server_top1_aware": results[strongest]["top1"],
-            "server_top5_aware": results[strongest]["top5"],
-            "server_median_rank_aware": results[strongest]["median_rank"],
-            "strongest_attacker": strongest, "attackers": results}
+    best, naive = results[strongest], results["naive"]
+    out = {"server_top1_naive": naive["top1"], "server_top1_naive_ci95": naive["top1_ci95"],
+           "server_top1_aware": best["top1"], "server_top1_aware_ci95": best["top1_ci95"],
+           "server_top5_aware": best["top5"], "server_top5_aware_ci95": best["top5_ci95"],
+           "server_median_rank_aware": best["median_rank"], "strongest_attacker": strongest, "attackers": results}
+    if base_hits is not None:
+        out["server_top1_aware_x_baseline_ci95"] = iv.ratio_ci95(ranks[strongest] == 1, base_hits, truth)
+    return out
 
 
 def _client_settings(path: Path | None) -> dict[str, Any]:
@@ -139,13 +166,18 @@ def _client_settings(path: Path | None) -> dict[str, Any]:
 def privacy(args: argparse.Namespace) -> dict[str, Any]:
     server = load_config(ServerConfig, getattr(args, "server_config", None),
                          cell_min_spots=getattr(args, "cell_min_spots", None))
-    env = prepare(args.dataset, args.server, args.tune, config=server,
-                  client_settings=_client_settings(getattr(args, "client_config", None)))
-    base = baseline(env)
+    env = prepare(args.dataset, args.server, args.tune, cache=args.cache_dir, config=server,
+                  client_settings=_client_settings(getattr(args, "client_config", None)),
+                  min_photos=args.min_photos, query_fraction=args.query_fraction)
+    base_hits = baseline_hits(env)
     answers: list[tuple[str, Recognition]] = []
     metrics: dict[str, Any] = {
         "dataset": str(args.dataset), "n_spots": len(env.index.spots), "n_queries": int(len(env.queries)),
-        "n_gallery": int(len(env.gallery)), "spots_left_out": env.left_out, "baseline_top1": base,
+        "n_gallery": int(len(env.gallery)), "spots_left_out": env.left_out, "min_photos": args.min_photos,
+        "query_fraction": args.query_fraction, "baseline_top1": float(np.mean(base_hits)),
+        "baseline_top1_ci95": iv.mean_ci95(base_hits, env.truth),
+        "intervals": {"method": "spot-clustered percentile bootstrap", "level": iv.LEVEL,
+                      "resamples": iv.RESAMPLES, "seed": iv.SEED},
         "seed": args.seed, "split": "tuning (gallery only)" if args.tune else "queries",
         "server": {"cell_min_spots": server.cell_min_spots, "n_cells": env.lookup.n_cells,
                    "structure_seed": server.structure_seed},
@@ -153,7 +185,7 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         metrics["default"] = run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k,
-                                         args.seed, answers)
+                                         args.seed, answers, base_hits)
     except PrivacyFloorError as exc:  # the phone refused the document: nothing was sent, nothing to measure
         metrics["refused"] = {"floor": exc.floor, "value": exc.value, "required": exc.required,
                               "message": str(exc)}
@@ -166,7 +198,7 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         metrics["default"]["open_set"] = openset.evaluate(env, transform, answers, others, args.seed)
     if metrics["default"]["transform"] == "cells" and args.links:
         transform = make_transform(DEFAULT_TRANSFORM if not args.transform else args.transform, args.strength, args.k)
-        result = linked.evaluate(env, transform, args.seed, tuple(args.links))
+        result = linked.evaluate(env, transform, args.seed, tuple(args.links), base_hits=base_hits)
         metrics["default"]["linked"] = result["defended"]
         metrics["default"]["linked_undefended"] = result["undefended"]
     if args.structure_seeds > 1:
@@ -174,8 +206,8 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         metrics["structure_seeds"] = structure_spread(env, metrics["default"], args.structure_seeds, name,
                                                       args.strength, args.k, args.seed)
     if args.sweep:
-        metrics["sweep"] = [run_setting(env, name, s, k, args.seed) for name, values in SWEEPS.items()
-                            for s, k in values]
+        metrics["sweep"] = [run_setting(env, name, s, k, args.seed, base_hits=base_hits)
+                            for name, values in SWEEPS.items() for s, k in values]
     return metrics
 
 
@@ -233,11 +265,28 @@ def write_outputs(metrics: dict[str, Any], out: Path, command: str) -> None:
 
 
 def _row(run: dict[str, Any], base: float) -> str:
-    return (f"| {run['transform']} | {run['strength']:g} | {run['k']} | {run['user_top1']:.3f} "
-            f"({run['user_top1'] / base:.2f}x) | {run['candidate_recall']:.3f} | {run['mean_candidates']:.0f} | "
-            f"{run['server_top1_naive']:.3f} | {run['server_top1_aware']:.3f} ({run['server_top1_aware'] / base:.2f}x) | "
+    return (f"| {run['transform']} | {run['strength']:g} | {run['k']} | {run['user_top1']:.3f}"
+            f"{_ci(run.get('user_top1_ci95'))} ({run['user_top1'] / base:.2f}x) | {run['candidate_recall']:.3f} | "
+            f"{run['mean_candidates']:.0f} | {run['server_top1_naive']:.3f} | {run['server_top1_aware']:.3f}"
+            f"{_ci(run.get('server_top1_aware_ci95'))} ({run['server_top1_aware'] / base:.2f}x) | "
             f"{run['server_top5_aware']:.3f} | {run['server_median_rank_aware']:.0f} | "
             f"{run['strongest_attacker']} | {run['bytes_per_query'] / 1024:.1f} |")
+
+
+def targets_report(metrics: dict[str, Any]) -> list[str]:
+    """The default setting's targets, each met or missed with its 95% interval (figures relative
+    to the baseline are resampled jointly with it)."""
+    d, base = metrics["default"], metrics["baseline_top1"]
+    return [iv.verdict("user top-1 / baseline", d["user_top1"] / base, d.get("user_top1_x_baseline_ci95"),
+                       0.95, at_most=False, unit="x", digits=2),
+            iv.verdict("transform-aware server top-1 / baseline", d["server_top1_aware"] / base,
+                       d.get("server_top1_aware_x_baseline_ci95"), 0.25, at_most=True, unit="x", digits=2),
+            iv.verdict("bytes a query", d["bytes_per_query"], d.get("bytes_per_query_ci95"), 64 * 1024,
+                       at_most=True, unit=" KiB", scale=1024, digits=1)]
+
+
+def _ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
 def report(metrics: dict[str, Any], command: str) -> str:
@@ -255,9 +304,13 @@ def report(metrics: dict[str, Any], command: str) -> str:
     return "\n".join([
         "# Privacy evaluation", "", f"Command: `{command}`", "",
         f"Dataset {metrics['dataset']}: {metrics['n_spots']} spots, {metrics['n_gallery']} gallery photos, "
-        f"{metrics['n_queries']} queries ({metrics['spots_left_out']} spots with < 5 photos left out).",
-        f"Non-private baseline (server top-1 on the raw feature): {base:.3f}.", "",
-        "Target: user >= 0.95x baseline, transform-aware server <= 0.25x baseline, <= 64 KiB a query.", "",
+        f"{metrics['n_queries']} queries ({metrics['spots_left_out']} spots with < "
+        f"{metrics.get('min_photos', ds.MIN_PHOTOS)} photos left out; "
+        f"{metrics.get('query_fraction', ds.QUERY_FRACTION):g} of each spot's photos are queries).",
+        f"Non-private baseline (server top-1 on the raw feature): {base:.3f}{_ci(metrics.get('baseline_top1_ci95'))}.",
+        "", "Intervals: 95%, spot-clustered bootstrap (a spot's queries resampled together, "
+        f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
+        "Targets of the default setting:", "", *targets_report(metrics), "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
         *openset.report(metrics["default"]), *linked_report(metrics["default"], base), *spread_report(metrics)])
 
@@ -266,16 +319,20 @@ def linked_report(run: dict[str, Any], base: float) -> list[str]:
     """The linked-photo table: m photos of one spot from one phone, with and without its defences."""
     if "linked" not in run:
         return []
-    rows = []
+    rows, verdicts = [], []
     for m, d in run["linked"].items():
         u = run["linked_undefended"][m]
         rows.append(f"| {m} | {d['top1']:.3f} ({d['top1'] / base:.2f}x) | {d['top5']:.3f} | {d['median_rank']:.0f} | "
                     f"{d['attacker']} | {d['requests_per_photo']:.2f} | {d['user_top1']:.3f} | "
                     f"{u['top1']:.3f} ({u['top1'] / base:.2f}x) | {u['top5']:.3f} | {u['median_rank']:.0f} |")
+    if "5" in run["linked"]:
+        d = run["linked"]["5"]
+        verdicts = [iv.verdict("m = 5: server top-1 / baseline", d["top1"] / base, d.get("top1_x_baseline_ci95"),
+                               0.25, at_most=True, unit="x", digits=2),
+                    iv.verdict("m = 5: server top-5", d["top5"], d.get("top5_ci95"), 0.50, at_most=True), ""]
     return ["## Linked photos", "",
             "m photos of one spot from one phone, linked by the server; the default phone (answer cache, "
-            "stable decoys) against one without those defences. Target: server top-1 <= 0.25x baseline and "
-            "top-5 <= 0.50 at m = 5.", "",
+            "stable decoys) against one without those defences.", "", *verdicts,
             "| m | server top-1 | top-5 | median rank | strongest | requests/photo | user top-1 | "
             "undefended top-1 | undefended top-5 | undefended median rank |", "|" + "---|" * 10, *rows, ""]
 
@@ -342,6 +399,31 @@ def _links(text: str) -> list[int]:
     return [int(m) for m in text.split(",") if m.strip()]
 
 
+def _min_photos(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("a spot needs at least 2 photos: one query, one in the gallery")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"the query fraction must be in (0, 1), got {text}")
+    return value
+
+
+def add_hygiene_options(p: argparse.ArgumentParser) -> None:
+    """Where an evaluation writes, and its split: shared by every sub-command."""
+    p.add_argument("--cache-dir", type=Path, default=ds.CACHE,
+                   help="features, indexes and the evaluated phones' state (default: the checkout's .cache); "
+                        "nothing is ever written under ~/.enfpire")
+    p.add_argument("--min-photos", type=_min_photos, default=ds.MIN_PHOTOS,
+                   help=f"spots with fewer photos are left out (default {ds.MIN_PHOTOS})")
+    p.add_argument("--query-fraction", type=_fraction, default=ds.QUERY_FRACTION,
+                   help=f"share of each spot's photos that are queries, at least one (default {ds.QUERY_FRACTION:g})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -371,9 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-config", type=Path, metavar="FILE",
                    help="JSON file of ClientConfig fields for every phone (e.g. its privacy floors)")
     p.add_argument("-v", "--verbose", action="store_true")
-    history.add_parser(sub, ds.DEFAULT_DATASET)
+    add_hygiene_options(p)
+    add_hygiene_options(history.add_parser(sub, ds.DEFAULT_DATASET))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # matplotlib keeps its font cache under ~/.cache or ~/.config unless told otherwise.
+    os.environ.setdefault("MPLCONFIGDIR", str(args.cache_dir / "matplotlib"))
     if args.command == "dummies":
         return history.main(args, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
     if args.structure_seeds > 1 and args.server:

@@ -27,6 +27,7 @@ from edge_client.privacy.cache import AnswerCache
 from edge_client.privacy.transforms import Transform
 from lite_server.search.publication import document
 from tools.evaluate import attackers as atk
+from tools.evaluate import intervals as iv
 from tools.evaluate.testbed import Env
 
 log = logging.getLogger(__name__)
@@ -48,38 +49,47 @@ def photo_sets(env: Env, m: int) -> list[np.ndarray]:
 
 
 def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended: bool,
-               seed: int) -> tuple[list[list[dict[str, Any]]], float, float]:
-    """(bodies each phone sent, the user's top-1 over every photo, requests per photo)."""
+               seed: int) -> tuple[list[list[dict[str, Any]]], np.ndarray, float]:
+    """(bodies each phone sent, per set how many of its photos the user got right (closed
+    set), requests per photo)."""
     sent: list[list[dict[str, Any]]] = []
-    right = total = 0
+    right: list[int] = []
+    total = 0
     for i, rows in enumerate(sets):
         # A phone without defences keeps no answers; both start with the server's /v1/info.
         cache = AnswerCache(None, max_entries=32 if defended else 0)
         cache.store_info(env.info)
         with env.client(transform, seed * 1_000_003 + i, cache, stable_decoys=defended) as client:
-            bodies = []
+            bodies, mine = [], 0
             for row in rows:
                 body, result = client.ask(env.features[row])
-                right += result.best == env.data.photos[row][0]  # closed set: the best candidate
+                mine += result.best == env.data.photos[row][0]  # closed set: the best candidate
                 total += 1
                 if body is not None:
                     bodies.append(body)
         sent.append(bodies)
-    return sent, right / total, sum(map(len, sent)) / total
+        right.append(mine)
+    return sent, np.array(right), sum(map(len, sent)) / total
 
 
 def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]], truth: np.ndarray,
-                spot_cell: np.ndarray) -> dict[str, Any]:
-    """Every linked attacker's summary, and the strongest one's figures."""
+                spot_cell: np.ndarray, base_hits: np.ndarray | None = None) -> dict[str, Any]:
+    """Every linked attacker's summary, and the strongest one's figures, with spot-clustered
+    intervals; with ``base_hits`` (the baseline's hits on the sets' first photos) the top-1
+    relative to the baseline too."""
     results = {
         "product": bayes.linked_scores(sent),
         "product_dedupe": bayes.linked_scores(sent, dedupe=True),
         "product_cache_aware": bayes.linked_scores(sent, cache_aware=True, dedupe=True),
         "count": count_scores(sent, spot_cell, bayes.prior_),
     }
-    summaries = {name: atk.summarize(atk.rank_of_truth(scores, truth)) for name, scores in results.items()}
+    ranks = {name: atk.rank_of_truth(scores, truth) for name, scores in results.items()}
+    summaries = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(summaries, key=lambda a: (summaries[a]["top1"], summaries[a]["top5"]))
-    return {**summaries[strongest], "attacker": strongest, "attackers": summaries}
+    out = {**summaries[strongest], "attacker": strongest, "attackers": summaries}
+    if base_hits is not None:
+        out["top1_x_baseline_ci95"] = iv.ratio_ci95(ranks[strongest] == 1, base_hits, truth)
+    return out
 
 
 def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -92,8 +102,9 @@ def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior:
 
 
 def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
-             bayes: atk.CellsBayesAttacker | None = None) -> dict[str, Any]:
-    """``{"defended": {m: figures}, "undefended": {m: figures}}`` for a cells ``transform``."""
+             bayes: atk.CellsBayesAttacker | None = None, base_hits: np.ndarray | None = None) -> dict[str, Any]:
+    """``{"defended": {m: figures}, "undefended": {m: figures}}`` for a cells ``transform``;
+    ``base_hits``: the baseline's per-query hits, for top-1 relative to it with an interval."""
     transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
     bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}}
@@ -101,7 +112,9 @@ def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ..
         sets = photo_sets(env, m)
         for mode in out:
             sent, user, per_photo = run_phones(env, transform, sets, mode == "defended", seed)
-            figures = attack_sets(bayes, sent, env.truth, env.lookup.spot_cell)
-            out[mode][str(m)] = {**figures, "user_top1": user, "requests_per_photo": per_photo}
+            figures = attack_sets(bayes, sent, env.truth, env.lookup.spot_cell, base_hits)
+            # Every set has m photos: the share over photos, and its interval over sets (of spots).
+            out[mode][str(m)] = {**figures, "user_top1": int(user.sum()) / (m * len(sets)),
+                                 "user_top1_ci95": iv.mean_ci95(user / m, env.truth), "requests_per_photo": per_photo}
             log.info("linked m=%d %s: %s", m, mode, {k: v for k, v in out[mode][str(m)].items() if k != "attackers"})
     return out

@@ -45,6 +45,8 @@ class Env:
     server_url: str | None = None
     #: ClientConfig fields every phone of the run gets (e.g. its privacy floors), over the defaults.
     client_settings: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path = ds.CACHE      # features and indexes; other datasets' features too
+    state_dir: Path | None = None   # the phones' answer caches and public documents (never ~/.enfpire)
 
     @property
     def truth(self) -> np.ndarray:
@@ -58,11 +60,17 @@ class Env:
         answers, as every single query is another phone's."""
         config = load_client_config(ClientConfig, env={}, **{
             **self.client_settings, "server": self.server_url or ClientConfig.server, "seed": seed,
-            "cache": cache is not None, "stable_decoys": stable_decoys})
+            "cache": cache is not None, "stable_decoys": stable_decoys, "state_dir": self.phone_state})
         client = Client(config, self.extractor, transform, cache)
         if not self.server_url:
             client.config = dataclasses.replace(config, server=mount(client.session, self.app))
         return client
+
+    @property
+    def phone_state(self) -> str:
+        """The phones' ``state_dir``: the evaluation's own, so a real client's files on this
+        machine (under the default server URL's slot of ``~/.enfpire``) are never touched."""
+        return str(self.state_dir or self.cache_dir / "eval-state")
 
     @property
     def info(self) -> dict[str, Any]:
@@ -84,18 +92,21 @@ class Env:
 
 
 def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, cache: Path = ds.CACHE,
-            config: ServerConfig | None = None, client_settings: dict[str, Any] | None = None) -> Env:
-    """Load, split, extract (cached) and index. ``tune`` evaluates on the gallery
-    alone, split again, so settings are chosen without ever seeing a query. ``config``
-    is the in-process server's (default: its defaults and ``ENFPIRE_*`` variables),
-    ``client_settings`` the phones' ClientConfig fields over their defaults."""
+            config: ServerConfig | None = None, client_settings: dict[str, Any] | None = None,
+            min_photos: int = ds.MIN_PHOTOS, query_fraction: float = ds.QUERY_FRACTION) -> Env:
+    """Load, split, extract (cached) and index; everything written goes under ``cache``.
+    ``tune`` evaluates on the gallery alone, split again, so settings are chosen without
+    ever seeing a query. ``config`` is the in-process server's (default: its defaults and
+    ``ENFPIRE_*`` variables), ``client_settings`` the phones' ClientConfig fields over their defaults."""
     data = ds.load_dataset(dataset)
-    gallery, queries, left_out = ds.split(data)
+    gallery, queries, left_out = ds.split(data, query_fraction, min_photos)
     if tune:
-        gallery, queries, _ = ds.split(data, rows=gallery, min_photos=1)
+        gallery, queries, _ = ds.split(data, query_fraction, min_photos=1, rows=gallery)
     extractor = Extractor(ClientConfig().model_path())
     features = ds.features(data, extractor, cache)
-    key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}".encode()).hexdigest()[:16]
+    # The gallery's rows in the key: two splits of one size never share an index.
+    rows = hashlib.sha256(np.asarray(gallery, np.int64).tobytes()).hexdigest()
+    key = hashlib.sha256(f"{dataset.resolve()}|{extractor.sha256}|{len(gallery)}|{rows}".encode()).hexdigest()[:16]
     index_dir = cache / f"eval-index-{key}"
     try:
         index = Index.load(index_dir)
@@ -103,11 +114,16 @@ def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, ca
         index = ds.build_from_features(data, gallery, features, extractor, index_dir)
     lookup = Lookup(index, config or load_config(ServerConfig))
     return Env(data, gallery, queries, left_out, features, extractor, index, lookup, server_url,
-               dict(client_settings or {}))
+               dict(client_settings or {}), cache, cache / f"eval-state-{key}")
+
+
+def baseline_hits(env: Env) -> np.ndarray:
+    """Per query, whether the non-private server's top-1 on the raw feature is its spot."""
+    bodies = [make_transform("none").transform(env.features[q], np.random.default_rng(0)) for q in env.queries]
+    scores = atk.NaiveAttacker(env.lookup).scores(bodies)
+    return np.asarray(atk.rank_of_truth(scores, env.truth) == 1)
 
 
 def baseline(env: Env) -> float:
     """The non-private server: its own top-1 on the raw feature."""
-    bodies = [make_transform("none").transform(env.features[q], np.random.default_rng(0)) for q in env.queries]
-    scores = atk.NaiveAttacker(env.lookup).scores(bodies)
-    return atk.summarize(atk.rank_of_truth(scores, env.truth))["top1"]
+    return float(np.mean(baseline_hits(env)))

@@ -12,6 +12,7 @@ would give).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -124,8 +125,9 @@ def simulate(env: Env, recorder: Recorder, tours: list[list[Shot]], catalogue: C
         recorder.clock, recorder.device = clock, device
         sent: list[Sent] = []
         # Every default defence on: an answer cache of its own (in memory) and stable decoys.
-        client = Client(ClientConfig(seed=seed + device), env.extractor, transform, AnswerCache(None))
-        client.config = ClientConfig(server=mount(client.session, env.app), seed=seed + device)
+        config = ClientConfig(seed=seed + device, state_dir=env.phone_state)  # never the user's ~/.enfpire
+        client = Client(config, env.extractor, transform, AnswerCache(None))
+        client.config = dataclasses.replace(config, server=mount(client.session, env.app))
         bytes_before = _bytes_counter(client)
         scheduler = DummyScheduler(client, make_generator(device), dummies=dummies, per_hour=per_hour,
                                    window=window, clock=clock, on_sent=sent.append)
