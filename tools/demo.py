@@ -29,6 +29,7 @@ import numpy as np
 
 from edge_client.client import Client
 from edge_client.config import ClientConfig
+from edge_client.errors import PrivacyFloorError
 from edge_client.privacy.recognizer import Recognition
 from edge_client.vision.extractor import Extractor
 from lite_server.index.store import BadIndexError, Index
@@ -78,6 +79,7 @@ def run(dataset_root: Path, show: int) -> int:
         _print_table(rows, show)
         linked(server, data, extractor)
         oblivious(server, data, queries[:5], extractor)
+        lying(index.path.parent.parent, data, queries[0], extractor)
     finally:
         server.stop()
     return 0
@@ -113,6 +115,26 @@ def oblivious(server: LiveServer, data: ds.Dataset, rows: list[int], extractor: 
                 print(f"  {'':9}  server saw requests from: {dict(peers)}")
     finally:
         relay.stop()
+
+
+def lying(index_root: Path, data: ds.Dataset, row: int, extractor: Extractor) -> None:
+    """Beside the honest server, one that lies about its structure (cells of one spot each, which
+    would show the server every photo's spot): the phone checks the document against its own
+    floors and refuses, sending no query."""
+    liar = LiveServer(index_root, "-v", "--log-peers", env={"ENFPIRE_CELL_MIN_SPOTS": "1"})
+    print(f"\nA lying server: {liar.url} publishes cells of one spot each (cell_min_spots 1)")
+    try:
+        with tempfile.TemporaryDirectory() as state, \
+                Client(ClientConfig(server=liar.url, seed=0, cache=False, state_dir=state), extractor=extractor) as client:
+            try:
+                found = client.recognize(data.photos[row][1]).name or "not a known spot"
+                print(f"  the phone accepted it and found {found}: its floors did not hold")
+            except PrivacyFloorError as exc:
+                print(f"  the phone refused: {exc}")
+        asked = len(re.findall(r"POST /v1/candidates", liar.output()))
+        print(f"  candidates requests that reached it: {asked}")
+    finally:
+        liar.stop()
 
 
 def _ask(client: Client, data: ds.Dataset, row: int, popular: Counter[str]) -> dict[str, object]:
