@@ -202,7 +202,7 @@ def load_config(
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if path:
-        values.update(_read_file(Path(path), fields))
+        values.update(read_settings(Path(path)))
     env = os.environ if env is None else env
     for name in fields:
         raw = env.get(ENV_PREFIX + name.upper())
@@ -216,7 +216,9 @@ def load_config(
     return cls(**coerced)
 
 
-def _read_file(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+def read_settings(path: Path) -> dict[str, Any]:
+    """The settings a JSON config file holds (an object of field names), unchecked: a ConfigError when
+    the file cannot be read or holds something else."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

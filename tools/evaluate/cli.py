@@ -59,7 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.errors import ConfigError, PrivacyFloorError
+from edge_client.config import read_settings
+from edge_client.errors import PrivacyFloorError
 from edge_client.privacy.recognizer import Recognition
 from edge_client.privacy.transforms import DEFAULT_TRANSFORM, Transform, make_transform
 from lite_server.config import ServerConfig, load_config
@@ -151,23 +152,11 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
     return out
 
 
-def _client_settings(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the client config {path}: {exc}") from None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"the client config {path} must hold a JSON object")
-    return settings
-
-
 def privacy(args: argparse.Namespace) -> dict[str, Any]:
     server = load_config(ServerConfig, getattr(args, "server_config", None),
                          cell_min_spots=getattr(args, "cell_min_spots", None))
     env = prepare(args.dataset, args.server, args.tune, cache=args.cache_dir, config=server,
-                  client_settings=_client_settings(getattr(args, "client_config", None)),
+                  client_settings=read_settings(args.client_config) if getattr(args, "client_config", None) else {},
                   min_photos=args.min_photos, query_fraction=args.query_fraction)
     base_hits = baseline_hits(env)
     answers: list[tuple[str, Recognition]] = []
