@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from edge_client.config import read_settings
-from edge_client.errors import PrivacyFloorError
+from edge_client.errors import EnfPireError, PrivacyFloorError
 from edge_client.privacy.recognizer import Recognition
 from edge_client.privacy.transforms import DEFAULT_TRANSFORM, Transform, make_transform
 from lite_server.config import ServerConfig, load_config
@@ -458,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Thousands of small products: BLAS threads only fight each other (about 5x slower here).
     with threadpool_limits(limits=1):
-        metrics = privacy(args)
+        try:
+            metrics = privacy(args)
+        except EnfPireError as exc:  # a bad setting or file: one line, as the other CLIs say it
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     write_outputs(metrics, args.out, "python -m tools.evaluate " + " ".join(argv or sys.argv[1:]))
     print((args.out / "report.md").read_text())
     return 0
