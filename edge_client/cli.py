@@ -129,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _relay_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relay", metavar="URL", help="send every request through this Oblivious HTTP relay")
     p.add_argument("--gateway-keys", metavar="KEYS",
-                   help="the gateway's key configuration (hex/base64) or its sha256; default: pin the first seen")
+                   help="the gateway's key configuration (hex/base64) or its sha256; default: the signed schedule")
+    p.add_argument("--server-identity", metavar="KEY",
+                   help="the server's Ed25519 identity (hex/base64, from `enfpire-server ohttp show`) every key "
+                        "configuration must be signed by; default: pin the identity first seen")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
     names = ("model", "server", "transform", "strength", "k", "keep", "threshold", "dummies", "seed", "cache", "relay",
-             "gateway_keys", "reference_kernels")
+             "gateway_keys", "server_identity", "reference_kernels")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -431,13 +431,17 @@ def test_bad_identity_settings_are_config_errors(gateway: LiveServer, extractor:
         phone.info()
 
 
-def test_the_cli_refuses_a_substituted_key_in_one_line(gateway: LiveServer, keys_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["env", "flag"])
+def test_the_cli_refuses_a_substituted_key_in_one_line(gateway: LiveServer, keys_file: Path, tmp_path: Path,
+                                                       given: str) -> None:
+    """The identity pinned as an app build would (ENFPIRE_SERVER_IDENTITY) or as a user would (--server-identity)."""
+    identity = _identity(keys_file)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", **({"ENFPIRE_SERVER_IDENTITY": identity} if given == "env" else {})}
+    flag = ["--server-identity", identity] if given == "flag" else []
     liar = LyingRelay(gateway, "own")
     try:
         done = subprocess.run([sys.executable, "-m", "edge_client.cli", "info", "--server", gateway.url,
-                               "--relay", liar.url], capture_output=True, text=True, timeout=60,
-                              env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
-                                   "ENFPIRE_SERVER_IDENTITY": _identity(keys_file)})
+                               "--relay", liar.url, *flag], capture_output=True, text=True, timeout=60, env=env)
     finally:
         liar.stop()
     assert done.returncode == 2 and done.stdout == "" and liar.posts == 0
