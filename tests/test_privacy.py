@@ -165,7 +165,8 @@ def test_linked_distinct_phones_take_distinct_photos_of_one_spot_and_weigh_the_s
     assert all(np.bincount(spots) <= 2)
     transform = make_transform("cells", CELLS["strength"], CELLS["k"]).fit(document(env.lookup))
     bayes = atk.CellsBayesAttacker(decoy_draws=2000).fit(transform, env.lookup)
-    figures = linked.distinct(env, transform, bayes, m, phones=2)
+    figures = linked.distinct(env, transform, bayes, m, phones=2, base_hits=np.ones(len(env.queries)))
+    assert figures["baseline_top1_phones"] == 1.0
     assert figures["phones"] == len(sets) and figures["spots_without_phone"] == without
     assert "count_bayes" in figures["attackers"] and figures["attacker"] in figures["attackers"]
     # Equal phone weights: top-1 is a whole number of phones over the phones.

@@ -149,15 +149,21 @@ def count_bayes_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, 
 
 
 def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: int, phones: int = PHONES,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, base_hits: np.ndarray | None = None) -> dict[str, Any]:
     """``linked_distinct`` figures for ``m``: every phone of :func:`distinct_sets` through the
-    real client with its defences on, attacked; means over phones, intervals over their spots."""
+    real client with its defences on, attacked; means over phones, intervals over their spots.
+    With ``base_hits`` (per query) also ``baseline_top1_phones``: the non-private server's top-1
+    on the same photos, weighted the same way (per phone, not per photo)."""
     sets, spots, without = distinct_sets(env, m, phones)
     counts = {"phones": len(sets), "spots_with_phones": int(len(set(spots.tolist()))), "spots_without_phone": without}
     if not sets:
         return counts
     sent, user, per_photo = run_phones(env, transform, sets, True, seed)
     figures = attack_sets(bayes, sent, spots, env.lookup.spot_cell)
+    if base_hits is not None:
+        hit = dict(zip(env.queries.tolist(), np.asarray(base_hits, np.float64).tolist()))
+        per_phone = np.array([np.mean([hit[int(r)] for r in rows]) for rows in sets])
+        counts["baseline_top1_phones"] = float(per_phone.mean())
     return {**figures, **counts, "user_top1": float(np.mean(user / m)),
             "user_top1_ci95": iv.mean_ci95(user / m, spots), "requests_per_photo": per_photo}
 
@@ -172,7 +178,7 @@ def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ..
     bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}, "distinct": {}}
     for m in links:
-        out["distinct"][str(m)] = distinct(env, transform, bayes, m, phones, seed)
+        out["distinct"][str(m)] = distinct(env, transform, bayes, m, phones, seed, base_hits)
         log.info("linked distinct m=%d: %s", m, {k: v for k, v in out["distinct"][str(m)].items() if k != "attackers"})
         sets = photo_sets(env, m)
         for mode in ("defended", "undefended"):
