@@ -145,8 +145,59 @@ def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.E
     assert undefended["3"]["top5"] >= undefended["1"]["top5"] + 0.1
     assert defended["3"]["top5"] <= defended["1"]["top5"] + 0.05
     assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
-    assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count"}
+    assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count",
+                                                "count_bayes"}
     assert defended["3"]["user_top1"] >= 0.95 * undefended["3"]["user_top1"]
+
+
+def test_linked_distinct_phones_take_distinct_photos_of_one_spot_and_weigh_the_same(env: ev.Env) -> None:
+    """linked_distinct: every phone photographs m different query photos of one spot, a spot
+    has at most P phones (none, counted, if it has fewer than m photos), and the figures are
+    means over phones, not over photos or spots."""
+    spot_of = dict(zip(env.queries.tolist(), env.truth.tolist()))
+    per_spot = np.bincount(env.truth, minlength=len(env.index.spots))
+    m = 2
+    sets, spots, without = linked.distinct_sets(env, m, phones=2)
+    assert without == int(np.sum((per_spot > 0) & (per_spot < m))) and without > 0
+    assert sum(min(2, n) for n in per_spot if n >= m) == len(sets) > 0
+    for rows, spot in zip(sets, spots):
+        assert len(set(rows.tolist())) == m and {spot_of[int(r)] for r in rows} == {int(spot)}
+    assert all(np.bincount(spots) <= 2)
+    transform = make_transform("cells", CELLS["strength"], CELLS["k"]).fit(document(env.lookup))
+    bayes = atk.CellsBayesAttacker(decoy_draws=2000).fit(transform, env.lookup)
+    figures = linked.distinct(env, transform, bayes, m, phones=2, base_hits=np.ones(len(env.queries)))
+    assert figures["baseline_top1_phones"] == 1.0
+    assert figures["phones"] == len(sets) and figures["spots_without_phone"] == without
+    assert "count_bayes" in figures["attackers"] and figures["attacker"] in figures["attackers"]
+    # Equal phone weights: top-1 is a whole number of phones over the phones.
+    hits = figures["top1"] * len(sets)
+    assert abs(hits - round(hits)) < 1e-9 and figures["top1_ci95"][0] <= figures["top1"] <= figures["top1_ci95"][1]
+    too_many = linked.distinct(env, transform, bayes, int(per_spot.max()) + 1)
+    assert too_many["phones"] == 0 and too_many["spots_without_phone"] == int(np.sum(per_spot > 0))
+
+
+def test_linked_distinct_report_marks_issue_27s_targets_met_or_missed() -> None:
+    figures = {"top1": 0.2, "top5": 0.4, "median_rank": 3.0, "attacker": "count_bayes", "phones": 50,
+               "spots_with_phones": 10, "spots_without_phone": 2, "top1_ci95": [0.1, 0.3], "top5_ci95": [0.3, 0.5]}
+    runs = ev.with_baseline({"1": {"phones": 0, "spots_with_phones": 0, "spots_without_phone": 12},
+                             "5": figures}, base=0.5)
+    assert runs["5"]["top1_x_baseline"] == 0.4 and runs["5"]["top1_x_baseline_ci95"] == [0.2, 0.6]
+    text = "\n".join(ev.linked_distinct_report({"linked_distinct": runs}, 0.5))
+    assert "- m = 5 distinct: server top-1 / baseline <= 0.25x: missed (0.40x" in text
+    assert "- m = 5 distinct: server top-5 <= 0.5: met (0.400" in text
+    assert "| 5 | 0.200 [0.100, 0.300] (0.40x) | 0.400 [0.300, 0.500] | count_bayes | 50 (10 spots; 2 without) |" in text
+
+
+def test_count_then_bayes_ranks_the_spot_every_message_names_first() -> None:
+    """Three messages: spot 2's cell is in all three, spot 0's (the Bayes favourite) in two;
+    count-then-Bayes puts spot 2 first, then breaks the tie in its cell (spot 3) by the posterior."""
+    spot_cell = np.array([0, 1, 2, 2, 3])  # spots 2 and 3 share cell 2
+    sent = [[{"cells": [0, 2]}, {"cells": [2, 3]}, {"cells": [0, 1, 2]}]]
+    posterior = np.log(np.array([[0.6, 0.2, 0.05, 0.1, 0.05]]))
+    scores = linked.count_bayes_scores(sent, spot_cell, posterior)
+    assert list(np.argsort(-scores[0])) == [3, 2, 0, 1, 4]
+    assert atk.rank_of_truth(scores, np.array([3]))[0] == 1
+    assert atk.rank_of_truth(posterior, np.array([3]))[0] == 3  # Bayes alone puts spots 0 and 1 first
 
 
 def test_linked_photo_sets_reuse_a_spots_other_queries_in_turn(env: ev.Env) -> None:

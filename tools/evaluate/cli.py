@@ -1,7 +1,7 @@
 """Measure privacy and utility of the transforms on a real dataset.
 
     python -m tools.evaluate privacy --dataset DIR --out OUT [--transform NAME --strength S --k K]
-                                     [--sweep] [--server URL] [--seed N] [--links 1,2,3,5]
+                                     [--sweep] [--server URL] [--seed N] [--links 1,2,3,5] [--phones 5]
                                      [--structure-seeds N] [--server-config FILE] [--cell-min-spots N]
                                      [--client-config FILE] [--cache-dir DIR]
                                      [--min-photos 5] [--query-fraction 0.2]
@@ -20,7 +20,9 @@ state_dir, matplotlib's font cache), never under ``~/.enfpire``, where a real
 client on the same machine keeps its own.
 
 For the cells default it also measures linked photos (``tools.evaluate.linked``): m
-photos of one spot from one phone, with and without the phone's defences.
+photos of one spot from one phone, with and without the phone's defences; and
+``linked_distinct``: per spot up to ``--phones`` phones each taking m distinct
+query photos of it, every phone weighing the same (the target's figure).
 
 It also measures open-set answers (``tools.evaluate.openset``): the correct answers
 the phone keeps at its default operating point and the photos of other
@@ -187,9 +189,11 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         metrics["default"]["open_set"] = openset.evaluate(env, transform, answers, others, args.seed)
     if metrics["default"]["transform"] == "cells" and args.links:
         transform = make_transform(DEFAULT_TRANSFORM if not args.transform else args.transform, args.strength, args.k)
-        result = linked.evaluate(env, transform, args.seed, tuple(args.links), base_hits=base_hits)
+        result = linked.evaluate(env, transform, args.seed, tuple(args.links), base_hits=base_hits,
+                                 phones=getattr(args, "phones", linked.PHONES))
         metrics["default"]["linked"] = result["defended"]
         metrics["default"]["linked_undefended"] = result["undefended"]
+        metrics["default"]["linked_distinct"] = with_baseline(result["distinct"], metrics["baseline_top1"])
     if args.structure_seeds > 1:
         name = args.transform or DEFAULT_TRANSFORM
         metrics["structure_seeds"] = structure_spread(env, metrics["default"], args.structure_seeds, name,
@@ -301,7 +305,45 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
         "Targets of the default setting:", "", *targets_report(metrics), "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
-        *openset.report(metrics["default"]), *linked_report(metrics["default"], base), *spread_report(metrics)])
+        *openset.report(metrics["default"]), *linked_report(metrics["default"], base),
+        *linked_distinct_report(metrics["default"], base), *spread_report(metrics)])
+
+
+def with_baseline(runs: dict[str, dict[str, Any]], base: float) -> dict[str, dict[str, Any]]:
+    """Each m's top-1 relative to the per-query baseline, with its interval: the top-1's scaled
+    by the baseline, held fixed (phones and queries are different units, so they cannot be
+    resampled jointly)."""
+    for run in runs.values():
+        if "top1" in run and base > 0:
+            run["top1_x_baseline"] = run["top1"] / base
+            ci = run.get("top1_ci95")
+            run["top1_x_baseline_ci95"] = [ci[0] / base, ci[1] / base] if ci else None
+    return runs
+
+
+def linked_distinct_report(run: dict[str, Any], base: float) -> list[str]:
+    """The linked-distinct table (m distinct photos per phone, up to P phones per spot, each
+    phone weighing the same) and issue 27's targets at m = 5, met or missed."""
+    if "linked_distinct" not in run:
+        return []
+    rows, verdicts = [], []
+    for m, d in run["linked_distinct"].items():
+        if "top1" not in d:
+            rows.append(f"| {m} | - | - | - | 0 ({d['spots_without_phone']} spots with fewer photos) |")
+            continue
+        rows.append(f"| {m} | {d['top1']:.3f}{_ci(d.get('top1_ci95'))} ({d['top1'] / base:.2f}x) | "
+                    f"{d['top5']:.3f}{_ci(d.get('top5_ci95'))} | {d['attacker']} | "
+                    f"{d['phones']} ({d['spots_with_phones']} spots; {d['spots_without_phone']} without) |")
+    d = run["linked_distinct"].get("5", {})
+    if "top1" in d:
+        verdicts = [iv.verdict("m = 5 distinct: server top-1 / baseline", d["top1"] / base,
+                               d.get("top1_x_baseline_ci95"), 0.25, at_most=True, unit="x", digits=2),
+                    iv.verdict("m = 5 distinct: server top-5", d["top5"], d.get("top5_ci95"), 0.50, at_most=True), ""]
+    return ["## Linked distinct photos", "",
+            "Per spot up to P phones (the default phone: answer cache, stable decoys), each taking m distinct "
+            "query photos of it; every phone weighs the same; the strongest linked attacker (count-then-Bayes "
+            "among them). The interval of top-1 / baseline holds the baseline fixed.", "", *verdicts,
+            "| m | server top-1 (/ baseline) | top-5 | strongest | phones |", "|" + "---|" * 5, *rows, ""]
 
 
 def linked_report(run: dict[str, Any], base: float) -> list[str]:
@@ -388,6 +430,13 @@ def _links(text: str) -> list[int]:
     return [int(m) for m in text.split(",") if m.strip()]
 
 
+def _phones(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--phones must be at least 1, got {text}")
+    return value
+
+
 def _min_photos(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -428,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="gallery-only split: for choosing settings")
     p.add_argument("--links", type=_links, default=list(linked.LINKS),
                    help="linked photos per phone to evaluate, e.g. 1,2,3,5 (empty: skip)")
+    p.add_argument("--phones", type=_phones, default=linked.PHONES,
+                   help=f"linked_distinct: phones per spot at most (default {linked.PHONES})")
     p.add_argument("--outside", default="auto",
                    help="out-of-catalogue datasets for the open-set figures, comma-separated "
                         "(auto: the datasets beside --dataset; empty: only the sample photos)")

@@ -10,11 +10,20 @@ decoys); whatever it actually sends is what the server gets. Dummy requests
 are left out, so the attacker knows which requests are real: the figures are
 a bound on what it can do with dummies riding along.
 
+A second design, :func:`distinct_sets` (``linked_distinct`` in the metrics),
+is the one a sceptic asks for: per spot up to ``phones`` phones, each taking
+``m`` *distinct* query photos of it (a spot with fewer than ``m`` has no phone
+for that ``m``, and is counted), every phone weighing the same. Reusing
+photos, and weighting every query photo alike, lets popular spots with many
+photos dominate the figure; this does neither.
+
 The attacker is the exact Bayes posterior of the cells transform extended to
 a set of messages (the product of likelihoods), in three variants: plain,
 counting identical messages once, and also knowing that a phone with a cache
 only asks when its best cell was in no earlier answer; plus a
-count of how many messages name each spot's cell. The strongest one counts.
+count of how many messages name each spot's cell (popularity breaking ties),
+and count-then-Bayes: the same count, ties broken by the Bayes posterior
+(identical messages once). The strongest one counts.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from tools.evaluate.testbed import Env
 
 log = logging.getLogger(__name__)
 LINKS = (1, 2, 3, 5)
+PHONES = 5  # linked_distinct: phones per spot at most
 
 
 def photo_sets(env: Env, m: int) -> list[np.ndarray]:
@@ -46,6 +56,25 @@ def photo_sets(env: Env, m: int) -> list[np.ndarray]:
         others = rows[at + 1:] + rows[:at] or [int(row)]  # the next ones first, wrapping round
         sets.append(np.array([row] + [others[i % len(others)] for i in range(m - 1)]))
     return sets
+
+
+def distinct_sets(env: Env, m: int, phones: int = PHONES) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """(per phone its ``m`` distinct query photos, each phone's spot (a row of ``index.spots``),
+    spots without a phone): a spot with ``n >= m`` query photos gets ``min(phones, n)`` phones,
+    phone ``j`` taking its photos ``j, j + 1, ..., j + m - 1`` (wrapping round), so no phone
+    photographs one photo twice and phones of a spot start from different photos."""
+    by_spot: dict[int, list[int]] = {}
+    for row, spot in zip(env.queries, env.truth):
+        by_spot.setdefault(int(spot), []).append(int(row))
+    sets, spots, without = [], [], 0
+    for spot, rows in sorted(by_spot.items()):
+        if len(rows) < m:
+            without += 1
+            continue
+        for j in range(min(phones, len(rows))):
+            sets.append(np.array([rows[(j + i) % len(rows)] for i in range(m)]))
+            spots.append(spot)
+    return sets, np.array(spots, dtype=np.int64), without
 
 
 def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended: bool,
@@ -77,11 +106,13 @@ def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]],
     """Every linked attacker's summary, and the strongest one's figures, with spot-clustered
     intervals; with ``base_hits`` (the baseline's hits on the sets' first photos) the top-1
     relative to the baseline too."""
+    dedupe = bayes.linked_scores(sent, dedupe=True)
     results = {
         "product": bayes.linked_scores(sent),
-        "product_dedupe": bayes.linked_scores(sent, dedupe=True),
+        "product_dedupe": dedupe,
         "product_cache_aware": bayes.linked_scores(sent, cache_aware=True, dedupe=True),
         "count": count_scores(sent, spot_cell, bayes.prior_),
+        "count_bayes": count_bayes_scores(sent, spot_cell, dedupe),
     }
     ranks = {name: atk.rank_of_truth(scores, truth) for name, scores in results.items()}
     summaries = {name: atk.summarize(r, truth) for name, r in ranks.items()}
@@ -92,25 +123,65 @@ def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]],
     return out
 
 
-def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """How many of a phone's messages name each spot's cell; popularity breaks ties."""
+def naming_counts(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray) -> np.ndarray:
+    """[phones, spots]: how many of a phone's messages name each spot (its cell is in the message)."""
     out = np.zeros((len(sent), len(spot_cell)))
     for i, bodies in enumerate(sent):
         for body in bodies:
             out[i] += np.isin(spot_cell, body["cells"])
-    return out + prior / (prior.max() * 2)
+    return out
+
+
+def count_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """How many of a phone's messages name each spot's cell; popularity breaks ties."""
+    return naming_counts(sent, spot_cell) + prior / (prior.max() * 2)
+
+
+def count_bayes_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, posterior: np.ndarray) -> np.ndarray:
+    """Count-then-Bayes: spots ranked by how many messages named them, ties broken by
+    ``posterior`` (any monotone score, e.g. a log posterior): its rank within the row,
+    scaled below 1, is added to the whole-number count."""
+    from scipy.stats import rankdata
+
+    # Equal posteriors share their rank: the evaluation's jitter, not spot order, breaks those ties.
+    order = rankdata(posterior, axis=1) if len(posterior) else posterior
+    return naming_counts(sent, spot_cell) + order / (posterior.shape[1] + 1)
+
+
+def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: int, phones: int = PHONES,
+             seed: int = 0, base_hits: np.ndarray | None = None) -> dict[str, Any]:
+    """``linked_distinct`` figures for ``m``: every phone of :func:`distinct_sets` through the
+    real client with its defences on, attacked; means over phones, intervals over their spots.
+    With ``base_hits`` (per query) also ``baseline_top1_phones``: the non-private server's top-1
+    on the same photos, weighted the same way (per phone, not per photo)."""
+    sets, spots, without = distinct_sets(env, m, phones)
+    counts = {"phones": len(sets), "spots_with_phones": int(len(set(spots.tolist()))), "spots_without_phone": without}
+    if not sets:
+        return counts
+    sent, user, per_photo = run_phones(env, transform, sets, True, seed)
+    figures = attack_sets(bayes, sent, spots, env.lookup.spot_cell)
+    if base_hits is not None:
+        hit = dict(zip(env.queries.tolist(), np.asarray(base_hits, np.float64).tolist()))
+        per_phone = np.array([np.mean([hit[int(r)] for r in rows]) for rows in sets])
+        counts["baseline_top1_phones"] = float(per_phone.mean())
+    return {**figures, **counts, "user_top1": float(np.mean(user / m)),
+            "user_top1_ci95": iv.mean_ci95(user / m, spots), "requests_per_photo": per_photo}
 
 
 def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
-             bayes: atk.CellsBayesAttacker | None = None, base_hits: np.ndarray | None = None) -> dict[str, Any]:
-    """``{"defended": {m: figures}, "undefended": {m: figures}}`` for a cells ``transform``;
+             bayes: atk.CellsBayesAttacker | None = None, base_hits: np.ndarray | None = None,
+             phones: int = PHONES) -> dict[str, Any]:
+    """``{"defended": {m: figures}, "undefended": {m: figures}, "distinct": {m: figures}}`` for
+    a cells ``transform`` (``distinct``: :func:`distinct`, ``phones`` per spot at most);
     ``base_hits``: the baseline's per-query hits, for top-1 relative to it with an interval."""
     transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
     bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
-    out: dict[str, Any] = {"defended": {}, "undefended": {}}
+    out: dict[str, Any] = {"defended": {}, "undefended": {}, "distinct": {}}
     for m in links:
+        out["distinct"][str(m)] = distinct(env, transform, bayes, m, phones, seed, base_hits)
+        log.info("linked distinct m=%d: %s", m, {k: v for k, v in out["distinct"][str(m)].items() if k != "attackers"})
         sets = photo_sets(env, m)
-        for mode in out:
+        for mode in ("defended", "undefended"):
             sent, user, per_photo = run_phones(env, transform, sets, mode == "defended", seed)
             figures = attack_sets(bayes, sent, env.truth, env.lookup.spot_cell, base_hits)
             # Every set has m photos: the share over photos, and its interval over sets (of spots).
