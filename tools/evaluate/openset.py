@@ -57,7 +57,8 @@ def landmarks(env: Env, transform: Transform, seed: int = 0, share: float = HELD
         known_answers = [(spot, client.ask(env.features[q])[1]) for spot, q in known]
         unknown_answers = [client.ask(env.features[r])[1] for r in unknown]
     return summarize(known_answers, unknown_answers, [spot_of[r] for r in unknown],
-                     held_out_spots=len(out_spots), indexed_spots=len(ids) - len(out_spots))
+                     held_out_spots=len(out_spots), indexed_spots=len(ids) - len(out_spots),
+                     held_out=sorted(out_spots), calibration=sub.lookup.calibration.get("weights"))
 
 
 def replace_index(env: Env, gallery: np.ndarray) -> Env:
