@@ -1,6 +1,7 @@
 """Open-set answers: photos of no known spot are answered "not a known spot", on the phone alone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from edge_client.vision.extractor import Extractor
 from lite_server.api.openapi import spec
 from lite_server.index import calibration
 from lite_server.index.store import Index
-from lite_server.index.structure import StructureParams
+from lite_server.index.structure import Structure, StructureParams
 from lite_server.search.lookup import Lookup, load_structure
-from tests.conftest import SHARED, SHARED_MODELS
+from tests.conftest import SHARED, SHARED_MODELS, copy_index
 from tools.live import LiveServer
 
 OUTSIDE = [SHARED_MODELS / name for name in ("parrot.jpg", "cat.bmp", "grace_hopper.bmp")]
@@ -71,6 +72,18 @@ def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_
     assert rows[known, 2].mean() > rows[~known, 2].mean()
     assert calibration.fit_weights(rows[:10, 1:], known[:10]) == calibration.FALLBACK  # too few rows to fit
     assert calibration.public(np.zeros((0, 1 + len(TERMS)))) == {}
+
+
+def test_a_stored_calibration_without_the_evidence_terms_is_derived_again(index_dir: Path, tmp_path: Path) -> None:
+    copy = copy_index(index_dir, tmp_path)
+    index = Index.load(copy)
+    stored = Structure.load(index.path)
+    assert stored is not None
+    known = stored.scores[stored.scores[:, 0] == 1]
+    # As an index version built before the terms were measured stored it: the known rows' evidence alone.
+    dataclasses.replace(stored, scores=known[:, 1] + 0.5 * known[:, 3]).save(index.path)
+    published = Lookup(index, search=False).calibration
+    assert published == Lookup(Index.load(index_dir), search=False).calibration and "weights" in published
 
 
 def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
