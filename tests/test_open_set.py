@@ -71,6 +71,7 @@ def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_
     # A photo whose spot is left out is scored against another spot: its lead over the runner-up is smaller.
     assert rows[known, 2].mean() > rows[~known, 2].mean()
     assert calibration.fit_weights(rows[:10, 1:], known[:10]) == calibration.FALLBACK  # too few rows to fit
+    assert calibration.fit_weights(rows[:, 1:], ~known) == calibration.FALLBACK  # nonsense: a higher score unknown
     assert calibration.public(np.zeros((0, 1 + len(TERMS)))) == {}
 
 

@@ -170,7 +170,8 @@ COVERAGE_RATIO = 1.0
 def fit_weights(values: np.ndarray, known: np.ndarray) -> dict[str, float]:
     """The weights of a ridge-penalised logistic regression of ``known`` on the evidence terms
     ``values`` (rows, :data:`TERMS`), in the terms' own units, so that the phone's evidence is
-    their weighted sum; :data:`FALLBACK` without :data:`MIN_ROWS` rows of each kind."""
+    their weighted sum; :data:`FALLBACK` without :data:`MIN_ROWS` rows of each kind, or when the
+    fit weighs the score negatively."""
     if min(known.sum(), (~known).sum()) < MIN_ROWS:
         return dict(FALLBACK)
     used = [TERMS.index(t) for t in FITTED]
@@ -178,6 +179,8 @@ def fit_weights(values: np.ndarray, known: np.ndarray) -> dict[str, float]:
     centre, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
     z = np.column_stack([np.ones(len(x)), (x - centre) / scale])
     beta = _logistic(z, known.astype(np.float64))
+    if "score" in FITTED and beta[1 + FITTED.index("score")] <= 0:
+        return dict(FALLBACK)  # a higher score never means an unknown spot: a gallery this odd is not trusted
     weights = dict.fromkeys(TERMS, 0.0)
     for i, w in zip(used, beta[1:] / scale):
         weights[TERMS[i]] = round(float(w), 4)
