@@ -200,4 +200,4 @@ def test_cli_says_a_parrot_is_not_a_known_spot(live_server: LiveServer) -> None:
     assert text.stdout.startswith("not a known spot") and "confidence" in text.stdout
     answer = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, check=True).stdout)
     assert answer["spot_id"] is None and answer["name"] is None and answer["candidates"]
-    assert 0.0 <= answer["confidence"] < 0.05
+    assert 0.0 <= answer["confidence"] < 0.05 and isinstance(answer["evidence"], float)

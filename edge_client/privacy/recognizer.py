@@ -70,8 +70,9 @@ class Recognition:
 
     def to_dict(self) -> dict[str, Any]:
         return {"spot_id": self.spot_id, "name": self.name, "score": self.score, "confidence": self.confidence,
-                "lat": self.lat, "lon": self.lon, "info": self.info, "candidates": [c.id for c in self.candidates],
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+                "evidence": self.evidence, "lat": self.lat, "lon": self.lon, "info": self.info,
+                "candidates": [c.id for c in self.candidates], "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received}
 
 
 def coverage(basis: np.ndarray | None) -> Callable[[np.ndarray], float]:
