@@ -13,6 +13,8 @@ of ``edge_client.privacy.recognizer.rerank`` up to interpolation ties).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,6 @@ def landmarks(env: Env, transform: Transform, seed: int = 0, share: float = HELD
 def replace_index(env: Env, gallery: np.ndarray) -> Env:
     """``env`` served in-process from an index of the photos ``gallery`` (built once, cached
     beside ``env``'s), with the same server settings."""
-    import dataclasses
-    import hashlib
-
     key = hashlib.sha256(f"{env.index.path}|{np.asarray(gallery, np.int64).tobytes().hex()}".encode()).hexdigest()
     index_dir = env.cache_dir / f"eval-index-{key[:16]}"
     try:
