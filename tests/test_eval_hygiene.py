@@ -51,8 +51,15 @@ def test_evaluation_writes_only_under_out_and_the_cache_dir(tmp_path: Path) -> N
     assert (metrics["min_photos"], metrics["query_fraction"], metrics["spots_left_out"]) == (4, 0.25, few) and few
     default = metrics["default"]
     for figures, name in ((default, "user_top1"), (default, "server_top1_aware"), (default["linked"]["5"], "top1"),
-                          (default["open_set"], "kept_correct")):
+                          (default["open_set"], "kept_correct"), (default["open_set_landmarks"], "kept_correct"),
+                          (default["open_set_landmarks"], "rejected_outside"), (default["open_set_landmarks"], "auroc")):
         lo, hi = figures[f"{name}_ci95"]
         assert lo <= figures[name] <= hi, name
+    # Held-out landmarks: a fifth of the indexed spots left out of a second index, their photos asked.
+    landmarks = default["open_set_landmarks"]
+    assert landmarks["held_out_spots"] == round(0.2 * metrics["n_spots"]) and landmarks["n_outside"] > 0
+    assert landmarks["indexed_spots"] + landmarks["held_out_spots"] == metrics["n_spots"]
+    assert 0 < landmarks["n_correct"] <= landmarks["n_known"] < metrics["n_queries"]
     report = (out / "report.md").read_text()
-    assert report.count(": met (") + report.count(": missed (") == 7  # 3 default, 2 open set, 2 linked
+    # 3 default, 2 open set, 2 held-out landmarks, 2 linked
+    assert report.count(": met (") + report.count(": missed (") == 9 and "held-out landmarks" in report

@@ -1,6 +1,7 @@
 """Open-set answers: photos of no known spot are answered "not a known spot", on the phone alone."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,10 +16,15 @@ from edge_client.client import Client
 from edge_client.config import ClientConfig, load_config
 from edge_client.errors import BadResponseError, ConfigError
 from edge_client.privacy.cache import AnswerCache
-from edge_client.privacy.recognizer import Calibration
+from edge_client.privacy.evidence import MARGIN_CAP, TERMS, look_spread, terms
+from edge_client.privacy.recognizer import Calibration, coverage
 from edge_client.vision.extractor import Extractor
 from lite_server.api.openapi import spec
-from tests.conftest import SHARED, SHARED_MODELS
+from lite_server.index import calibration
+from lite_server.index.store import Index
+from lite_server.index.structure import Structure, StructureParams
+from lite_server.search.lookup import Lookup, load_structure
+from tests.conftest import SHARED, SHARED_MODELS, copy_index
 from tools.live import LiveServer
 
 OUTSIDE = [SHARED_MODELS / name for name in ("parrot.jpg", "cat.bmp", "grace_hopper.bmp")]
@@ -41,10 +47,65 @@ def test_info_publishes_a_calibration_the_schema_describes(live_server: LiveServ
     document = spec()
     jsonschema.validate(info, {"$ref": "#/components/schemas/Info", "components": document["components"]})
     published = info["calibration"]
-    assert published["kind"] == "leave_one_out_rerank" and published["n"] >= 100
+    assert published["kind"] == "leave_one_out_evidence" and published["n"] >= 100 and published["n_unknown"] >= 100
     scores = np.array(published["scores"])
-    assert np.all(np.diff(scores) >= 0) and 0.3 < scores[5] < scores[50] < 1.01 + published["coverage_weight"]
+    assert np.all(np.diff(scores) >= 0) and scores[5] < scores[50]
+    weights = published["weights"]
+    assert list(weights) == list(TERMS) and all(np.isfinite(list(weights.values())))
+    # Fitted on the gallery: a higher score and a clearer lead over the next spot mean a known spot.
+    assert weights["score"] > 0 and weights["margin"] > 0
+    assert weights["coverage"] == pytest.approx(calibration.COVERAGE_RATIO * weights["score"], abs=1e-3)
     assert len(json.dumps(published)) < 2000  # a small addition to /v1/info
+
+
+def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_dir: Path) -> None:
+    lookup = Lookup(Index.load(index_dir), search=False)
+    rows = load_structure(lookup.index, StructureParams.from_config(lookup.config)).scores
+    assert rows.shape[1] == 1 + len(TERMS) and set(np.unique(rows[:, 0])) == {0.0, 1.0}
+    known = rows[:, 0] == 1
+    weights = calibration.fit_weights(rows[:, 1:].astype(np.float64), known)
+    evidence = rows[:, 1:] @ np.array([weights[t] for t in TERMS])
+    # Ranked by the fitted evidence, a gallery photo of a known spot beats one whose spot is left out
+    # far more often than chance, and more often than by its score alone.
+    assert _auc(evidence[known], evidence[~known]) > max(0.7, _auc(rows[known, 1], rows[~known, 1]) - 0.01)
+    # A photo whose spot is left out is scored against another spot: its lead over the runner-up is smaller.
+    assert rows[known, 2].mean() > rows[~known, 2].mean()
+    assert calibration.fit_weights(rows[:10, 1:], known[:10]) == calibration.FALLBACK  # too few rows to fit
+    assert calibration.fit_weights(rows[:, 1:], ~known) == calibration.FALLBACK  # nonsense: a higher score unknown
+    assert calibration.public(np.zeros((0, 1 + len(TERMS)))) == {}
+
+
+def test_a_stored_calibration_without_the_evidence_terms_is_derived_again(index_dir: Path, tmp_path: Path) -> None:
+    copy = copy_index(index_dir, tmp_path)
+    index = Index.load(copy)
+    stored = Structure.load(index.path)
+    assert stored is not None
+    known = stored.scores[stored.scores[:, 0] == 1]
+    # As an index version built before the terms were measured stored it: the known rows' evidence alone.
+    dataclasses.replace(stored, scores=known[:, 1] + 0.5 * known[:, 3]).save(index.path)
+    published = Lookup(index, search=False).calibration
+    assert published == Lookup(Index.load(index_dir), search=False).calibration and "weights" in published
+
+
+def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """The probability that a positive scores above a negative."""
+    return float(np.mean(positive[:, None] > negative[None, :]))
+
+
+def test_the_phone_reads_its_evidence_from_the_published_weights(
+        live_server: LiveServer, extractor: Extractor, held_out: list[tuple[str, Path]]) -> None:
+    photos = [photo for _, photo in held_out[:4]]
+    with _client(live_server, extractor) as client:
+        published = Calibration.from_public(client.info()["calibration"])
+        answers = [client.recognize(photo) for photo in photos]
+        measure = coverage(client.public().basis)
+    assert published is not None
+    for photo, answer in zip(photos, answers):
+        top, runner_up = answer.candidates[0], answer.candidates[1]
+        assert -1.0 <= top.spread <= 1.0 and top.score >= runner_up.score
+        expected = published.evidence(terms(top.score, runner_up.score, measure(extractor.extract(photo)), top.spread))
+        assert answer.evidence == pytest.approx(expected, abs=1e-6)
+        assert answer.confidence == pytest.approx(published.confidence(expected))
 
 
 def test_calibration_maps_evidence_to_confidence_and_keep_to_threshold() -> None:
@@ -56,6 +117,41 @@ def test_calibration_maps_evidence_to_confidence_and_keep_to_threshold() -> None
     assert Calibration.from_public({}) is None
     with pytest.raises(BadResponseError):
         Calibration.from_public({"levels": [0.0, 1.0], "scores": [0.9, 0.5]})
+    # The first kind (score + coverage_weight * coverage) still reads as weights.
+    first = Calibration.from_public({"levels": [0.0, 1.0], "scores": [1.0, 2.0], "coverage_weight": 0.5})
+    assert first is not None and first.evidence(terms(0.9, 0.8, 0.6, 0.7)) == pytest.approx(0.9 + 0.5 * 0.6)
+
+
+WEIGHTS = {"score": 20.0, "margin": 15.0, "coverage": 10.0, "spread": 1.0}
+
+
+@pytest.mark.parametrize("weights", [
+    {"score": 20.0, "margin": 15.0, "coverage": 10.0},                       # a term missing
+    {**WEIGHTS, "brightness": 1.0},                                          # a term the phone does not know
+    {**WEIGHTS, "margin": float("nan")}, {**WEIGHTS, "score": float("inf")},  # not finite
+    {**WEIGHTS, "spread": "high"}, {**WEIGHTS, "score": None}, [20.0, 15.0, 10.0, 1.0],  # not numbers by name
+])
+def test_a_malformed_calibration_is_refused_with_a_typed_error(weights: Any) -> None:
+    with pytest.raises(BadResponseError, match="calibration"):
+        Calibration.from_public({"levels": [0.0, 1.0], "scores": [0.5, 0.9], "weights": weights})
+
+
+@pytest.mark.parametrize("published", [
+    {"levels": [0.0, 1.0], "scores": [0.5, float("nan")], "weights": WEIGHTS},
+    {"levels": [0.0, float("nan")], "scores": [0.5, 0.9], "weights": WEIGHTS},
+    {"levels": [[0.0, 1.0]], "scores": [[0.5, 0.9]], "weights": WEIGHTS},
+    {"levels": [0.0, 0.5, 1.0], "scores": [0.5, 0.9], "weights": WEIGHTS},
+    {"scores": [0.5, 0.9], "weights": WEIGHTS},
+])
+def test_malformed_quantiles_are_refused_with_a_typed_error(published: dict[str, Any]) -> None:
+    with pytest.raises(BadResponseError, match="calibration"):
+        Calibration.from_public(published)
+
+
+def test_a_lone_candidate_has_the_largest_lead() -> None:
+    assert terms(0.8, None, 0.9, 1.0)[1] == MARGIN_CAP == terms(0.8, -0.5, 0.9, 1.0)[1]
+    assert terms(0.8, 0.75, 0.9, 1.0)[1] == pytest.approx(0.05)
+    assert look_spread(np.eye(3)) == pytest.approx(0.0) and look_spread(np.ones((1, 4))) == 1.0
 
 
 def test_keep_outside_zero_to_one_is_refused() -> None:
@@ -104,4 +200,4 @@ def test_cli_says_a_parrot_is_not_a_known_spot(live_server: LiveServer) -> None:
     assert text.stdout.startswith("not a known spot") and "confidence" in text.stdout
     answer = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, check=True).stdout)
     assert answer["spot_id"] is None and answer["name"] is None and answer["candidates"]
-    assert 0.0 <= answer["confidence"] < 0.05
+    assert 0.0 <= answer["confidence"] < 0.05 and isinstance(answer["evidence"], float)

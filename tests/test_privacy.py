@@ -15,7 +15,7 @@ from lite_server.search.publication import document
 from tests.conftest import make_subset
 from tools.evaluate import attackers as atk
 from tools.evaluate import cli as ev
-from tools.evaluate import linked
+from tools.evaluate import linked, openset
 from tools.live import LiveServer
 
 # 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
@@ -244,3 +244,21 @@ def test_structure_seeds_spread_a_setting_over_other_k_means_starts(fine_env: ev
     assert fine_env.lookup.config.structure_seed == 0  # the evaluation's own server is untouched
     report = ev.spread_report({"structure_seeds": spread})
     assert sum(line.startswith("| ") for line in report) == 5 and report[-2].startswith("| mean ± s.e. |")
+
+
+def test_held_out_landmarks_ask_an_index_that_never_saw_them(env: ev.Env) -> None:
+    result = openset.landmarks(env, make_transform("cells", CELLS["strength"], CELLS["k"]), seed=3)
+    held_out = set(result["held_out"])
+    assert len(held_out) == result["held_out_spots"] == round(0.2 * len(env.index.spots))
+    labels = env.data.labels
+    asked = [r for r in np.concatenate([env.gallery, env.queries]) if labels[r] in held_out]
+    assert result["n_outside"] == len(asked) and result["n_known"] == sum(labels[q] not in held_out
+                                                                          for q in env.queries)
+    # The second index holds the other spots' gallery photos only, and its calibration is its own.
+    sub = openset.replace_index(env, np.array([r for r in env.gallery if labels[r] not in held_out]))
+    assert {s.id for s in sub.index.spots} == {s.id for s in env.index.spots} - held_out
+    assert sub.lookup.calibration["weights"] == result["calibration"] != env.lookup.calibration["weights"]
+    for key in ("kept_correct", "rejected_outside", "auroc"):
+        lo, hi = result[f"{key}_ci95"]
+        assert 0.0 <= lo <= result[key] <= hi <= 1.0, key
+    assert result["auroc"] > 0.5  # the phone's evidence ranks its correct answers above unknown landmarks

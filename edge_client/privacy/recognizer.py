@@ -3,13 +3,14 @@ the phone's own, untransformed feature, so the pick never leaves the phone."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import BadResponseError
 from ..protocol import wire
 from ..vision.extractor import l2_normalize
+from .evidence import Calibration, look_spread, terms
 
 Projector = Callable[[np.ndarray], np.ndarray]
 
@@ -38,6 +39,7 @@ class Candidate:
     lon: float | None
     info: dict[str, Any]
     score: float
+    spread: float = 1.0  # the mean cosine between its looks (edge_client.privacy.evidence.look_spread)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Recognition:
     bytes_sent: int = 0
     bytes_received: int = 0
     confidence: float | None = None
+    evidence: float | None = None  # what ``confidence`` was read from (edge_client.privacy.evidence)
 
     @property
     def best(self) -> str | None:
@@ -67,52 +70,9 @@ class Recognition:
 
     def to_dict(self) -> dict[str, Any]:
         return {"spot_id": self.spot_id, "name": self.name, "score": self.score, "confidence": self.confidence,
-                "lat": self.lat, "lon": self.lon, "info": self.info, "candidates": [c.id for c in self.candidates],
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How photos of known spots score (``/v1/info`` ``calibration``), for open-set answers.
-
-    The server scores gallery photos leave-one-out as the phone would and publishes quantiles
-    of their *evidence*: the rerank score plus ``coverage_weight`` times the photo's coverage
-    (the length of its unit feature inside the codec's subspace, which the gallery's photos
-    fill and a parrot or a hotel room does not). The phone maps its own evidence to a
-    confidence, the share of those photos that show less, and answers "not a known spot"
-    when fewer than ``1 - keep`` of them do.
-    """
-
-    levels: np.ndarray
-    scores: np.ndarray
-    coverage_weight: float = 0.0
-
-    @classmethod
-    def from_public(cls, public: Mapping[str, Any] | None) -> "Calibration | None":
-        """The published calibration, or None when the server publishes none."""
-        if not public:
-            return None
-        try:
-            levels = np.asarray(public["levels"], np.float64)
-            scores = np.asarray(public["scores"], np.float64)
-            weight = float(public.get("coverage_weight", 0.0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadResponseError(f"the server's calibration is malformed: {exc}") from None
-        if (levels.ndim != 1 or levels.shape != scores.shape or len(levels) < 2 or not np.isfinite(scores).all()
-                or np.any(np.diff(levels) <= 0) or np.any(np.diff(scores) < 0) or not np.isfinite(weight)):
-            raise BadResponseError("the server's calibration must be increasing quantiles at increasing levels")
-        return cls(levels, scores, weight)
-
-    def evidence(self, score: float, coverage: float) -> float:
-        return score + self.coverage_weight * coverage
-
-    def confidence(self, evidence: float) -> float:
-        """The share of photos of known spots that show less ``evidence`` (0 to 1)."""
-        return float(np.interp(evidence, self.scores, self.levels))
-
-    def threshold(self, keep: float) -> float:
-        """The evidence that ``keep`` of the photos of known spots reach."""
-        return float(np.interp(1.0 - keep, self.levels, self.scores))
+                "evidence": self.evidence, "lat": self.lat, "lon": self.lon, "info": self.info,
+                "candidates": [c.id for c in self.candidates], "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received}
 
 
 def coverage(basis: np.ndarray | None) -> Callable[[np.ndarray], float]:
@@ -145,7 +105,7 @@ def score_candidates(feature: np.ndarray, candidates: list[dict[str, Any]], dim:
             raise BadResponseError(f"malformed candidate: {exc}") from None
         norms = np.linalg.norm(features, axis=1)
         scored.append(Candidate(spot_id, name, _coord(lat), _coord(lon), info,
-                                soft_max((features @ feature) / np.maximum(norms, 1e-12))))
+                                soft_max((features @ feature) / np.maximum(norms, 1e-12)), look_spread(features)))
     return sorted(scored, key=lambda c: -c.score)
 
 
@@ -165,16 +125,22 @@ def rerank(feature: np.ndarray, candidates: list[dict[str, Any]], dim: int, thre
            calibration: Calibration | None = None, keep: float = 1.0, coverage: float = 1.0) -> Recognition:
     """The best candidate for ``feature`` (projected), or "not a known spot": below an explicit
     score ``threshold``, or else when fewer than ``1 - keep`` of the photos of known spots show
-    less evidence (``calibration``; ``coverage`` is the unprojected feature's, see :class:`Calibration`)."""
+    less evidence (``calibration``; ``coverage`` is the unprojected feature's, see
+    :mod:`edge_client.privacy.evidence`)."""
     ranked = score_candidates(feature, candidates, dim)
     score = ranked[0].score if ranked else 0.0
-    evidence = calibration.evidence(score, coverage) if calibration is not None else 0.0
-    confidence = calibration.confidence(evidence) if calibration is not None and ranked else None
+    evidence = confidence = None
+    if calibration is not None and ranked:
+        second = ranked[1].score if len(ranked) > 1 else None
+        evidence = calibration.evidence(terms(score, second, coverage, ranked[0].spread))
+        confidence = calibration.confidence(evidence)
     if threshold is not None:
         unknown = score < threshold
     else:
-        unknown = calibration is not None and keep < 1.0 and evidence < calibration.threshold(keep)
+        unknown = calibration is not None and evidence is not None and keep < 1.0 \
+            and evidence < calibration.threshold(keep)
     if not ranked or unknown:
-        return Recognition(None, None, {}, score, candidates=ranked, confidence=confidence)
+        return Recognition(None, None, {}, score, candidates=ranked, confidence=confidence, evidence=evidence)
     top = ranked[0]
-    return Recognition(top.id, top.name, top.info, top.score, top.lat, top.lon, ranked, confidence=confidence)
+    return Recognition(top.id, top.name, top.info, top.score, top.lat, top.lon, ranked, confidence=confidence,
+                       evidence=evidence)

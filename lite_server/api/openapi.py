@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edge_client.privacy.evidence import TERMS
+
 MATRIX = {
     "type": "object", "required": ["dtype", "shape", "data"],
     "properties": {
@@ -109,16 +111,24 @@ SCHEMAS: dict[str, Any] = {
     },
     "Calibration": {
         "type": "object",
-        "description": "open-set calibration: quantiles of the phone's evidence for gallery photos scored "
-                       "leave-one-out that it answers correctly; empty when no spot has two photos",
+        "description": "open-set calibration: the weights of the phone's evidence terms and the quantiles of its "
+                       "evidence for gallery photos scored leave-one-out that it answers correctly "
+                       "(edge_client.privacy.evidence); empty when no spot has two photos",
         "properties": {
-            "kind": {"const": "leave_one_out_rerank"}, "n": {"type": "integer", "minimum": 1},
+            "kind": {"enum": ["leave_one_out_evidence", "leave_one_out_rerank"]},
+            "n": {"type": "integer", "minimum": 1},
+            "n_unknown": {"type": "integer", "minimum": 0,
+                          "description": "gallery photos scored with their spot left out (the fit's unknowns)"},
+            "weights": {"type": "object", "required": list(TERMS), "additionalProperties": False,
+                        "properties": {t: {"type": "number"} for t in TERMS},
+                        "description": "evidence = sum of weight * term over " + ", ".join(TERMS)},
             "coverage_weight": {"type": "number", "minimum": 0,
-                                "description": "evidence = rerank score + coverage_weight * |basis @ unit feature|"},
+                                "description": "first kind: evidence = rerank score + coverage_weight * "
+                                               "|basis @ unit feature|"},
             "levels": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2},
             "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2},
         },
-        "dependentRequired": {"kind": ["n", "coverage_weight", "levels", "scores"]},
+        "dependentRequired": {"kind": ["n", "levels", "scores"]},
     },
     "Array": ARRAY,
     "Codes": CODES,

@@ -1,16 +1,23 @@
-"""Open-set calibration: how the phone's rerank score of a photo of a known spot is distributed.
+"""Open-set calibration: how the phone's evidence for a photo of a known spot is distributed,
+and how to weigh its terms so that it tells a known landmark from an unknown one.
 
-The phone turns its best candidate's score into a confidence, and answers
-"not a known spot" below an operating point, on its own (the server learns
-nothing new). To do that it needs to know what genuine scores look like for
-this index. The server measures them leave-one-out on its own gallery, in
-the phone's comparison space: a gallery photo, projected with the published
-codec, against every spot's published prototypes, its own spot's recomputed
-without it (k-means centres, int8 codes, the phone's soft maximum), as the
-phone would score a new photo of that spot. The quantiles of the scores of
-the photos it would answer correctly go into ``/v1/info`` under
-``calibration``: a few hundred bytes, the same for every phone, a
-deterministic function of the index like the other public parameters.
+The phone turns its answer's evidence (:mod:`edge_client.privacy.evidence`: the best
+candidate's score, its lead over the second, the photo's coverage, the best spot's
+looks' spread) into a confidence, and answers "not a known spot" below an operating
+point, on its own (the server learns nothing new). The server measures the terms on its
+own gallery, in the phone's comparison space, for a fixed sample of gallery photos
+projected with the published codec, each twice:
+
+* *known*: against every spot's published looks, its own spot's recomputed without it
+  (k-means centres, int8 codes, the phone's soft maximum), as the phone would score a
+  new photo of that spot (kept when its spot comes first: an answer the phone gets right);
+* *unknown*: with its own spot left out entirely, as the phone would score a photo of a
+  landmark the catalogue lacks.
+
+:func:`public` fits the weights of a logistic regression of known against unknown on
+those rows (a deterministic function of the index, like the other public parameters)
+and publishes them with the quantiles of the known rows' evidence in ``/v1/info``
+under ``calibration``: a few hundred bytes, the same for every phone.
 """
 from __future__ import annotations
 
@@ -18,16 +25,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edge_client.privacy.evidence import TERMS, look_spread, terms
 from edge_client.privacy.recognizer import VOTE_TEMPERATURE, soft_max
 
 from .cells import spherical_kmeans
 
 #: Gallery photos scored leave-one-out (a fixed random sample): about a second of work at load.
 SAMPLE = 800
-#: Weight of a photo's coverage (see ``edge_client.privacy.recognizer.Calibration``) in its evidence.
-#: Chosen on the gallery-only tuning split of wa-landmarks against a fixed sample of ie-tower
-#: photos: at 93% of correct answers kept, 0.5 rejects 88% of those (the score alone 81%).
-COVERAGE_WEIGHT = 0.5
+#: The weights published when the gallery cannot fit any (too few rows of either kind): the
+#: score plus half the coverage, chosen on wa-landmarks' tuning split against ie-tower photos.
+FALLBACK = {"score": 1.0, "margin": 0.0, "coverage": 0.5, "spread": 0.0}
+#: Rows of each kind (known, unknown) a fit needs.
+MIN_ROWS = 20
+#: L2 penalty of the fit on standardised terms: the weights stay finite when the kinds separate.
+RIDGE = 1.0
 #: Published quantile levels: every 1%.
 LEVELS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
@@ -54,34 +65,38 @@ def sample(sizes: np.ndarray, count: int = SAMPLE, seed: int = 0) -> np.ndarray:
 def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage: np.ndarray,
                          looks: np.ndarray, look_spot: np.ndarray, per_spot: int, quantize: Quantizer,
                          picks: np.ndarray) -> np.ndarray:
-    """The phone's evidence (rerank score + weighted coverage) for the gallery photos ``picks``
-    names (see :func:`sample`) that it would answer correctly.
+    """The phone's evidence terms for the gallery photos ``picks`` names (see :func:`sample`), as
+    rows [kind, *terms] (:data:`edge_client.privacy.evidence.TERMS`): kind 1 for a photo scored
+    leave-one-out that the phone would answer correctly, kind 0 for the same photo with its
+    spot left out (a landmark the catalogue lacks).
 
     ``vectors`` are unit photo vectors in the codec space (``groups`` their rows per spot,
     ``coverage`` their coverage); ``looks`` the spots' published looks, which ``quantize``
-    turns into what the phone decodes. Each photo is scored against every spot's looks, its
-    own spot's recomputed without it; it counts when its own spot comes first, as a correct
-    answer the phone would give. Only the picked spots' ``groups`` are read.
+    turns into what the phone decodes. Only the picked spots' ``groups`` are read.
     """
     if not len(picks) or not len(looks):
-        return np.zeros(0, np.float32)
+        return np.zeros((0, 1 + len(TERMS)), np.float32)
     spots = picks[:, 0]
     rows = np.array([groups[s][i] for s, i in picks])
     looked, starts = np.unique(look_spot, return_index=True)  # a spot without looks scores nothing
     column = np.full(len(groups), -1)
     column[looked] = np.arange(len(looked))
     published = _unit(quantize(looks))
-    scores = []
+    ends = np.append(starts[1:], len(published))
+    out = []
     for start in range(0, len(picks), CHUNK):
         part = slice(start, start + CHUNK)
         rivals = _rivals(vectors[rows[part]] @ published.T, starts, column[spots[part]])
-        for spot, row, rival in zip(spots[part], rows[part], rivals):
+        for spot, row, (first, second, near) in zip(spots[part], rows[part], rivals):
+            if np.isfinite(first):  # its spot left out: the phone's best is the nearest other spot
+                spread = look_spread(published[starts[near]:ends[near]])
+                out.append([0.0, *terms(first, second, coverage[row], spread)])
             rest = vectors[groups[spot][groups[spot] != row]]
-            protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
-            own = soft_max(_unit(quantize(protos)) @ vectors[row])
-            if own > rival:
-                scores.append(own + COVERAGE_WEIGHT * coverage[row])
-    return np.asarray(scores, np.float32)
+            protos = _unit(quantize(spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest))
+            own = soft_max(protos @ vectors[row])
+            if own > first:
+                out.append([1.0, *terms(own, first, coverage[row], look_spread(protos))])
+    return np.asarray(out, np.float32).reshape(-1, 1 + len(TERMS))
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -89,34 +104,101 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def _rivals(cosines: np.ndarray, starts: np.ndarray, own: np.ndarray) -> np.ndarray:
+def _rivals(cosines: np.ndarray, starts: np.ndarray, own: np.ndarray) -> list[tuple[float, float, int]]:
     """For each row of ``cosines`` (a photo against every look, spots' runs of columns
-    beginning at ``starts``), the best :func:`soft_max` of a spot other than column ``own``
-    (-1: none is its own); -inf when there is no other spot.
+    beginning at ``starts``), among the spots other than column ``own`` (-1: none is its
+    own): the best and second best :func:`soft_max` and the best one's column (-inf and
+    -1 when there is none).
 
     A spot's soft maximum lies between its best look and that plus ``T log(its looks)``,
-    so only spots whose best look comes that close to the best other spot's can be the
-    rival; those few are scored exactly (exponentials of every look of a 100,000-spot
-    catalogue took most of the calibration's time).
+    so only spots whose best look comes that close to the second best other spot's can be
+    among the two; those few are scored exactly (exponentials of every look of a
+    100,000-spot catalogue took most of the calibration's time).
     """
     ends = np.append(starts[1:], cosines.shape[1])
     peaks = np.maximum.reduceat(cosines, starts, axis=1)
     mine = np.flatnonzero(own >= 0)
     peaks[mine, own[mine]] = -np.inf
     slack = VOTE_TEMPERATURE * np.log(max(1, int((ends - starts).max(initial=1))))
-    rivals = np.full(len(cosines), -np.inf)
-    for i, (row, peak) in enumerate(zip(cosines, peaks)):
-        near = np.flatnonzero(peak >= peak.max(initial=-np.inf) - slack) if np.isfinite(peak).any() else []
-        rivals[i] = max((soft_max(row[starts[s]:ends[s]]) for s in near), default=-np.inf)
-    return rivals
+    out = []
+    for row, peak in zip(cosines, peaks):
+        finite = peak[np.isfinite(peak)]
+        if not len(finite):
+            out.append((-np.inf, -np.inf, -1))
+            continue
+        runner_up = np.partition(finite, len(finite) - 2)[len(finite) - 2] if len(finite) > 1 else finite[0]
+        near = np.flatnonzero(peak >= runner_up - slack)
+        scored = sorted(((soft_max(row[starts[s]:ends[s]]), int(s)) for s in near), reverse=True)
+        out.append((scored[0][0], scored[1][0] if len(scored) > 1 else -np.inf, scored[0][1]))
+    return out
 
 
-def public(scores: np.ndarray) -> dict[str, Any]:
-    """What ``/v1/info`` publishes: the quantiles of the evidence ``scores`` at :data:`LEVELS`
-    and the weight they were computed with (empty without scores)."""
-    if not len(scores):
+def public(rows: np.ndarray) -> dict[str, Any]:
+    """What ``/v1/info`` publishes from :func:`leave_one_out_scores`' ``rows``: the weights of
+    the evidence terms and the quantiles at :data:`LEVELS` of the known rows' evidence (empty
+    without known rows)."""
+    rows = np.asarray(rows, np.float64).reshape(-1, 1 + len(TERMS))
+    known = rows[:, 0] == 1.0
+    if not known.any():
         return {}
-    quantiles = np.quantile(scores, LEVELS)
-    return {"kind": "leave_one_out_rerank", "n": int(len(scores)), "coverage_weight": COVERAGE_WEIGHT,
-            "levels": LEVELS.tolist(),
-            "scores": [round(float(q), 4) for q in quantiles]}
+    weights = fit_weights(rows[:, 1:], known)
+    evidence = rows[known, 1:] @ np.array([weights[t] for t in TERMS])
+    return {"kind": "leave_one_out_evidence", "n": int(known.sum()), "n_unknown": int((~known).sum()),
+            "weights": weights, "levels": LEVELS.tolist(),
+            "scores": [round(float(q), 4) for q in np.quantile(evidence, LEVELS)]}
+
+
+def current(rows: np.ndarray) -> bool:
+    """Whether stored calibration ``rows`` are :func:`leave_one_out_scores`' of this version."""
+    return rows.ndim == 2 and rows.shape[1] == 1 + len(TERMS)
+
+
+#: The terms the fit weighs (the others get 0, but coverage: see :data:`COVERAGE_RATIO`). Chosen on
+#: the gallery-only tuning splits of wa-landmarks and ie-tower (20% of the spots held out, through the
+#: real client, keep 0.95): held-out landmarks rejected 0.387 and 0.210 against the score + 0.5
+#: coverage's 0.328 and 0.149; the score alone, or with the coverage, rejected fewer (docs/privacy.md).
+FITTED = ("score", "margin", "spread")
+#: The coverage term's weight relative to the score's. Not fitted: a gallery photo with its spot
+#: left out has the same coverage as with it, so only photos of other domains (outside the codec's
+#: subspace) could teach it, and the server has none. 1.0 on the same tuning splits: other-domain
+#: photos rejected 0.663 on wa-landmarks (0.5: 0.548; the score + 0.5 coverage: 0.713), correct
+#: answers kept 0.940 and 0.929 (1.25 kept 0.909 on ie-tower, whose gallery photos lie deeper in the
+#: codec's subspace than its queries: more coverage weight, more of its queries fall short).
+COVERAGE_RATIO = 1.0
+
+
+def fit_weights(values: np.ndarray, known: np.ndarray) -> dict[str, float]:
+    """The weights of a ridge-penalised logistic regression of ``known`` on the evidence terms
+    ``values`` (rows, :data:`TERMS`), in the terms' own units, so that the phone's evidence is
+    their weighted sum; :data:`FALLBACK` without :data:`MIN_ROWS` rows of each kind, or when the
+    fit weighs the score negatively."""
+    if min(known.sum(), (~known).sum()) < MIN_ROWS:
+        return dict(FALLBACK)
+    used = [TERMS.index(t) for t in FITTED]
+    x = values[:, used]
+    centre, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+    z = np.column_stack([np.ones(len(x)), (x - centre) / scale])
+    beta = _logistic(z, known.astype(np.float64))
+    if "score" in FITTED and beta[1 + FITTED.index("score")] <= 0:
+        return dict(FALLBACK)  # a higher score never means an unknown spot: a gallery this odd is not trusted
+    weights = dict.fromkeys(TERMS, 0.0)
+    for i, w in zip(used, beta[1:] / scale):
+        weights[TERMS[i]] = round(float(w), 4)
+    weights["coverage"] = round(COVERAGE_RATIO * weights["score"], 4)
+    return weights
+
+
+def _logistic(z: np.ndarray, y: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Newton's method for the ridge-penalised logistic regression (intercept unpenalised)."""
+    beta = np.zeros(z.shape[1])
+    penalty = np.full(z.shape[1], RIDGE)
+    penalty[0] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -30, 30)))
+        gradient = z.T @ (p - y) + penalty * beta
+        hessian = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(len(beta))
+        step = np.linalg.solve(hessian, gradient)
+        beta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return beta

@@ -128,7 +128,10 @@ def load_structure(index: Index, params: StructureParams) -> Structure:
     """The structure stored in ``index``'s version, or derived now when it has none for
     ``params`` (an index built before structures were stored, or other server settings)."""
     stored = Structure.load(index.path)
-    if stored is not None and stored.matches([s.id for s in index.spots], params):
+    # Calibration rows without the evidence terms (index versions built before they were
+    # measured) are derived again: the phone would read the old evidence with new weights.
+    if stored is not None and calibration.current(stored.scores) and stored.matches([s.id for s in index.spots],
+                                                                                   params):
         return stored
     log.info("deriving the public structure of %s at load (%d spots): store it with a rebuild",
              index.version, len(index.spots))

@@ -26,7 +26,9 @@ query photos of it, every phone weighing the same (the target's figure).
 
 It also measures open-set answers (``tools.evaluate.openset``): the correct answers
 the phone keeps at its default operating point and the photos of other
-datasets and the sample photos it declines.
+datasets and the sample photos it declines (``open_set``); and, with a part of
+the spots (``--held-out``) left out of a second index, the photos of those
+held-out landmarks it declines (``open_set_landmarks``).
 
 With ``--structure-seeds N`` the default setting also runs on structures
 derived with the N - 1 k-means seeds after the server's (``structure_seed``,
@@ -182,11 +184,13 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
                               "message": str(exc)}
         log.warning("%s", exc)
         return metrics
+    transform = make_transform(args.transform or DEFAULT_TRANSFORM, args.strength, args.k)
     if args.outside is not None:
-        transform = make_transform(args.transform or DEFAULT_TRANSFORM, args.strength, args.k)
         others = openset.other_datasets(args.dataset) if args.outside == "auto" else \
             [Path(p) for p in args.outside.split(",") if p]
         metrics["default"]["open_set"] = openset.evaluate(env, transform, answers, others, args.seed)
+    if args.held_out > 0:
+        metrics["default"]["open_set_landmarks"] = openset.landmarks(env, transform, args.seed, args.held_out)
     if metrics["default"]["transform"] == "cells" and args.links:
         transform = make_transform(DEFAULT_TRANSFORM if not args.transform else args.transform, args.strength, args.k)
         result = linked.evaluate(env, transform, args.seed, tuple(args.links), base_hits=base_hits,
@@ -305,7 +309,7 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
         "Targets of the default setting:", "", *targets_report(metrics), "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
-        *openset.report(metrics["default"]), *linked_report(metrics["default"], base),
+        *openset.report(metrics["default"]), *openset.landmarks_report(metrics["default"]), *linked_report(metrics["default"], base),
         *linked_distinct_report(metrics["default"], base), *spread_report(metrics)])
 
 
@@ -444,6 +448,13 @@ def _min_photos(text: str) -> int:
     return value
 
 
+def _held_out(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"--held-out must be in [0, 1), got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -482,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outside", default="auto",
                    help="out-of-catalogue datasets for the open-set figures, comma-separated "
                         "(auto: the datasets beside --dataset; empty: only the sample photos)")
+    p.add_argument("--held-out", type=_held_out, default=openset.HELD_OUT, metavar="SHARE",
+                   help="open set against held-out landmarks: the share of spots left out of a second index "
+                        f"(default {openset.HELD_OUT:g}; 0: skip)")
     p.add_argument("--structure-seeds", type=int, default=1, metavar="N",
                    help="also run the default setting on structures derived with the N-1 k-means seeds "
                         "after the server's structure_seed and report each figure's mean and standard "

@@ -1,6 +1,9 @@
 """Open-set answers: photos of known spots the phone still answers, photos of elsewhere it declines.
 
-Out-of-catalogue photos are those of another dataset (a fixed random sample of
+Two kinds of elsewhere. *Held-out landmarks* (:func:`landmarks`): a part of the spots
+(:data:`HELD_OUT`, chosen by the evaluation seed) is left out of a second index of the
+same gallery, and their photos ask it: the tourist's most common unknown photo, another
+landmark of the same kind. *Other domains* (:func:`evaluate`): out-of-catalogue photos are those of another dataset (a fixed random sample of
 a few hundred, features cached like any dataset's) and the three sample photos
 in ``../shared/models`` (a parrot, a cat, Grace Hopper). Every one goes through
 the real client, as the in-catalogue queries do. The operating point is the
@@ -10,6 +13,8 @@ of ``edge_client.privacy.recognizer.rerank`` up to interpolation ties).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,8 @@ import numpy as np
 from edge_client.config import ClientConfig
 from edge_client.privacy.recognizer import Recognition
 from edge_client.privacy.transforms import Transform
+from lite_server.index.store import BadIndexError, Index
+from lite_server.search.lookup import Lookup
 from tools import dataset as ds
 from tools.evaluate import intervals as iv
 from tools.evaluate.testbed import Env
@@ -26,6 +33,83 @@ SAMPLE_PHOTOS = [ds.ROOT.parent / "shared" / "models" / n for n in ("parrot.jpg"
 #: Out-of-catalogue photos drawn from each other dataset.
 OUTSIDE_SAMPLE = 300
 KEEPS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99, 1.0)
+#: Share of the spots left out of the index for the held-out-landmarks figures.
+HELD_OUT = 0.2
+
+
+def landmarks(env: Env, transform: Transform, seed: int = 0, share: float = HELD_OUT) -> dict[str, Any]:
+    """kept_correct, rejected_outside and auroc for held-out landmarks of the same dataset.
+
+    A ``share`` of the indexed spots (drawn with ``seed``) is left out of a second index of
+    the gallery (the others' gallery photos only; its public structure and calibration derived
+    from those alone, as a server would). The queries of the remaining spots ask it as known
+    spots; every photo of the split (gallery and queries, never a photo the split holds back)
+    of a left-out spot asks it as an unknown landmark. All go through the real client and
+    transform. ``auroc``: the phone's evidence of its correct answers against the unknown
+    photos' (ties count half).
+    """
+    ids = np.array([s.id for s in env.index.spots])
+    out_spots = set(np.random.default_rng(seed).choice(ids, max(1, round(share * len(ids))), replace=False).tolist())
+    spot_of = env.data.labels
+    gallery = np.array([r for r in env.gallery if spot_of[r] not in out_spots])
+    sub = replace_index(env, gallery)
+    known = [(spot_of[q], q) for q in env.queries if spot_of[q] not in out_spots]
+    unknown = sorted(r for r in np.concatenate([env.gallery, env.queries]) if spot_of[r] in out_spots)
+    with sub.client(transform, seed) as client:
+        known_answers = [(spot, client.ask(env.features[q])[1]) for spot, q in known]
+        unknown_answers = [client.ask(env.features[r])[1] for r in unknown]
+    return summarize(known_answers, unknown_answers, [spot_of[r] for r in unknown],
+                     held_out_spots=len(out_spots), indexed_spots=len(ids) - len(out_spots),
+                     held_out=sorted(out_spots), calibration=sub.lookup.calibration.get("weights"))
+
+
+def replace_index(env: Env, gallery: np.ndarray) -> Env:
+    """``env`` served in-process from an index of the photos ``gallery`` (built once, cached
+    beside ``env``'s), with the same server settings."""
+    key = hashlib.sha256(f"{env.index.path}|{np.asarray(gallery, np.int64).tobytes().hex()}".encode()).hexdigest()
+    index_dir = env.cache_dir / f"eval-index-{key[:16]}"
+    try:
+        index = Index.load(index_dir)
+    except BadIndexError:
+        index = ds.build_from_features(env.data, gallery, env.features, env.extractor, index_dir)
+    # Always served in-process: a --server holds the whole gallery.
+    return dataclasses.replace(env, gallery=gallery, index=index, lookup=Lookup(index, env.lookup.config),
+                               server_url=None, state_dir=env.cache_dir / f"eval-state-{key[:16]}")
+
+
+def summarize(known: list[tuple[str, Recognition]], unknown: list[Recognition], places: list[str],
+              **extra: Any) -> dict[str, Any]:
+    """The open-set figures of ``known`` (true spot, answer) and ``unknown`` answers (``places``:
+    each one's bootstrap cluster), each with its spot-clustered 95% interval."""
+    correct = [(spot, r) for spot, r in known if r.best == spot]
+    kept = [r.spot_id == r.best for _, r in correct]
+    rejected = [r.spot_id is None for r in unknown]
+    evidence = np.array([_evidence(r) for _, r in correct] + [_evidence(r) for r in unknown])
+    labels = np.array([1] * len(correct) + [0] * len(unknown))
+    clusters = [spot for spot, _ in correct] + list(places)
+    return {"operating_point": ClientConfig().keep,
+            "kept_correct": _share(kept), "kept_correct_ci95": iv.mean_ci95(kept, [s for s, _ in correct]),
+            "rejected_outside": _share(rejected), "rejected_outside_ci95": iv.mean_ci95(rejected, places),
+            "auroc": auroc(evidence, labels), "auroc_ci95": iv.statistic_ci95(
+                lambda weights: auroc(evidence, labels, weights), clusters),
+            "user_top1_closed": _share(r.best == s for s, r in known),
+            "user_top1_open": _share(r.spot_id == s for s, r in known),
+            "n_known": len(known), "n_correct": len(correct), "n_outside": len(unknown), **extra}
+
+
+def _evidence(answer: Recognition) -> float:
+    """The phone's evidence of an answer (its score when the server publishes no calibration)."""
+    return float(answer.evidence if answer.evidence is not None else answer.score)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The probability that a positive ``labels`` scores above a negative (ties half), with
+    optional unit ``weights``; NaN without both kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(np.asarray(labels).tolist())) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores, sample_weight=weights))
 
 
 def other_datasets(dataset: Path) -> list[Path]:
@@ -100,6 +184,27 @@ def report(run: dict[str, Any]) -> list[str]:
             iv.verdict("correct answers kept", o["kept_correct"], o.get("kept_correct_ci95"), 0.93, at_most=False),
             iv.verdict("out-of-catalogue photos rejected", o["rejected_outside"], o.get("rejected_outside_ci95"),
                        0.80, at_most=False), ""]
+
+
+def landmarks_report(run: dict[str, Any]) -> list[str]:
+    """The report's held-out-landmarks lines, beside the other-domain ones."""
+    o = run.get("open_set_landmarks")
+    if not o:
+        return []
+    return ["## Open set: held-out landmarks", "",
+            f"{o['held_out_spots']} spots left out of a second index of the gallery ({o['indexed_spots']} kept); "
+            f"operating point keep = {o['operating_point']:g}: kept {o['kept_correct']:.3f} of the {o['n_correct']} "
+            f"correct answers to the kept spots' {o['n_known']} queries, rejected {o['rejected_outside']:.3f} of the "
+            f"{o['n_outside']} photos of held-out spots; AUROC of the phone's evidence {o['auroc']:.3f}"
+            f"{_interval(o.get('auroc_ci95'))}.", "",
+            iv.verdict("held-out landmarks: correct answers kept", o["kept_correct"], o.get("kept_correct_ci95"), 0.93,
+                       at_most=False),
+            iv.verdict("held-out landmarks: photos rejected", o["rejected_outside"], o.get("rejected_outside_ci95"),
+                       0.70, at_most=False), ""]
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f" (95% interval {ci[0]:.3f}..{ci[1]:.3f})" if ci else ""
 
 
 def plot(metrics: dict[str, Any], path: Path) -> None:
