@@ -140,8 +140,8 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
         ranks["explain_away"] = atk.rank_of_truth(atk.ExplainAwayAttacker(transform.pool_, env.lookup).scores(bodies),
                                                   truth)
     if transform.name == "cells":
-        bayes = atk.CellsBayesAttacker().fit(transform, env.lookup)
-        ranks["bayes"] = atk.rank_of_truth(bayes.scores(bodies), truth)
+        for name, bayes in atk.bayes_attackers(transform, env.lookup).items():
+            ranks[name] = atk.rank_of_truth(bayes.scores(bodies), truth)
     results = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(results, key=lambda a: (results[a]["top1"], results[a]["top5"]))
     best, naive = results[strongest], results["naive"]

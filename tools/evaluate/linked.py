@@ -28,7 +28,7 @@ and count-then-Bayes: the same count, ties broken by the Bayes posterior
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping, Union
 
 import numpy as np
 
@@ -42,6 +42,8 @@ from tools.evaluate.testbed import Env
 log = logging.getLogger(__name__)
 LINKS = (1, 2, 3, 5)
 PHONES = 5  # linked_distinct: phones per spot at most
+#: One Bayes attacker, or several by name ("bayes", "bayes_loo": their posteriors' variants are all tried).
+Bayes = Union[atk.CellsBayesAttacker, Mapping[str, atk.CellsBayesAttacker]]
 
 
 def photo_sets(env: Env, m: int) -> list[np.ndarray]:
@@ -101,19 +103,24 @@ def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended:
     return sent, np.array(right), sum(map(len, sent)) / total
 
 
-def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]], truth: np.ndarray,
+def attack_sets(bayes: Bayes, sent: list[list[dict[str, Any]]], truth: np.ndarray,
                 spot_cell: np.ndarray, base_hits: np.ndarray | None = None) -> dict[str, Any]:
     """Every linked attacker's summary, and the strongest one's figures, with spot-clustered
     intervals; with ``base_hits`` (the baseline's hits on the sets' first photos) the top-1
-    relative to the baseline too."""
-    dedupe = bayes.linked_scores(sent, dedupe=True)
-    results = {
-        "product": bayes.linked_scores(sent),
-        "product_dedupe": dedupe,
-        "product_cache_aware": bayes.linked_scores(sent, cache_aware=True, dedupe=True),
-        "count": count_scores(sent, spot_cell, bayes.prior_),
-        "count_bayes": count_bayes_scores(sent, spot_cell, dedupe),
-    }
+    relative to the baseline too. ``bayes``: one Bayes attacker, or several by name
+    (:func:`tools.evaluate.attackers.bayes_attackers`), each lending its posterior to every
+    variant (``bayes_loo``'s are named ``product_loo``, ``count_bayes_loo``, ...)."""
+    named = bayes if isinstance(bayes, Mapping) else {"bayes": bayes}
+    results = {"count": count_scores(sent, spot_cell, next(iter(named.values())).prior_)}
+    for name, attacker in named.items():
+        suffix = name.removeprefix("bayes")
+        dedupe = attacker.linked_scores(sent, dedupe=True)
+        results.update({
+            f"product{suffix}": attacker.linked_scores(sent),
+            f"product_dedupe{suffix}": dedupe,
+            f"product_cache_aware{suffix}": attacker.linked_scores(sent, cache_aware=True, dedupe=True),
+            f"count_bayes{suffix}": count_bayes_scores(sent, spot_cell, dedupe),
+        })
     ranks = {name: atk.rank_of_truth(scores, truth) for name, scores in results.items()}
     summaries = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(summaries, key=lambda a: (summaries[a]["top1"], summaries[a]["top5"]))
@@ -148,7 +155,7 @@ def count_bayes_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, 
     return naming_counts(sent, spot_cell) + order / (posterior.shape[1] + 1)
 
 
-def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: int, phones: int = PHONES,
+def distinct(env: Env, transform: Transform, bayes: Bayes, m: int, phones: int = PHONES,
              seed: int = 0, base_hits: np.ndarray | None = None) -> dict[str, Any]:
     """``linked_distinct`` figures for ``m``: every phone of :func:`distinct_sets` through the
     real client with its defences on, attacked; means over phones, intervals over their spots.
@@ -169,13 +176,13 @@ def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: i
 
 
 def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
-             bayes: atk.CellsBayesAttacker | None = None, base_hits: np.ndarray | None = None,
+             bayes: Bayes | None = None, base_hits: np.ndarray | None = None,
              phones: int = PHONES) -> dict[str, Any]:
     """``{"defended": {m: figures}, "undefended": {m: figures}, "distinct": {m: figures}}`` for
     a cells ``transform`` (``distinct``: :func:`distinct`, ``phones`` per spot at most);
     ``base_hits``: the baseline's per-query hits, for top-1 relative to it with an interval."""
     transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
-    bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
+    bayes = bayes or atk.bayes_attackers(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}, "distinct": {}}
     for m in links:
         out["distinct"][str(m)] = distinct(env, transform, bayes, m, phones, seed, base_hits)
