@@ -359,3 +359,6 @@ def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
     reference, interval = metrics["history_precision_reference"], metrics["history_precision_reference_ci95"]
     assert reference == metrics["no_dummies"]["history_precision"] and interval[0] <= reference <= interval[1]
     assert "- reference: history precision with dummies off" in report and "| none (reference) |" in report
+    relative = metrics["history_precision_x_reference"]
+    if reference > 0:
+        assert abs(relative - metrics["history_precision"] / reference) < 1e-9
