@@ -147,7 +147,8 @@ def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.E
     assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
     assert set(defended["3"]["attackers"]) == {"count", *(f"{name}{suffix}" for suffix in ("", "_loo") for name in
                                                           ("product", "product_dedupe", "product_cache_aware",
-                                                           "count_bayes"))}
+                                                           "count_bayes", "count_bayes_cache_aware",
+                                                           "count_mean_posterior"))}
     assert defended["3"]["user_top1"] >= 0.95 * undefended["3"]["user_top1"]
 
 
@@ -187,6 +188,8 @@ def test_linked_distinct_report_marks_issue_27s_targets_met_or_missed() -> None:
     assert "- m = 5 distinct: server top-1 / baseline <= 0.25x: missed (0.40x" in text
     assert "- m = 5 distinct: server top-5 <= 0.5: met (0.400" in text
     assert "| 5 | 0.200 [0.100, 0.300] (0.40x) | 0.400 [0.300, 0.500] | count_bayes | 50 (10 spots; 2 without) |" in text
+    runs["5"]["top5_attacker"] = "count_bayes_loo"  # another attacker is the strongest at top-5
+    assert "| count_bayes (top-5: count_bayes_loo) |" in "\n".join(ev.linked_distinct_report({"linked_distinct": runs}, 0.5))
 
 
 def test_leave_one_out_bayes_refits_only_the_photos_own_spot(fine_env: ev.Env) -> None:
@@ -223,11 +226,16 @@ def test_leave_one_out_bayes_refits_only_the_photos_own_spot(fine_env: ev.Env) -
     scores = loo.scores(bodies)
     assert scores.shape == (len(bodies), n_spots) and np.all(scores >= 0) and np.all(scores.sum(axis=1) > 0)
     assert "bayes_loo" in ev.attack(env, transform, bodies)["attackers"]
+    # One message each: the mean of the messages' posteriors is that message's posterior.
+    assert np.allclose(linked.mean_posterior(loo, [[b] for b in bodies]), scores / scores.sum(axis=1, keepdims=True))
     sent = [[b] for b in bodies]
     figures = linked.attack_sets(atk.bayes_attackers(transform, env.lookup, decoy_draws=2000), sent, env.truth,
                                  env.lookup.spot_cell)
     assert {"count_bayes", "count_bayes_loo", "product_loo"} <= set(figures["attackers"])
-    assert figures["attacker"] in figures["attackers"]
+    # Each figure by its own strongest attacker.
+    assert figures["top1"] == max(a["top1"] for a in figures["attackers"].values())
+    assert figures["top5"] == max(a["top5"] for a in figures["attackers"].values())
+    assert figures["top5"] == figures["attackers"][figures["top5_attacker"]]["top5"]
 
 
 def test_count_then_bayes_ranks_the_spot_every_message_names_first() -> None:
