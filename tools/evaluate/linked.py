@@ -204,6 +204,8 @@ def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ..
     """``{"defended": {m: figures}, "undefended": {m: figures}, "distinct": {m: figures}}`` for
     a cells ``transform`` (``distinct``: :func:`distinct`, ``phones`` per spot at most);
     ``base_hits``: the baseline's per-query hits, for top-1 relative to it with an interval."""
+    with env.client(transform, seed):  # the phones' decoy floors (their ClientConfig) set on the transform
+        pass
     transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
     bayes = bayes or atk.bayes_attackers(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}, "distinct": {}}
