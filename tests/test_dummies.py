@@ -350,4 +350,15 @@ def test_dummy_evaluation_on_a_small_subset(tmp_path: Path) -> None:
             assert block[f"{name}_ci95"][0] <= block[name] <= block[f"{name}_ci95"][1], (name, block)
         assert 1.5 <= block["dummy_ratio"] <= 2.0
     assert (tmp_path / "out" / "trajectories.png").stat().st_size > 10_000
-    assert "detector AUC" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "detector AUC" in report
+    # The strongest spot guesser, the Bayes posteriors among the candidates, and its dummies-off reference.
+    guessers = metrics["spot_guesser_top1"]
+    assert {"linear", "knn", "bayes", "bayes_loo"} <= set(guessers)
+    assert guessers[metrics["spot_guesser"]] == max(guessers.values())
+    reference, interval = metrics["history_precision_reference"], metrics["history_precision_reference_ci95"]
+    assert reference == metrics["no_dummies"]["history_precision"] and interval[0] <= reference <= interval[1]
+    assert "- reference: history precision with dummies off" in report and "| none (reference) |" in report
+    relative = metrics["history_precision_x_reference"]
+    if reference > 0:
+        assert abs(relative - metrics["history_precision"] / reference) < 1e-9

@@ -109,7 +109,7 @@ def test_cells_hide_the_answer_better_than_the_naive_server_sees(env: ev.Env) ->
     base = ev.baseline(env)
     assert 0 <= result["server_top1_aware"] <= 0.6 * base
     assert result["user_top1"] >= 0.75 * base and result["candidate_recall"] >= 0.8
-    assert result["strongest_attacker"] in result["attackers"] and "bayes" in result["attackers"]
+    assert result["strongest_attacker"] in result["attackers"] and {"bayes", "bayes_loo"} <= set(result["attackers"])
 
 
 def test_evaluation_metrics_and_http_equal_in_process(env: ev.Env, tmp_path: Path) -> None:
@@ -145,8 +145,10 @@ def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.E
     assert undefended["3"]["top5"] >= undefended["1"]["top5"] + 0.1
     assert defended["3"]["top5"] <= defended["1"]["top5"] + 0.05
     assert defended["3"]["top1"] <= defended["1"]["top1"] + 0.05
-    assert set(defended["3"]["attackers"]) == {"product", "product_dedupe", "product_cache_aware", "count",
-                                                "count_bayes"}
+    assert set(defended["3"]["attackers"]) == {"count", *(f"{name}{suffix}" for suffix in ("", "_loo") for name in
+                                                          ("product", "product_dedupe", "product_cache_aware",
+                                                           "count_bayes", "count_bayes_cache_aware",
+                                                           "count_mean_posterior"))}
     assert defended["3"]["user_top1"] >= 0.95 * undefended["3"]["user_top1"]
 
 
@@ -186,6 +188,54 @@ def test_linked_distinct_report_marks_issue_27s_targets_met_or_missed() -> None:
     assert "- m = 5 distinct: server top-1 / baseline <= 0.25x: missed (0.40x" in text
     assert "- m = 5 distinct: server top-5 <= 0.5: met (0.400" in text
     assert "| 5 | 0.200 [0.100, 0.300] (0.40x) | 0.400 [0.300, 0.500] | count_bayes | 50 (10 spots; 2 without) |" in text
+    runs["5"]["top5_attacker"] = "count_bayes_loo"  # another attacker is the strongest at top-5
+    assert "| count_bayes (top-5: count_bayes_loo) |" in "\n".join(ev.linked_distinct_report({"linked_distinct": runs}, 0.5))
+
+
+def test_leave_one_out_bayes_refits_only_the_photos_own_spot(fine_env: ev.Env) -> None:
+    """The leave-one-out attacker's shortcut (one spot's prototypes swapped into the phone's fitted
+    arrays) names the cells a full refit of the transform on that structure names; its counts cover
+    every gallery photo once; it scores bodies and runs in the single-query and linked evaluations."""
+    import copy
+
+    from lite_server.index import cells as public
+
+    env = fine_env
+    transform = _fitted(env, "cells", strength=1.0, k=2)
+    index, n_spots = env.index, len(env.index.spots)
+    spot = int(np.argmax(np.bincount(index.photo_spot)))
+    rows = public.spot_groups(index.photo_spot, n_spots)[spot]
+    vectors = env.lookup.project(np.asarray(index.features[rows], np.float32))
+    protos, _ = public.prototypes(vectors, [np.arange(1, len(rows))], env.lookup.config.prototypes_per_spot,
+                                  env.lookup.config.structure_seed)
+    swapped = atk.with_spot(transform, env.lookup, spot, protos)
+    keep = transform.prototype_spot_ != spot
+    codes = wire.decode(env.lookup.encode(protos)).reshape(len(protos), -1)
+    refit = copy.copy(transform).fit_arrays(
+        transform.project_, np.concatenate([transform.prototypes_[keep], codes]),
+        np.concatenate([transform.prototype_spot_[keep], np.full(len(codes), spot)]), env.lookup.spot_cell,
+        env.lookup.n_cells, env.lookup.popularity)
+    features = np.asarray(index.features, np.float32)
+    assert all(swapped.real_cells(f) == refit.real_cells(f) for f in features)
+    assert not np.shares_memory(swapped.by_cell_, transform.by_cell_)  # the phone's own arrays untouched
+
+    loo = atk.LeaveOneOutBayesAttacker(decoy_draws=2000).fit(transform, env.lookup)
+    counted = sum(loo.groups_.values())
+    assert np.array_equal(counted, np.bincount(index.photo_spot, minlength=n_spots))
+    bodies = [transform.transform(env.features[q], np.random.default_rng(i)) for i, q in enumerate(env.queries)]
+    scores = loo.scores(bodies)
+    assert scores.shape == (len(bodies), n_spots) and np.all(scores >= 0) and np.all(scores.sum(axis=1) > 0)
+    assert "bayes_loo" in ev.attack(env, transform, bodies)["attackers"]
+    # One message each: the mean of the messages' posteriors is that message's posterior.
+    assert np.allclose(linked.mean_posterior(loo, [[b] for b in bodies]), scores / scores.sum(axis=1, keepdims=True))
+    sent = [[b] for b in bodies]
+    figures = linked.attack_sets(atk.bayes_attackers(transform, env.lookup, decoy_draws=2000), sent, env.truth,
+                                 env.lookup.spot_cell)
+    assert {"count_bayes", "count_bayes_loo", "product_loo"} <= set(figures["attackers"])
+    # Each figure by its own strongest attacker.
+    assert figures["top1"] == max(a["top1"] for a in figures["attackers"].values())
+    assert figures["top5"] == max(a["top5"] for a in figures["attackers"].values())
+    assert figures["top5"] == figures["attackers"][figures["top5_attacker"]]["top5"]
 
 
 def test_count_then_bayes_ranks_the_spot_every_message_names_first() -> None:

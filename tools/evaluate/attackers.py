@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -162,27 +162,14 @@ class CellsBayesAttacker:
         self.folds, self.decoy_draws, self.alpha, self.seed = folds, decoy_draws, alpha, seed
 
     def fit(self, transform: Any, lookup: Lookup) -> "CellsBayesAttacker":
-        from lite_server.index import cells as public
-
         index, n_spots = lookup.index, len(lookup.index.spots)
-        features = np.asarray(index.features, np.float32)
         self.d_ = int(round(transform.strength_))
         self.sizes_ = range(min(transform.min_cells, transform.k_), transform.k_ + 1)
         self.prior_ = popularity(index.photo_spot, n_spots)
         counts: dict[tuple[int, ...], np.ndarray] = {}
-        fold = np.arange(len(features)) % self.folds
-        for f in range(self.folds):
-            train = fold != f
-            groups = public.spot_groups(index.photo_spot[train], n_spots)
-            # The server's own k-means starts (it knows the configuration): the folds' prototypes
-            # differ from the published ones only by the photos held out.
-            protos, owner = public.prototypes(lookup.project(features[train]), groups,
-                                              lookup.config.prototypes_per_spot, lookup.config.structure_seed)
-            simulated = _refit(transform, lookup, protos, owner)
-            for row in np.flatnonzero(~train):
-                # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.
-                best, *rest = simulated.real_cells(features[row])
-                counts.setdefault((best, *sorted(rest)), np.zeros(n_spots))[index.photo_spot[row]] += 1
+        for row, (best, *rest) in self.simulate(transform, lookup):
+            # Keyed best cell first, then the rest sorted: a cache hit turns on the best cell.
+            counts.setdefault((best, *sorted(rest)), np.zeros(n_spots))[index.photo_spot[row]] += 1
         totals = np.bincount(index.photo_spot, minlength=n_spots).astype(float)
         self.groups_ = counts
         self.floor_ = self.alpha / max(1, len(counts))
@@ -194,6 +181,26 @@ class CellsBayesAttacker:
             decoys[group] = decoys.get(group, 0.0) + 1.0
         self.decoys_ = {g: n / self.decoy_draws for g, n in decoys.items()}
         return self
+
+    def simulate(self, transform: Any, lookup: Lookup) -> Iterator[tuple[int, tuple[int, ...]]]:
+        """(gallery row, the real cells the phone's rule names for that photo, best first) for
+        every gallery photo, with prototypes rebuilt k-fold: each fold's photos are simulated on
+        prototypes of every spot fitted without them."""
+        from lite_server.index import cells as public
+
+        index, n_spots = lookup.index, len(lookup.index.spots)
+        features = np.asarray(index.features, np.float32)
+        fold = np.arange(len(features)) % self.folds
+        for f in range(self.folds):
+            train = fold != f
+            groups = public.spot_groups(index.photo_spot[train], n_spots)
+            # The server's own k-means starts (it knows the configuration): the folds' prototypes
+            # differ from the published ones only by the photos held out.
+            protos, owner = public.prototypes(lookup.project(features[train]), groups,
+                                              lookup.config.prototypes_per_spot, lookup.config.structure_seed)
+            simulated = _refit(transform, lookup, protos, owner)
+            for row in np.flatnonzero(~train):
+                yield int(row), simulated.real_cells(features[row])
 
     def _likelihood(self, group: tuple[int, ...], cached: frozenset[int]) -> np.ndarray:
         """p(the phone names ``group`` | spot), summed over which of its cells was the best one;
@@ -254,6 +261,13 @@ class CellsBayesAttacker:
         return total
 
 
+def bayes_attackers(transform: Any, lookup: Lookup, **settings: Any) -> dict[str, CellsBayesAttacker]:
+    """The cells transform's Bayes attackers by name, fitted: ``bayes`` (prototypes rebuilt
+    k-fold) and ``bayes_loo`` (leave-one-out on the published structure); ``settings`` go to both."""
+    return {"bayes": CellsBayesAttacker(**settings).fit(transform, lookup),
+            "bayes_loo": LeaveOneOutBayesAttacker(**settings).fit(transform, lookup)}
+
+
 def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray) -> Any:
     """A copy of the phone's cells transform fitted on other prototypes (same cells, same codec)."""
     import copy
@@ -263,6 +277,62 @@ def _refit(transform: Any, lookup: Lookup, protos: np.ndarray, owner: np.ndarray
     codes = wire.decode(lookup.encode(protos)).reshape(len(protos), -1)
     project = projector(lookup.codec.basis_ if lookup.codec else None)[0]
     return copy.copy(transform).fit_arrays(project, codes, owner, lookup.spot_cell, lookup.n_cells, lookup.popularity)
+
+
+class LeaveOneOutBayesAttacker(CellsBayesAttacker):
+    """:class:`CellsBayesAttacker` with every gallery photo simulated leave-one-out: on the
+    *published* structure, only its own spot's prototypes refitted without it.
+
+    A query photo meets exactly that: every prototype the phone holds is the
+    published one, none fitted on it. The k-fold variant also rebuilds every
+    other spot's prototypes without a fifth of the photos, which moves cells
+    the query's phone never sees move. Refitting is one small k-means a photo
+    (the server's own starts: ``prototypes_per_spot`` and ``structure_seed``),
+    the rest of the phone's fitted arrays reused as they are.
+    """
+
+    def simulate(self, transform: Any, lookup: Lookup) -> Iterator[tuple[int, tuple[int, ...]]]:
+        from lite_server.index import cells as public
+
+        index, n_spots = lookup.index, len(lookup.index.spots)
+        # The photos each spot's published prototypes were fitted on (the derivation's sample).
+        fitted = public.sample_groups(public.spot_groups(index.photo_spot, n_spots))
+        published = np.bincount(transform.prototype_spot_, minlength=n_spots)
+        for spot, rows in enumerate(public.spot_groups(index.photo_spot, n_spots)):
+            features = np.asarray(index.features[rows], np.float32)
+            sample = np.isin(rows, fitted[spot])
+            vectors = lookup.project(features[sample])
+            at = np.cumsum(sample) - 1  # each sampled photo's row in ``vectors``
+            for i, row in enumerate(rows):
+                if not sample[i]:  # not among the photos the published prototypes saw
+                    yield int(row), transform.real_cells(features[i])
+                    continue
+                others = np.delete(np.arange(len(vectors)), at[i])
+                protos, _ = public.prototypes(vectors, [others], lookup.config.prototypes_per_spot,
+                                              lookup.config.structure_seed)
+                # As many as the document published of the spot (its budget may keep the heaviest few).
+                protos = protos[:published[spot]]
+                yield int(row), with_spot(transform, lookup, spot, protos).real_cells(features[i])
+
+
+def with_spot(transform: Any, lookup: Lookup, spot: int, protos: np.ndarray) -> Any:
+    """A copy of the phone's fitted cells transform whose prototypes of ``spot`` are ``protos``
+    (codec-space vectors, sent through the wire's codes as published ones are); every other
+    fitted array is shared. Only what naming real cells reads is replaced: the decoys' draw
+    stays the published one."""
+    import copy
+
+    codes = wire.decode(lookup.encode(protos)).reshape(len(protos), -1) if len(protos) else \
+        np.zeros((0, transform.prototypes_.shape[1]), np.float32)
+    keep = transform.prototype_spot_ != spot
+    prototypes = np.concatenate([transform.prototypes_[keep], codes.astype(np.float32)])
+    owner = np.concatenate([transform.prototype_spot_[keep], np.full(len(codes), spot, np.int64)])
+    cell_of = np.asarray(lookup.spot_cell, np.int64)[owner]
+    order = np.argsort(cell_of, kind="stable")
+    out = copy.copy(transform)
+    out.by_cell_ = prototypes[order]
+    out.cell_starts_ = np.searchsorted(cell_of[order], np.arange(transform.n_cells_))
+    return out
 
 
 class ExplainAwayAttacker:

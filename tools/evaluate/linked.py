@@ -23,12 +23,15 @@ counting identical messages once, and also knowing that a phone with a cache
 only asks when its best cell was in no earlier answer; plus a
 count of how many messages name each spot's cell (popularity breaking ties),
 and count-then-Bayes: the same count, ties broken by the Bayes posterior
-(identical messages once). The strongest one counts.
+(identical messages once; or the cache-aware product; or the mean of the
+messages' own posteriors). Every Bayes variant runs with the k-fold and the
+leave-one-out posterior (``*_loo``, :class:`tools.evaluate.attackers.LeaveOneOutBayesAttacker`).
+Each figure is its strongest attacker's (top-1 and top-5 may be different ones).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping, Union
 
 import numpy as np
 
@@ -42,6 +45,8 @@ from tools.evaluate.testbed import Env
 log = logging.getLogger(__name__)
 LINKS = (1, 2, 3, 5)
 PHONES = 5  # linked_distinct: phones per spot at most
+#: One Bayes attacker, or several by name ("bayes", "bayes_loo": their posteriors' variants are all tried).
+Bayes = Union[atk.CellsBayesAttacker, Mapping[str, atk.CellsBayesAttacker]]
 
 
 def photo_sets(env: Env, m: int) -> list[np.ndarray]:
@@ -101,25 +106,50 @@ def run_phones(env: Env, transform: Transform, sets: list[np.ndarray], defended:
     return sent, np.array(right), sum(map(len, sent)) / total
 
 
-def attack_sets(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]], truth: np.ndarray,
+def attack_sets(bayes: Bayes, sent: list[list[dict[str, Any]]], truth: np.ndarray,
                 spot_cell: np.ndarray, base_hits: np.ndarray | None = None) -> dict[str, Any]:
     """Every linked attacker's summary, and the strongest one's figures, with spot-clustered
-    intervals; with ``base_hits`` (the baseline's hits on the sets' first photos) the top-1
-    relative to the baseline too."""
-    dedupe = bayes.linked_scores(sent, dedupe=True)
-    results = {
-        "product": bayes.linked_scores(sent),
-        "product_dedupe": dedupe,
-        "product_cache_aware": bayes.linked_scores(sent, cache_aware=True, dedupe=True),
-        "count": count_scores(sent, spot_cell, bayes.prior_),
-        "count_bayes": count_bayes_scores(sent, spot_cell, dedupe),
-    }
+    intervals (top-1 and median rank the strongest at top-1's, ``attacker``; top-5 the strongest
+    at top-5's, ``top5_attacker``); with ``base_hits`` (the baseline's hits on the sets' first photos) the top-1
+    relative to the baseline too. ``bayes``: one Bayes attacker, or several by name
+    (:func:`tools.evaluate.attackers.bayes_attackers`), each lending its posterior to every
+    variant (``bayes_loo``'s are named ``product_loo``, ``count_bayes_loo``, ...)."""
+    named = bayes if isinstance(bayes, Mapping) else {"bayes": bayes}
+    results = {"count": count_scores(sent, spot_cell, next(iter(named.values())).prior_)}
+    for name, attacker in named.items():
+        suffix = name.removeprefix("bayes")
+        dedupe = attacker.linked_scores(sent, dedupe=True)
+        cache_aware = attacker.linked_scores(sent, cache_aware=True, dedupe=True)
+        results.update({
+            f"product{suffix}": attacker.linked_scores(sent),
+            f"product_dedupe{suffix}": dedupe,
+            f"product_cache_aware{suffix}": cache_aware,
+            f"count_bayes{suffix}": count_bayes_scores(sent, spot_cell, dedupe),
+            f"count_bayes_cache_aware{suffix}": count_bayes_scores(sent, spot_cell, cache_aware),
+            f"count_mean_posterior{suffix}": count_bayes_scores(sent, spot_cell, mean_posterior(attacker, sent)),
+        })
     ranks = {name: atk.rank_of_truth(scores, truth) for name, scores in results.items()}
     summaries = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(summaries, key=lambda a: (summaries[a]["top1"], summaries[a]["top5"]))
-    out = {**summaries[strongest], "attacker": strongest, "attackers": summaries}
+    # Each figure by its own strongest attacker: the best at top-1 need not be the best at top-5.
+    at_five = max(summaries, key=lambda a: (summaries[a]["top5"], summaries[a]["top1"]))
+    out = {**summaries[strongest], "attacker": strongest, "attackers": summaries,
+           "top5": summaries[at_five]["top5"], "top5_attacker": at_five}
+    if "top5_ci95" in summaries[at_five]:
+        out["top5_ci95"] = summaries[at_five]["top5_ci95"]
     if base_hits is not None:
         out["top1_x_baseline_ci95"] = iv.ratio_ci95(ranks[strongest] == 1, base_hits, truth)
+    return out
+
+
+def mean_posterior(bayes: atk.CellsBayesAttacker, sent: list[list[dict[str, Any]]]) -> np.ndarray:
+    """[phones, spots]: the mean over a phone's messages of each one's own posterior. Less sure
+    than the product, so one message the model explains badly cannot sink the true spot."""
+    out = np.zeros((len(sent), len(bayes.prior_)))
+    for i, bodies in enumerate(sent):
+        for body in bodies:
+            posterior = bayes.prior_ * bayes.message_likelihood(tuple(body["cells"]))
+            out[i] += posterior / max(float(posterior.sum()), 1e-300) / len(bodies)
     return out
 
 
@@ -148,7 +178,7 @@ def count_bayes_scores(sent: list[list[dict[str, Any]]], spot_cell: np.ndarray, 
     return naming_counts(sent, spot_cell) + order / (posterior.shape[1] + 1)
 
 
-def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: int, phones: int = PHONES,
+def distinct(env: Env, transform: Transform, bayes: Bayes, m: int, phones: int = PHONES,
              seed: int = 0, base_hits: np.ndarray | None = None) -> dict[str, Any]:
     """``linked_distinct`` figures for ``m``: every phone of :func:`distinct_sets` through the
     real client with its defences on, attacked; means over phones, intervals over their spots.
@@ -169,13 +199,15 @@ def distinct(env: Env, transform: Transform, bayes: atk.CellsBayesAttacker, m: i
 
 
 def evaluate(env: Env, transform: Transform, seed: int = 0, links: tuple[int, ...] = LINKS,
-             bayes: atk.CellsBayesAttacker | None = None, base_hits: np.ndarray | None = None,
+             bayes: Bayes | None = None, base_hits: np.ndarray | None = None,
              phones: int = PHONES) -> dict[str, Any]:
     """``{"defended": {m: figures}, "undefended": {m: figures}, "distinct": {m: figures}}`` for
     a cells ``transform`` (``distinct``: :func:`distinct`, ``phones`` per spot at most);
     ``base_hits``: the baseline's per-query hits, for top-1 relative to it with an interval."""
+    with env.client(transform, seed):  # the phones' decoy floors (their ClientConfig) set on the transform
+        pass
     transform.fit(document(env.lookup))  # as every phone does; the attacker knows the same parameters
-    bayes = bayes or atk.CellsBayesAttacker().fit(transform, env.lookup)
+    bayes = bayes or atk.bayes_attackers(transform, env.lookup)
     out: dict[str, Any] = {"defended": {}, "undefended": {}, "distinct": {}}
     for m in links:
         out["distinct"][str(m)] = distinct(env, transform, bayes, m, phones, seed, base_hits)
