@@ -47,6 +47,11 @@ class Recognition:
 
     ``confidence`` is the share of photos of known spots that score lower than this one, from the
     server's published calibration (None when the server publishes none).
+
+    ``privacy`` is the query's privacy receipt (:mod:`edge_client.privacy.receipt`), computed on the
+    phone and never sent: ``plausible_spots``, ``server_top1_probability``, ``answer_probability``,
+    ``cells_sent``, ``request_sent`` (False for an answer from the phone's cache: nothing was sent).
+    None for transforms that send a vector, which have no posterior the phone can compute.
     """
 
     spot_id: str | None
@@ -59,6 +64,7 @@ class Recognition:
     bytes_sent: int = 0
     bytes_received: int = 0
     confidence: float | None = None
+    privacy: dict[str, Any] | None = None
 
     @property
     def best(self) -> str | None:
@@ -68,7 +74,7 @@ class Recognition:
     def to_dict(self) -> dict[str, Any]:
         return {"spot_id": self.spot_id, "name": self.name, "score": self.score, "confidence": self.confidence,
                 "lat": self.lat, "lon": self.lon, "info": self.info, "candidates": [c.id for c in self.candidates],
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "privacy": self.privacy}
 
 
 @dataclass(frozen=True)
