@@ -13,7 +13,8 @@ posterior over spots given the exact message sent is
 the same computation the evaluation's Bayes attacker runs on its gallery.
 
 Cheap and deterministic: a spot is simulated only when a message could have
-come from it (a cell its prototypes name is in the message), once per public
+come from it (its cell, or a cell one of its prototypes names first, is in
+the message), once per public
 document, from a generator seeded by the spot alone; the same message gives
 the same receipt. Nothing here is ever sent.
 
@@ -62,10 +63,12 @@ class ReceiptModel:
         self.groups = int(round(transform.strength_))
         owner = transform.prototype_spot_
         self.anchors = [np.flatnonzero(owner == s) for s in range(self.n_spots)]
-        # Which cells a photo of each spot can name: its prototypes' own choices and its cell.
+        # The cells a photo of each spot can name *first*: its own and its prototypes' best. A group lies
+        # inside a message only if its best cell does, so only spots reaching a cell of the message are
+        # simulated (about the message's share of the cells, not every spot).
         self.reach = [{int(transform.spot_cell_[s])} for s in range(self.n_spots)]
         for row, group in enumerate(transform.choose_many(transform.prototypes_)):
-            self.reach[int(owner[row])].update(group)
+            self.reach[int(owner[row])].add(group[0])
         self._named: dict[int, dict[tuple[int, ...], float]] = {}
         self._lock = threading.Lock()
 
