@@ -37,10 +37,13 @@ from . import posterior
 
 log = logging.getLogger(__name__)
 
-#: Fictitious photos per spot. Chosen on the gallery-only tuning splits (tools.evaluate --tune): the
-#: calibration's mean gap was 0.041 with 200 and 0.032 with 400 on wa-landmarks, 0.008 and 0.011 on
-#: ie-tower; Dirichlet 0.5 instead of the decoys' 0.3, more smoothing, or tempering the likelihood
-#: (power 0.7-2.0) did no better on both (docs/privacy.md).
+#: Fictitious photos per spot, and the smoothing below: on the gallery-only tuning splits
+#: (tools.evaluate --tune) the calibration's mean gap was 0.049 on wa-landmarks and 0.014 on ie-tower
+#: with 400 photos (200: 0.049 and 0.011; smoothing 0.01: 0.040 and 0.017, 0.2: 0.047 and 0.007), all
+#: within the noise of a few popular spots; 400 halves the simulation's own noise at ~0.2 s for the
+#: first receipt of a public document. Dirichlet 0.5 or 1.0 instead of the decoys' 0.3, and tempering
+#: the likelihood (power 0.7-2.0), did no better on both (measured while every spot whose prototypes
+#: named a sent cell at all was simulated; docs/privacy.md).
 PHOTOS = 400
 SEED = 27
 #: A spot that could have sent the message but whose fictitious photos never named a group gets

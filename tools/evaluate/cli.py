@@ -115,6 +115,7 @@ def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed
             recalled.append(any(c.id == spot for c in result.candidates))
             sizes.append(result.bytes_sent + result.bytes_received)
             counts.append(len(result.candidates))
+        public = client.public() if calibrate and any(receipt) else None
     strongest_hits: list[np.ndarray] = []
     attacks = attack(env, transform, bodies, base_hits, strongest_hits, seed)
     spots = env.truth
@@ -130,6 +131,9 @@ def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed
         stated = [r.get("server_top1_probability", np.nan) if r.get("request_sent") else np.nan for r in receipt]
         out["receipt_calibration"] = receipts.calibration(np.array(stated, np.float64), strongest_hits[0], spots)
         out["receipt_plausible_spots"] = receipts.plausible_summary(receipt)
+        out["receipt_plausible_spots"]["truth_within_plausible"] = receipts.truth_within_plausible(
+            public, transform, bodies, receipt, truth_ids)
+        out["receipt_timing"] = receipts.timing(public, transform, bodies)
     log.info("%s", out)
     return out
 

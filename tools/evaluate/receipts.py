@@ -18,11 +18,14 @@ over that distribution, assuming the number is independent of the spot.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
+from edge_client.privacy import receipt
 from edge_client.privacy.transforms import Transform
+from edge_client.protocol.public import PublicParams
 from tools.evaluate import intervals as iv
 from tools.evaluate.testbed import Env
 
@@ -78,6 +81,40 @@ def plausible_summary(receipts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def truth_within_plausible(public: PublicParams, transform: Transform, bodies: list[dict[str, Any] | None],
+                           receipts: list[dict[str, Any]], truth_ids: list[str]) -> float | None:
+    """Does "plausible" behave? The share of sent queries whose true spot is among the receipt
+    posterior's ceil(plausible spots) most likely: near or above the share a perplexity promises
+    only if the posterior's mass sits on about that many spots."""
+    model = receipt.model_for(public.digest, transform, public.popularity)
+    inside = []
+    for body, said, spot in zip(bodies, receipts, truth_ids):
+        rows = np.flatnonzero(public.ids == spot)
+        if body is None or not said.get("request_sent") or not len(rows):
+            continue
+        post = model.posterior(tuple(body["cells"]), said.get("decoy_groups"))
+        inside.append(1 + int(np.sum(post > post[rows[0]])) <= np.ceil(said["plausible_spots"]))
+    return float(np.mean(inside)) if inside else None
+
+
+def timing(public: PublicParams, transform: Transform, bodies: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """What receipts cost on this machine: a fresh model of the document (no spot simulated yet),
+    then every sent message's receipt in order, in milliseconds (one thread: the caller limits BLAS)."""
+    messages = [tuple(b["cells"]) for b in bodies if b is not None and "cells" in b]
+    started = time.perf_counter()
+    model = receipt.ReceiptModel(transform, public.popularity)
+    built = time.perf_counter() - started
+    spent = []
+    for message in messages:
+        started = time.perf_counter()
+        model.receipt(message)
+        spent.append(time.perf_counter() - started)
+    ms = np.array(spent) * 1000
+    return {"model_ms": built * 1000, "first_ms": float(ms[0]), "mean_ms": float(ms.mean()),
+            "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "mean_after_20_ms": float(ms[20:].mean()) if len(ms) > 20 else None, "receipts": len(ms)}
+
+
 def report(run: dict[str, Any]) -> list[str]:
     """The calibration's report.md section, its target met or missed."""
     cal = run.get("receipt_calibration")
@@ -91,7 +128,16 @@ def report(run: dict[str, Any]) -> list[str]:
             f"about that ({run['strongest_attacker']}). Mean gap: |stated - observed| averaged over queries.", "",
             iv.verdict("receipt calibration: mean gap", cal["mean_gap"], cal.get("mean_gap_ci95"), TARGET,
                        at_most=True), "", *_plausible_line(run.get("receipt_plausible_spots") or {}),
-            "| stated | queries | mean stated | attacker top-1 |", "|" + "---|" * 4, *rows, ""]
+            "| stated | queries | mean stated | attacker top-1 |", "|" + "---|" * 4, *rows, "",
+            *_timing_line(run.get("receipt_timing") or {})]
+
+
+def _timing_line(t: dict[str, Any]) -> list[str]:
+    if not t:
+        return []
+    return [f"Time per receipt (this machine, one thread): the document's model {t['model_ms']:.0f} ms, the first "
+            f"receipt {t['first_ms']:.0f} ms, then a mean of {t['mean_ms']:.2f} ms (median {t['median_ms']:.2f}, "
+            f"95th percentile {t['p95_ms']:.2f}) over {t['receipts']} receipts.", ""]
 
 
 def _plausible_line(summary: dict[str, Any]) -> list[str]:
@@ -99,6 +145,9 @@ def _plausible_line(summary: dict[str, Any]) -> list[str]:
         return []
     line = (f"Plausible spots per receipt: mean {summary['mean']:.1f}, quartiles "
             + ", ".join(f"{q:.1f}" for q in summary["quartiles"]) + f", least {summary['min']:.1f}.")
+    if summary.get("truth_within_plausible") is not None:
+        line += (f" The true spot is among the receipt's ceil(plausible) most likely spots for "
+                 f"{summary['truth_within_plausible']:.3f} of the queries.")
     if "privacy_floor" in summary:
         line += (f" Privacy floor {summary['privacy_floor']:g}: reached by {summary['floor_reached']:.3f} of the "
                  f"queries, {summary['mean_decoy_groups']:.2f} decoy groups a query.")
