@@ -55,4 +55,5 @@ def test_evaluation_writes_only_under_out_and_the_cache_dir(tmp_path: Path) -> N
         lo, hi = figures[f"{name}_ci95"]
         assert lo <= figures[name] <= hi, name
     report = (out / "report.md").read_text()
-    assert report.count(": met (") + report.count(": missed (") == 7  # 3 default, 2 open set, 2 linked
+    # 3 default, the receipts' calibration, 2 open set, 2 linked
+    assert report.count(": met (") + report.count(": missed (") == 8
