@@ -128,12 +128,7 @@ def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed
     if base_hits is not None:
         out["user_top1_x_baseline_ci95"] = iv.ratio_ci95(hits, base_hits, spots)
     if calibrate and any(receipt):
-        stated = [r.get("server_top1_probability", np.nan) if r.get("request_sent") else np.nan for r in receipt]
-        out["receipt_calibration"] = receipts.calibration(np.array(stated, np.float64), strongest_hits[0], spots)
-        out["receipt_plausible_spots"] = receipts.plausible_summary(receipt)
-        out["receipt_plausible_spots"]["truth_within_plausible"] = receipts.truth_within_plausible(
-            public, transform, bodies, receipt, truth_ids)
-        out["receipt_timing"] = receipts.timing(public, transform, bodies)
+        out.update(receipts.evaluate(public, transform, bodies, receipt, truth_ids, strongest_hits[0], spots))
     log.info("%s", out)
     return out
 

@@ -35,6 +35,17 @@ BINS = 10
 FLOOR_SAMPLE = 300
 
 
+def evaluate(public: PublicParams, transform: Transform, bodies: list[dict[str, Any] | None],
+             said: list[dict[str, Any]], truth_ids: list[str], hits: np.ndarray, spots: np.ndarray) -> dict[str, Any]:
+    """A run's receipt figures: ``receipt_calibration`` (the stated best-guess probability against the
+    strongest attacker's per-query ``hits``), ``receipt_plausible_spots`` and ``receipt_timing``."""
+    stated = [r.get("server_top1_probability", np.nan) if r.get("request_sent") else np.nan for r in said]
+    plausible = plausible_summary(said)
+    plausible["truth_within_plausible"] = truth_within_plausible(public, transform, bodies, said, truth_ids)
+    return {"receipt_calibration": calibration(np.array(stated, np.float64), hits, spots),
+            "receipt_plausible_spots": plausible, "receipt_timing": timing(public, transform, bodies)}
+
+
 def _binned(stated: np.ndarray, hits: np.ndarray, weights: np.ndarray) -> tuple[list[dict[str, Any]], float]:
     """Per decile of ``stated``: queries, mean stated, observed hit rate; and the weighted mean gap."""
     bins = np.minimum((stated * BINS).astype(int), BINS - 1)
