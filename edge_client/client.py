@@ -339,7 +339,7 @@ class Client:
             asked.append((groups, model.plausible(message, groups) >= floor))  # type: ignore[union-attr]
             return asked[-1][1]
 
-        body = self.transform.query(real, rng, enough if floor > 0 and model is not None else None)  # type: ignore[call-arg]
+        body = self.transform.query(real, rng, enough if floor > 0 and model is not None else None)
         if not asked:
             return body, int(round(self.transform.strength_))
         groups, met = asked[-1]

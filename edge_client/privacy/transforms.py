@@ -69,8 +69,10 @@ class Transform:
         """The public cells an answer for ``feature`` must cover; None for transforms that send a vector."""
         return None
 
-    def query(self, real: tuple[int, ...], rng: np.random.Generator) -> dict[str, Any]:
-        """The request body naming cells ``real`` (transforms whose :meth:`real_cells` gives some)."""
+    def query(self, real: tuple[int, ...], rng: np.random.Generator,
+              enough: Callable[[tuple[int, ...], int], bool] | None = None) -> dict[str, Any]:
+        """The request body naming cells ``real`` (transforms whose :meth:`real_cells` gives some);
+        ``enough`` is a privacy floor's test (see :meth:`Cells.query`)."""
         raise NotImplementedError(f"the {self.name} transform sends a vector, not cells")
 
     def __repr__(self) -> str:
