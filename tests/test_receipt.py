@@ -213,7 +213,8 @@ def test_the_evaluation_checks_the_receipts_against_the_strongest_attacker(fine_
     assert cal["mean_gap"] == pytest.approx(gaps)
     assert cal["mean_gap_ci95"][0] <= cal["mean_gap_ci95"][1]
     assert cal["attacker_top1"] == pytest.approx(run["server_top1_aware"])  # the strongest attacker's hits
-    assert 0.0 <= run["receipt_plausible_spots"]["truth_within_plausible"] <= 1.0
+    within = run["receipt_plausible_spots"]["truth_within_plausible"]
+    assert 0.0 <= within["observed"] <= 1.0 and 0.0 < within["promised"] <= 1.0
     assert run["receipt_timing"]["receipts"] == len(fine_env.queries) and run["receipt_timing"]["first_ms"] > 0
     lines = receipts.report(run)
     assert any(line.startswith("- receipt calibration: mean gap <= 0.05: m") for line in lines)

@@ -93,19 +93,21 @@ def plausible_summary(receipts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def truth_within_plausible(public: PublicParams, transform: Transform, bodies: list[dict[str, Any] | None],
-                           receipts: list[dict[str, Any]], truth_ids: list[str]) -> float | None:
-    """Does "plausible" behave? The share of sent queries whose true spot is among the receipt
-    posterior's ceil(plausible spots) most likely: near or above the share a perplexity promises
-    only if the posterior's mass sits on about that many spots."""
+                           receipts: list[dict[str, Any]], truth_ids: list[str]) -> dict[str, float] | None:
+    """Does "plausible" behave? Over the sent queries, the share whose true spot is among the
+    receipt posterior's ceil(plausible spots) most likely ("observed"), against the mass the
+    posterior itself puts there ("promised"): equal when the posterior is calibrated."""
     model = receipt.model_for(public.digest, transform, public.popularity)
-    inside = []
+    inside, promised = [], []
     for body, said, spot in zip(bodies, receipts, truth_ids):
         rows = np.flatnonzero(public.ids == spot)
         if body is None or not said.get("request_sent") or not len(rows):
             continue
         post = model.posterior(tuple(body["cells"]), said.get("decoy_groups"))
-        inside.append(1 + int(np.sum(post > post[rows[0]])) <= np.ceil(said["plausible_spots"]))
-    return float(np.mean(inside)) if inside else None
+        top = int(np.ceil(said["plausible_spots"]))
+        inside.append(1 + int(np.sum(post > post[rows[0]])) <= top)
+        promised.append(float(np.sort(post)[::-1][:top].sum()))
+    return {"observed": float(np.mean(inside)), "promised": float(np.mean(promised))} if inside else None
 
 
 def timing(public: PublicParams, transform: Transform, bodies: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -156,9 +158,10 @@ def _plausible_line(summary: dict[str, Any]) -> list[str]:
         return []
     line = (f"Plausible spots per receipt: mean {summary['mean']:.1f}, quartiles "
             + ", ".join(f"{q:.1f}" for q in summary["quartiles"]) + f", least {summary['min']:.1f}.")
-    if summary.get("truth_within_plausible") is not None:
+    within = summary.get("truth_within_plausible")
+    if within:
         line += (f" The true spot is among the receipt's ceil(plausible) most likely spots for "
-                 f"{summary['truth_within_plausible']:.3f} of the queries.")
+                 f"{within['observed']:.3f} of the queries; the receipts promised {within['promised']:.3f}.")
     if "privacy_floor" in summary:
         line += (f" Privacy floor {summary['privacy_floor']:g}: reached by {summary['floor_reached']:.3f} of the "
                  f"queries, {summary['mean_decoy_groups']:.2f} decoy groups a query.")
