@@ -238,9 +238,9 @@ class Cells(Transform):
         """The request body for real cells ``real``: their union with the decoy groups, padded.
 
         With ``enough`` (a privacy floor: is this message, with this many decoy groups, cover
-        enough?) further groups are drawn
-        the same way from the same generator, up to :attr:`extra_groups`, until it says yes; so
-        the same real cells and generator still give the same message."""
+        enough?) further groups are drawn the same way from the same generator, up to
+        :attr:`extra_groups` more, until it says yes; so the same real cells and generator still
+        give the same message."""
         chosen = set(real)
         for _ in range(int(round(self.strength_))):
             chosen |= set(self.choose(self.decoy(rng)))
