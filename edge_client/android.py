@@ -23,6 +23,13 @@ Privacy floors (``min_cell_spots``, ``min_cells``, ``max_decoy_share``,
 public document is below them gets no request beyond ``/v1/info`` and
 ``/v1/public``, and the app gets ``{"ok": false, "error": {"type":
 "PrivacyFloorError", "message": ...}}`` naming the floor and the value.
+
+Every answer carries the query's privacy receipt as ``"privacy"``
+(:mod:`edge_client.privacy.receipt`: ``plausible_spots``,
+``server_top1_probability``, ``answer_probability``, ``cells_sent``,
+``request_sent``), computed on the phone and never sent; ``privacy_floor`` in
+``config_json`` asks for at least that many plausible spots (decoy groups are
+added up to ``privacy_floor_groups``).
 """
 from __future__ import annotations
 

@@ -67,6 +67,21 @@ def _print_answer(args: argparse.Namespace, result: Recognition, dummies: int) -
         where = f" at {result.lat:.5f}, {result.lon:.5f}" if result.lat is not None and result.lon is not None else ""
         print(f"{result.name}{where}  score {result.score:.3f}{_confidence(result)}  "
               f"({len(result.candidates)} candidates, {result.bytes_sent + result.bytes_received} bytes)", flush=True)
+    if not args.json and result.privacy is not None:
+        print(privacy_line(result.privacy), flush=True)
+
+
+def privacy_line(receipt: dict[str, Any]) -> str:
+    """The privacy receipt in one line (computed on this device, never sent)."""
+    if not receipt.get("request_sent"):
+        return "privacy: answered from this device's cache, nothing was sent"
+    line = (f"privacy: the server's view fits {receipt['plausible_spots']:.1f} spots equally well; its best guess "
+            f"has probability {receipt['server_top1_probability']:.2f}")
+    if receipt.get("answer_probability") is not None:
+        line += f", this answer {receipt['answer_probability']:.2f}"
+    if receipt.get("privacy_floor") and not receipt.get("floor_reached"):
+        line += f" (below the privacy floor of {receipt['privacy_floor']:g}: the decoy cap was reached)"
+    return line + f" ({receipt['cells_sent']} cells sent)"
 
 
 def _confidence(result: Recognition) -> str:
@@ -116,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dummies", action="store_const", const=0, dest="dummies", help="send the real request alone")
     p.add_argument("--no-cache", action="store_false", dest="cache", default=None,
                    help="always ask the server: neither read nor keep answers on this device")
+    p.add_argument("--privacy-floor", type=float, metavar="N",
+                   help="add decoy groups until at least N spots are plausible by this device's receipt (0 = off)")
     p.add_argument("--json", action="store_true")
     _relay_flags(p)
     p = sub.add_parser("info", help="print the server's /v1/info")
@@ -138,7 +155,7 @@ def _relay_flags(p: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields a command line set explicitly."""
     names = ("model", "server", "transform", "strength", "k", "keep", "threshold", "dummies", "seed", "cache", "relay",
-             "gateway_keys", "server_identity", "reference_kernels")
+             "gateway_keys", "server_identity", "reference_kernels", "privacy_floor")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -52,10 +52,10 @@ from .errors import (
     ServerError,
     ServerUnreachableError,
 )
-from .privacy import floors
+from .privacy import floors, receipt
 from .privacy.cache import AnswerCache
 from .privacy.recognizer import Calibration, Projector, Recognition, coverage, projector, rerank
-from .privacy.transforms import Transform, make_transform
+from .privacy.transforms import Cells, Transform, make_transform
 from .protocol.oblivious import ObliviousTransport
 from .protocol.public import SHARED_PATH, PublicError, PublicParams, PublicStore, apply_delta, parse
 from .protocol.transport import Answer, DirectTransport, Transport
@@ -92,6 +92,9 @@ class Client:
         self.transform.max_decoy_share = self.floors.max_decoy_share
         self.transform.decoy_uniform = self.floors.decoy_uniform
         self.transform.max_decoy_cell_ratio = self.floors.max_decoy_cell_ratio
+        if self.config.privacy_floor > 0:  # padded for the most groups the floor may add, on every request
+            self.transform.extra_groups = self.config.privacy_floor_groups  # type: ignore[attr-defined]
+        self._receipts: receipt.ReceiptModel | None = None  # the privacy receipt's model of the public document
         self.rng = np.random.default_rng(self.config.seed)
         self.session = requests.Session()
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep none
@@ -164,6 +167,9 @@ class Client:
             self.transform.fit(public if public is not None else {})
             self._calibration = Calibration.from_public(info.get("calibration"))
             self._coverage = coverage(basis)
+            # Cells have a posterior the phone can compute from the public document; vectors have none.
+            self._receipts = receipt.model_for(public.digest, self.transform, public.popularity) \
+                if isinstance(self.transform, Cells) and public is not None else None
             # Only a complete fit counts: a failure above is retried on the next call.
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info
@@ -318,11 +324,26 @@ class Client:
         keyed on its real cells, the day and the device secret: the same cells
         asked again make the same message, so a repeat tells the server nothing new.
         """
+        return self.message(feature, real)[0]
+
+    def message(self, feature: np.ndarray, real: tuple[int, ...] | None = None) -> tuple[dict[str, Any], int]:
+        """:meth:`body`, and how many decoy groups it holds (the privacy floor may add some; 0 for a vector)."""
         real = self.transform.real_cells(feature) if real is None else real
         if real is None:
-            return self.transform.transform(feature, self.rng)
+            return self.transform.transform(feature, self.rng), 0
         rng = np.random.default_rng(decoy_seed(self._device_secret(), real)) if self.config.stable_decoys else self.rng
-        return self.transform.query(real, rng)
+        model, floor = self._receipts, self.config.privacy_floor
+        asked: list[tuple[int, bool]] = []  # each test of the floor: (decoy groups, met)
+
+        def enough(message: tuple[int, ...], groups: int) -> bool:
+            asked.append((groups, model.plausible(message, groups) >= floor))  # type: ignore[union-attr]
+            return asked[-1][1]
+
+        body = self.transform.query(real, rng, enough if floor > 0 and model is not None else None)
+        if not asked:
+            return body, int(round(self.transform.strength_))
+        groups, met = asked[-1]
+        return body, groups if met else groups + 1  # not met: one more group was added, then the cap stopped it
 
     def ask(self, feature: np.ndarray) -> tuple[dict[str, Any] | None, Recognition]:
         """Transform, ask, rerank locally; also returns the body the server received
@@ -343,11 +364,27 @@ class Client:
         return self._from_server(feature, self.transform.real_cells(feature))
 
     def _from_server(self, feature: np.ndarray, real: tuple[int, ...] | None) -> tuple[dict[str, Any], Recognition]:
-        body = self.body(feature, real)
+        body, groups = self.message(feature, real)
         answer, sent, received = self._post(body)
         self._keep(body, answer)
         result = self._rerank(feature, answer["candidates"])
-        return body, replace(result, bytes_sent=sent, bytes_received=received)
+        return body, replace(result, bytes_sent=sent, bytes_received=received,
+                             privacy=self._receipt(body, groups, result.spot_id))
+
+    def _receipt(self, body: dict[str, Any], groups: int, answer: str | None) -> dict[str, Any] | None:
+        """The privacy receipt of the message ``body`` (None for a vector query): computed here, never sent."""
+        model, doc = self._receipts, self._public
+        if model is None or doc is None or "cells" not in body:
+            return None
+        rows = np.flatnonzero(doc.ids == answer) if answer is not None else []
+        out = model.receipt(tuple(body["cells"]), int(rows[0]) if len(rows) else None, groups)
+        floor = self.config.privacy_floor
+        if floor > 0:
+            out.update(privacy_floor=floor, floor_reached=out["plausible_spots"] >= floor, decoy_groups=groups)
+            if not out["floor_reached"]:
+                log.warning("privacy floor not reached: %.1f plausible spots of the %g asked for with %d decoy groups "
+                            "(privacy_floor_groups caps them)", out["plausible_spots"], floor, groups)
+        return out
 
     def answer_locally(self, feature: np.ndarray) -> Recognition | None:
         """The answer from the cache when it holds this photo's best cell, else None (ask the server)."""
@@ -361,7 +398,7 @@ class Client:
         if kept is None:
             return None
         log.debug("answered from the cache: no request")
-        return self._rerank(feature, kept)
+        return replace(self._rerank(feature, kept), privacy=dict(receipt.NOT_SENT))
 
     def clear_cache(self) -> None:
         """Forget every kept answer and the kept ``/v1/info`` of this server."""

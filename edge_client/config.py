@@ -93,6 +93,9 @@ class ClientConfig:
     decoy_uniform: float = floors.DECOY_UNIFORM     # share of the decoy draw that is uniform over the spots
     max_decoy_cell_ratio: float = floors.MAX_DECOY_CELL_RATIO  # no cell's share of the decoy draw above this
                                                     # many times its share of the spots
+    privacy_floor: float = 0.0      # add decoy groups until at least this many spots are plausible by the
+                                    # phone's own receipt (edge_client.privacy.receipt); 0 = off (docs/privacy.md)
+    privacy_floor_groups: int = 6   # the most decoy groups the floor adds; every request is padded to this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -111,6 +114,9 @@ class ClientConfig:
             raise ConfigError(f"max_decoy_share must be in (0, 1], got {self.max_decoy_share}")
         if not 0.0 <= self.decoy_uniform <= 1.0:
             raise ConfigError(f"decoy_uniform must be in [0, 1], got {self.decoy_uniform}")
+        if not self.privacy_floor >= 0.0 or self.privacy_floor_groups < 0:
+            raise ConfigError(f"privacy_floor and privacy_floor_groups must be at least 0, got {self.privacy_floor}, "
+                              f"{self.privacy_floor_groups}")
         if not self.max_decoy_cell_ratio >= 1.0:
             raise ConfigError(f"max_decoy_cell_ratio must be at least 1, got {self.max_decoy_cell_ratio}")
         server = origin(self.server, "server")

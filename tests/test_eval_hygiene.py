@@ -61,5 +61,5 @@ def test_evaluation_writes_only_under_out_and_the_cache_dir(tmp_path: Path) -> N
     assert landmarks["indexed_spots"] + landmarks["held_out_spots"] == metrics["n_spots"]
     assert 0 < landmarks["n_correct"] <= landmarks["n_known"] < metrics["n_queries"]
     report = (out / "report.md").read_text()
-    # 3 default, 2 open set, 2 held-out landmarks, 2 linked
-    assert report.count(": met (") + report.count(": missed (") == 9 and "held-out landmarks" in report
+    # 3 default, the receipts' calibration, 2 open set, 2 held-out landmarks, 2 linked
+    assert report.count(": met (") + report.count(": missed (") == 10 and "held-out landmarks" in report

@@ -49,6 +49,11 @@ class Recognition:
 
     ``confidence`` is the share of photos of known spots that score lower than this one, from the
     server's published calibration (None when the server publishes none).
+
+    ``privacy`` is the query's privacy receipt (:mod:`edge_client.privacy.receipt`), computed on the
+    phone and never sent: ``plausible_spots``, ``server_top1_probability``, ``answer_probability``,
+    ``cells_sent``, ``request_sent`` (False for an answer from the phone's cache: nothing was sent).
+    None for transforms that send a vector, which have no posterior the phone can compute.
     """
 
     spot_id: str | None
@@ -62,6 +67,7 @@ class Recognition:
     bytes_received: int = 0
     confidence: float | None = None
     evidence: float | None = None  # what ``confidence`` was read from (edge_client.privacy.evidence)
+    privacy: dict[str, Any] | None = None  # the privacy receipt (edge_client.privacy.receipt); never sent
 
     @property
     def best(self) -> str | None:
@@ -72,7 +78,7 @@ class Recognition:
         return {"spot_id": self.spot_id, "name": self.name, "score": self.score, "confidence": self.confidence,
                 "evidence": self.evidence, "lat": self.lat, "lon": self.lon, "info": self.info,
                 "candidates": [c.id for c in self.candidates], "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received}
+                "bytes_received": self.bytes_received, "privacy": self.privacy}
 
 
 def coverage(basis: np.ndarray | None) -> Callable[[np.ndarray], float]:

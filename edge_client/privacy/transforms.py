@@ -16,7 +16,7 @@ popularity can shape the decoys, never steer them.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -69,8 +69,10 @@ class Transform:
         """The public cells an answer for ``feature`` must cover; None for transforms that send a vector."""
         return None
 
-    def query(self, real: tuple[int, ...], rng: np.random.Generator) -> dict[str, Any]:
-        """The request body naming cells ``real`` (transforms whose :meth:`real_cells` gives some)."""
+    def query(self, real: tuple[int, ...], rng: np.random.Generator,
+              enough: Callable[[tuple[int, ...], int], bool] | None = None) -> dict[str, Any]:
+        """The request body naming cells ``real`` (transforms whose :meth:`real_cells` gives some);
+        ``enough`` is a privacy floor's test (see :meth:`Cells.query`)."""
         raise NotImplementedError(f"the {self.name} transform sends a vector, not cells")
 
     def __repr__(self) -> str:
@@ -182,6 +184,9 @@ class Cells(Transform):
     # Below 1 a decoy's mixture stays near one or two of its spot's prototypes, as a photo stays
     # near a view; 0.3 beat 0.5 and 1.0 on both tuning splits (see :meth:`decoy`).
     decoy_alpha = 0.3
+    # The most decoy groups a privacy floor may add beyond ``strength`` (the client sets it from its
+    # config): every request is padded as if all of them were added, so its size never says how many were.
+    extra_groups: int = 0
 
     def __init__(self, strength: float | None = None, k: int | None = None, margin: float | None = None):
         super().__init__(strength, k)
@@ -206,6 +211,7 @@ class Cells(Transform):
         self.prototypes_ = np.asarray(prototypes, np.float32)
         self.prototype_spot_ = np.asarray(prototype_spot, dtype=np.int64)
         spot_cell = np.asarray(spot_cell, dtype=np.int64)
+        self.spot_cell_ = spot_cell
         self.n_cells_ = int(n_cells)
         # Prototypes grouped by cell, so a cell's best score is one reduceat.
         cell_of = spot_cell[self.prototype_spot_]
@@ -227,11 +233,22 @@ class Cells(Transform):
         """The cells this photo's feature names, best first."""
         return self.choose(self.project_(feature))
 
-    def query(self, real: tuple[int, ...], rng: np.random.Generator) -> dict[str, Any]:
-        """The request body for real cells ``real``: their union with the decoy groups, padded."""
+    def query(self, real: tuple[int, ...], rng: np.random.Generator,
+              enough: Callable[[tuple[int, ...], int], bool] | None = None) -> dict[str, Any]:
+        """The request body for real cells ``real``: their union with the decoy groups, padded.
+
+        With ``enough`` (a privacy floor: is this message, with this many decoy groups, cover
+        enough?) further groups are drawn the same way from the same generator, up to
+        :attr:`extra_groups` more, until it says yes; so the same real cells and generator still
+        give the same message."""
         chosen = set(real)
         for _ in range(int(round(self.strength_))):
             chosen |= set(self.choose(self.decoy(rng)))
+        groups = int(round(self.strength_))
+        while enough is not None and groups < int(round(self.strength_)) + self.extra_groups \
+                and not enough(tuple(sorted(chosen)), groups):
+            chosen |= set(self.choose(self.decoy(rng)))
+            groups += 1
         return pad({"cells": sorted(int(c) for c in chosen)}, self.max_body_size())
 
     def choose(self, vector: np.ndarray) -> tuple[int, ...]:
@@ -240,6 +257,15 @@ class Cells(Transform):
         order = np.argsort(-scores, kind="stable")[: self.k_]
         close = int(np.sum(scores[order] >= scores[order[0]] - self.margin_))
         return tuple(int(c) for c in order[: max(min(self.min_cells, self.k_), close)])
+
+    def choose_many(self, vectors: np.ndarray) -> list[tuple[int, ...]]:
+        """:meth:`choose` for each row of ``vectors`` at once (the receipt's fictitious photos)."""
+        scores = np.maximum.reduceat(self.by_cell_ @ np.asarray(vectors, np.float32).T, self.cell_starts_, axis=0)
+        order = np.argsort(-scores, axis=0, kind="stable")[: self.k_]
+        ranked = np.take_along_axis(scores, order, axis=0)
+        close = np.sum(ranked >= ranked[0] - self.margin_, axis=0)
+        counts = np.maximum(min(self.min_cells, self.k_), close)
+        return [tuple(int(c) for c in order[:n, i]) for i, n in enumerate(counts)]
 
     def decoy(self, rng: np.random.Generator) -> np.ndarray:
         """A fictitious photo's codec-space vector: a spot drawn by popularity (capped and mixed
@@ -256,7 +282,7 @@ class Cells(Transform):
 
     def max_body_size(self) -> int:
         """The longest body this setting can produce: every request is padded to it."""
-        most = min(self.n_cells_, self.k_ * (1 + int(round(self.strength_))))
+        most = min(self.n_cells_, self.k_ * (1 + int(round(self.strength_)) + int(self.extra_groups)))
         widest = [self.n_cells_ - 1 - i for i in range(most)]
         return len(_dumps({"cells": widest, "pad": ""}))
 

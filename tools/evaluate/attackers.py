@@ -16,11 +16,11 @@ parameters, never the phone's random draws or its photo.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Iterator
 
 import numpy as np
 
+from edge_client.privacy import posterior
 from edge_client.privacy.transforms import Transform
 from edge_client.protocol import wire
 from lite_server.search.lookup import Lookup
@@ -158,6 +158,10 @@ class CellsBayesAttacker:
     repeat carry no new draw).
     """
 
+    #: The number of decoy groups as a distribution {d: probability}, for a phone with a privacy floor
+    #: (set after :meth:`fit`); None = always ``d_``, the transform's strength.
+    decoy_groups_: dict[int, float] | None = None
+
     def __init__(self, folds: int = 5, decoy_draws: int = 20000, alpha: float = 0.2, seed: int = 7):
         self.folds, self.decoy_draws, self.alpha, self.seed = folds, decoy_draws, alpha, seed
 
@@ -237,28 +241,11 @@ class CellsBayesAttacker:
     @functools.lru_cache(maxsize=65536)
     def message_likelihood(self, message: tuple[int, ...], cached: frozenset[int] = frozenset()) -> np.ndarray:
         """p(message | spot) for every spot; real groups whose best cell is in ``cached`` are
-        ruled out, as a phone with an answer cache would have answered them itself."""
-        local = {cell: 1 << i for i, cell in enumerate(message)}
-        full = (1 << len(message)) - 1
-        # Distribution of the union of the d decoy groups over subsets of the message
-        # (a group outside the message has probability zero given what was sent).
-        groups = [(sum(local[c] for c in g), q) for g, q in self.decoys_.items() if all(c in local for c in g)]
-        unions = {0: 1.0}
-        for _ in range(self.d_):
-            grown: dict[int, float] = {}
-            for mask, p in unions.items():
-                for group, q in groups:
-                    grown[mask | group] = grown.get(mask | group, 0.0) + p * q
-            unions = grown
-        masks = np.array(list(unions), dtype=np.int64)
-        probs = np.array(list(unions.values()))
-        total = np.zeros_like(self.prior_)
-        for size in self.sizes_:
-            for real in itertools.combinations(message, size):
-                weight = probs[(masks | sum(local[c] for c in real)) == full].sum()
-                if weight:
-                    total += self._likelihood(real, cached) * weight
-        return total
+        ruled out, as a phone with an answer cache would have answered them itself. The sum over
+        real groups and decoy completions is the phone's own (:mod:`edge_client.privacy.posterior`)."""
+        groups = self.decoy_groups_ if self.decoy_groups_ is not None else self.d_
+        return posterior.message_likelihood(message, lambda group: self._likelihood(group, cached), self.decoys_,
+                                            self.sizes_, groups, len(self.prior_))
 
 
 def bayes_attackers(transform: Any, lookup: Lookup, **settings: Any) -> dict[str, CellsBayesAttacker]:

@@ -71,7 +71,7 @@ from lite_server.config import ServerConfig, load_config
 from lite_server.search.lookup import Lookup
 from tools import dataset as ds
 from tools.evaluate import attackers as atk
-from tools.evaluate import history, linked, openset
+from tools.evaluate import history, linked, openset, receipts
 from tools.evaluate import intervals as iv
 from tools.evaluate.testbed import Env, baseline, baseline_hits, prepare
 
@@ -91,30 +91,35 @@ PAPER = {"user": 0.869 / 0.998, "server": 0.414 / 0.998}
 
 def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed: int = 0,
                 answers: list[tuple[str, Recognition]] | None = None,
-                base_hits: np.ndarray | None = None) -> dict[str, Any]:
+                base_hits: np.ndarray | None = None, calibrate: bool = False) -> dict[str, Any]:
     """One transform setting over all queries: the phone's and the server's accuracy, and bytes,
     each with its spot-clustered 95% interval (``<figure>_ci95``).
 
     The user's top-1 is the closed-set one (the best candidate, answered or not); ``answers``
     collects (true spot, answer) of every query for the open-set figures. With ``base_hits``
     (the baseline's per-query hits) the user's and the aware server's top-1 relative to the
-    baseline get intervals too, resampled with the baseline's.
+    baseline get intervals too, resampled with the baseline's. With ``calibrate`` the privacy
+    receipts' stated probabilities are checked against the strongest attacker
+    (``receipt_calibration``, :mod:`tools.evaluate.receipts`), and the floor's figures are added.
     """
     started = time.monotonic()
     transform = make_transform(name, strength, k)
     truth_ids = [env.data.photos[q][0] for q in env.queries]
-    bodies, hits, recalled, sizes, counts = [], [], [], [], []
+    bodies, hits, recalled, sizes, counts, receipt = [], [], [], [], [], []
     with env.client(transform, seed) as client:
         for row, spot in zip(env.queries, truth_ids):
             body, result = client.ask(env.features[row])
             bodies.append(body)
+            receipt.append(result.privacy or {})
             hits.append(result.best == spot)
             if answers is not None:
                 answers.append((spot, result))
             recalled.append(any(c.id == spot for c in result.candidates))
             sizes.append(result.bytes_sent + result.bytes_received)
             counts.append(len(result.candidates))
-    attacks = attack(env, transform, bodies, base_hits)
+        public = client.public() if calibrate and any(receipt) else None
+    strongest_hits: list[np.ndarray] = []
+    attacks = attack(env, transform, bodies, base_hits, strongest_hits, seed)
     spots = env.truth
     out = {"transform": transform.name, "strength": transform.strength_, "k": transform.k_,
            "user_top1": float(np.mean(hits)), "user_top1_ci95": iv.mean_ci95(hits, spots),
@@ -124,14 +129,18 @@ def run_setting(env: Env, name: str, strength: float | None, k: int | None, seed
            "bytes_max": int(np.max(sizes)), **attacks, "seconds": round(time.monotonic() - started, 1)}
     if base_hits is not None:
         out["user_top1_x_baseline_ci95"] = iv.ratio_ci95(hits, base_hits, spots)
+    if calibrate and any(receipt):
+        out.update(receipts.evaluate(public, transform, bodies, receipt, truth_ids, strongest_hits[0], spots))
     log.info("%s", out)
     return out
 
 
-def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
-           base_hits: np.ndarray | None = None) -> dict[str, Any]:
+def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]], base_hits: np.ndarray | None = None,
+           strongest_hits: list[np.ndarray] | None = None, seed: int = 0) -> dict[str, Any]:
     """Naive and transform-aware attackers, each figure with its spot-clustered interval; the
-    aware figures are the strongest attacker's."""
+    aware figures are the strongest attacker's (its per-query hits appended to ``strongest_hits``).
+    Against a privacy floor the Bayes attacker sums over the number of decoy groups it learned
+    by running the phone on its gallery (:func:`tools.evaluate.receipts.decoy_group_counts`)."""
     truth = env.truth
     ranks = {"naive": atk.rank_of_truth(atk.NaiveAttacker(env.lookup).scores(bodies), truth)}
     index = env.index
@@ -141,8 +150,11 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
     if transform.name == "mix":
         ranks["explain_away"] = atk.rank_of_truth(atk.ExplainAwayAttacker(transform.pool_, env.lookup).scores(bodies),
                                                   truth)
+    assumed = None
     if transform.name == "cells":
+        assumed = receipts.decoy_group_counts(env, transform, seed)
         for name, bayes in atk.bayes_attackers(transform, env.lookup).items():
+            bayes.decoy_groups_ = assumed
             ranks[name] = atk.rank_of_truth(bayes.scores(bodies), truth)
     results = {name: atk.summarize(r, truth) for name, r in ranks.items()}
     strongest = max(results, key=lambda a: (results[a]["top1"], results[a]["top5"]))
@@ -153,6 +165,10 @@ def attack(env: Env, transform: Transform, bodies: list[dict[str, Any]],
            "server_median_rank_aware": best["median_rank"], "strongest_attacker": strongest, "attackers": results}
     if base_hits is not None:
         out["server_top1_aware_x_baseline_ci95"] = iv.ratio_ci95(ranks[strongest] == 1, base_hits, truth)
+    if assumed:
+        out["decoy_groups_assumed"] = {str(d): p for d, p in sorted(assumed.items())}
+    if strongest_hits is not None:
+        strongest_hits.append(np.asarray(ranks[strongest] == 1))
     return out
 
 
@@ -178,7 +194,7 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         metrics["default"] = run_setting(env, args.transform or DEFAULT_TRANSFORM, args.strength, args.k,
-                                         args.seed, answers, base_hits)
+                                         args.seed, answers, base_hits, calibrate=True)
     except PrivacyFloorError as exc:  # the phone refused the document: nothing was sent, nothing to measure
         metrics["refused"] = {"floor": exc.floor, "value": exc.value, "required": exc.required,
                               "message": str(exc)}
@@ -309,7 +325,8 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
         "Targets of the default setting:", "", *targets_report(metrics), "",
         "First row: the default setting.", "", head, *(_row(r, base) for r in runs), "",
-        *openset.report(metrics["default"]), *openset.landmarks_report(metrics["default"]), *linked_report(metrics["default"], base),
+        *receipts.report(metrics["default"]), *openset.report(metrics["default"]),
+        *openset.landmarks_report(metrics["default"]), *linked_report(metrics["default"], base),
         *linked_distinct_report(metrics["default"], base), *spread_report(metrics)])
 
 

@@ -93,8 +93,16 @@ class MainActivity : AppCompatActivity() {
         JSONObject(enfpire.callAttr("clear_cache", serverUrl, config).toString()).getBoolean("ok")
 
     private fun show(answer: JSONObject) = runOnUiThread {
-        status.text = if (answer.getBoolean("ok")) answer.optString("name", "unknown")
+        status.text = if (answer.getBoolean("ok")) answer.optString("name", "unknown") + privacyLine(answer)
                       else answer.getJSONObject("error").getString("message")
+    }
+
+    /** The answer's privacy receipt in one line: computed on the phone from public data, never sent. */
+    private fun privacyLine(answer: JSONObject): String {
+        val receipt = answer.optJSONObject("privacy") ?: return ""
+        if (!receipt.optBoolean("request_sent")) return "\nprivacy: answered on the phone, nothing sent"
+        return "\nprivacy: %.0f plausible spots; the server's best guess is right %.0f%% of the time".format(
+            receipt.getDouble("plausible_spots"), 100 * receipt.getDouble("server_top1_probability"))
     }
 
     override fun onDestroy() {
