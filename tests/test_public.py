@@ -72,6 +72,26 @@ def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
         assert client.get("/v1/public", query_string={"since": since}).get_json()["kind"] == "full"
 
 
+def test_the_phone_checks_the_learned_basis_like_every_array(client: Any, app: Any) -> None:
+    """The document says honestly which basis it holds (the gallery's learned whitening by default),
+    float16-exact as the server projects with it; a basis of an unknown kind, of the wrong shape,
+    not finite or degenerate is refused before the phone projects anything with it."""
+    payload = client.get("/v1/public").get_json()
+    doc = parse(payload)
+    lookup = app.extensions["enfpire"].lookup
+    assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim}
+    assert np.array_equal(doc.basis.astype(np.float32), lookup.codec.basis_)
+    basis = doc.basis.astype(np.float32)
+    bad = {"unknown kind": ({"kind": "lda", "dim": lookup.codec.dim}, basis),
+           "wrong dim": ({"kind": "learned-whitening", "dim": lookup.codec.dim + 1}, basis),
+           "not finite": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.where(basis == basis.max(), np.inf, basis)),
+           "degenerate": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.repeat(basis[:1], len(basis), 0))}
+    for name, (codec, array) in bad.items():
+        globals_ = {**payload["globals"], "codec": codec, "basis": wire.encode_array(array.astype(np.float16))}
+        with pytest.raises(PublicError):
+            parse({**payload, "globals": globals_})
+
+
 # --- size ---------------------------------------------------------------------------------------------
 
 def _synthetic(n: int, seed: int = 0, dim: int = 128) -> PublicParams:

@@ -28,6 +28,15 @@ SAMPLE = 800
 #: Chosen on the gallery-only tuning split of wa-landmarks against a fixed sample of ie-tower
 #: photos: at 93% of correct answers kept, 0.5 rejects 88% of those (the score alone 81%).
 COVERAGE_WEIGHT = 0.5
+#: The weight per codec kind. In a learned whitening the best score alone already tells other places
+#: apart (offline, default split of wa-landmarks against ie-tower photos, 93% kept: the score rejects
+#: 0.87, adding the coverage in the whitening's row space 0.83 at 0.5), so it publishes weight 0.
+COVERAGE_WEIGHTS = {"pca": COVERAGE_WEIGHT, "learned-whitening": 0.0}
+
+
+def coverage_weight(codec_kind: str) -> float:
+    """The coverage weight of a codec of ``codec_kind`` (:data:`COVERAGE_WEIGHT` for an unknown one)."""
+    return COVERAGE_WEIGHTS.get(codec_kind, COVERAGE_WEIGHT)
 #: Published quantile levels: every 1%.
 LEVELS = np.round(np.linspace(0.0, 1.0, 101), 2)
 
@@ -53,8 +62,8 @@ def sample(sizes: np.ndarray, count: int = SAMPLE, seed: int = 0) -> np.ndarray:
 
 def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage: np.ndarray,
                          looks: np.ndarray, look_spot: np.ndarray, per_spot: int, quantize: Quantizer,
-                         picks: np.ndarray) -> np.ndarray:
-    """The phone's evidence (rerank score + weighted coverage) for the gallery photos ``picks``
+                         picks: np.ndarray, weight: float = COVERAGE_WEIGHT) -> np.ndarray:
+    """The phone's evidence (rerank score + ``weight`` x coverage) for the gallery photos ``picks``
     names (see :func:`sample`) that it would answer correctly.
 
     ``vectors`` are unit photo vectors in the codec space (``groups`` their rows per spot,
@@ -80,7 +89,7 @@ def leave_one_out_scores(vectors: np.ndarray, groups: list[np.ndarray], coverage
             protos = spherical_kmeans(rest, per_spot, restarts=1) if len(rest) > per_spot else rest
             own = soft_max(_unit(quantize(protos)) @ vectors[row])
             if own > rival:
-                scores.append(own + COVERAGE_WEIGHT * coverage[row])
+                scores.append(own + weight * coverage[row])
     return np.asarray(scores, np.float32)
 
 
@@ -111,12 +120,12 @@ def _rivals(cosines: np.ndarray, starts: np.ndarray, own: np.ndarray) -> np.ndar
     return rivals
 
 
-def public(scores: np.ndarray) -> dict[str, Any]:
+def public(scores: np.ndarray, weight: float = COVERAGE_WEIGHT) -> dict[str, Any]:
     """What ``/v1/info`` publishes: the quantiles of the evidence ``scores`` at :data:`LEVELS`
-    and the weight they were computed with (empty without scores)."""
+    and the coverage ``weight`` they were computed with (empty without scores)."""
     if not len(scores):
         return {}
     quantiles = np.quantile(scores, LEVELS)
-    return {"kind": "leave_one_out_rerank", "n": int(len(scores)), "coverage_weight": COVERAGE_WEIGHT,
+    return {"kind": "leave_one_out_rerank", "n": int(len(scores)), "coverage_weight": weight,
             "levels": LEVELS.tolist(),
             "scores": [round(float(q), 4) for q in quantiles]}
