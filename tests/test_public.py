@@ -22,6 +22,7 @@ from edge_client.vision.extractor import Extractor, l2_normalize
 from lite_server.api.updates import add_spots, remove_spots
 from lite_server.config import ServerConfig
 from lite_server.index.store import Index
+from lite_server.search.lookup import Lookup
 from lite_server.search.publication import budget_rule, build, delta, delta_bytes, public_bytes
 from tests.conftest import copy_index, make_subset
 from tools.live import LiveServer
@@ -72,13 +73,13 @@ def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
         assert client.get("/v1/public", query_string={"since": since}).get_json()["kind"] == "full"
 
 
-def test_the_phone_checks_the_learned_basis_like_every_array(client: Any, app: Any) -> None:
-    """The document says honestly which basis it holds (the gallery's learned whitening by default),
+def test_the_phone_checks_the_learned_basis_like_every_array(index_dir: Path) -> None:
+    """The document says honestly which basis it holds (here the gallery's learned whitening),
     float16-exact as the server projects with it; a basis of an unknown kind, of the wrong shape,
     not finite or degenerate is refused before the phone projects anything with it."""
-    payload = client.get("/v1/public").get_json()
+    lookup = Lookup(Index.load(index_dir), ServerConfig(codec_kind="learned-whitening"))
+    payload = build(lookup).to_payload()
     doc = parse(payload)
-    lookup = app.extensions["enfpire"].lookup
     assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim}
     assert np.array_equal(doc.basis.astype(np.float32), lookup.codec.basis_)
     basis = doc.basis.astype(np.float32)

@@ -48,7 +48,7 @@ class StructureParams:
     prototypes_per_spot: int = 3    # public prototypes per spot (what the phone chooses cells with)
     cell_min_spots: int = 10        # every public cell holds at least this many spots
     structure_seed: int = 0         # the k-means starts (structures before it was stored used 0)
-    codec_kind: str = whitening.KIND  # the codec basis: "learned-whitening" or "pca" (see CODEC_KINDS)
+    codec_kind: str = "pca"         # the codec basis: "pca" or "learned-whitening" (see CODEC_KINDS)
 
     @classmethod
     def from_config(cls, config: Any) -> "StructureParams":
@@ -63,9 +63,9 @@ class StructureParams:
         return cls(**values, codec_kind=kind)
 
 
-#: The codec bases a server can derive: the gallery's learned whitening (the default: a sharper space,
-#: see docs/privacy.md) or the uncentred PCA of its features (kept for comparison).
-CODEC_KINDS = (whitening.KIND, "pca")
+#: The codec bases a server can derive: the uncentred PCA of the gallery's features (the default) or
+#: its learned whitening, a sharper space for the user and, so far, for the attacker too (docs/privacy.md).
+CODEC_KINDS = ("pca", whitening.KIND)
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,10 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         spot_cell = cells.update_cells(means, kept, params.cell_min_spots, seed)
     else:
         spot_cell = cells.balanced_cells(means, params.cell_min_spots, seed) if n_spots else np.zeros(0, np.int64)
-    fresh_fit = previous is None and not huge and params.codec_kind == whitening.KIND and basis is not None
+    # Cross-fitted while the calibration's photos are at most half the gallery (a tiny gallery's would be
+    # most of it, leaving too little to fit a basis on: it is calibrated in the published one).
+    fresh_fit = previous is None and not huge and params.codec_kind == whitening.KIND and basis is not None \
+        and 2 * len(held) <= features.shape[0]
     scores = _calibration_scores(features, photo_spot, groups, picks, params, held) if fresh_fit else \
         calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot, params.features_per_spot,
                                          codes(basis), picks, calibration.coverage_weight(params.codec_kind))
