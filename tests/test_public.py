@@ -77,8 +77,13 @@ def test_the_phone_checks_the_learned_basis_like_every_array(index_dir: Path) ->
     """The document says honestly which basis it holds (here the gallery's learned whitening),
     float16-exact as the server projects with it; a basis of an unknown kind, of the wrong shape,
     not finite or degenerate is refused before the phone projects anything with it."""
+    import jsonschema
+
+    from lite_server.api.openapi import spec
+
     lookup = Lookup(Index.load(index_dir), ServerConfig(codec_kind="learned-whitening"))
     payload = build(lookup).to_payload()
+    jsonschema.validate(payload, {"$ref": "#/components/schemas/Public", "components": spec()["components"]})
     doc = parse(payload)
     assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim}
     assert np.array_equal(doc.basis.astype(np.float32), lookup.codec.basis_)

@@ -54,7 +54,9 @@ PUBLIC = {
                         "description": "delta: the digest of the document it applies to"},
         "removed": {"type": "array", "items": {"type": "string"}},
         "globals": {"type": "object", "properties": {
-            "n_cells": {"type": "integer", "minimum": 0}, "codec": {"type": "object", "required": ["kind"]},
+            "n_cells": {"type": "integer", "minimum": 0},
+            "codec": {"type": "object", "required": ["kind"],
+                      "properties": {"kind": {"enum": ["none", "pca", "learned-whitening"]}}},
             "basis": {"$ref": "#/components/schemas/Array"},
             "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
                        "description": "leave-one-out spread of photos around their spot's mean"}}},
@@ -114,7 +116,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "kind": {"const": "leave_one_out_rerank"}, "n": {"type": "integer", "minimum": 1},
             "coverage_weight": {"type": "number", "minimum": 0,
-                                "description": "evidence = rerank score + coverage_weight * |basis @ unit feature|"},
+                                "description": "evidence = rerank score + coverage_weight * |unit feature inside "
+                                               "the basis' row space| (|basis @ unit feature| for a PCA basis)"},
             "levels": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2},
             "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2},
         },
