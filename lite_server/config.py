@@ -23,7 +23,11 @@ class ServerConfig:
     max_body: int = 64 * 1024        # bytes; larger requests get 413
     features_per_spot: int = 8       # representative features (k-means centres) returned per candidate
     feature_dtype: str = "float16"   # wire encoding of candidate features when codec_dim is 0
-    codec_dim: int = 128             # PCA dimensions of candidate features (int8 codes); 0 = full float16
+    codec_dim: int = 128             # codec dimensions of candidate features (int8 codes); 0 = full float16
+    # The codec basis, learnt from the gallery: "pca" (the uncentred PCA of its features) or
+    # "learned-whitening" (its spot labels whiten the space the phone compares in: the user's top-1 rises,
+    # but so does the aware attacker's, past 0.25x on wa-landmarks; docs/privacy.md#the-codec-space).
+    codec_kind: str = "pca"
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
     cell_min_spots: int = 10         # every public cell holds at least this many spots
     # Seed of the derivation's k-means (looks, prototypes, cells). Any seed is as good as another;

@@ -11,6 +11,8 @@ import pytest
 from edge_client.privacy.transforms import TRANSFORMS, Cells, Transform, make_transform
 from edge_client.protocol import wire
 from lite_server.config import ServerConfig
+from lite_server.index import whitening
+from lite_server.search.lookup import Lookup
 from lite_server.search.publication import document
 from tests.conftest import make_subset
 from tools.evaluate import attackers as atk
@@ -80,6 +82,25 @@ def _aware_top1(env: ev.Env, transform: Transform, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     bodies = [transform.transform(env.features[q], rng) for q in env.queries]
     return float(ev.attack(env, transform, bodies)["server_top1_aware"])
+
+
+def test_the_learned_space_is_fitted_on_the_gallery_alone(env: ev.Env) -> None:
+    """The server learns its whitening from what it holds, the gallery, never from the queries
+    it is evaluated with: its basis is the fit on the gallery's features and labels alone, and one
+    query photo more would have changed it."""
+    index = env.lookup.index
+    learned = Lookup(index, dataclasses.replace(env.lookup.config, codec_kind=whitening.KIND))
+    assert learned.codec is not None and learned.codec.kind == whitening.KIND
+    stored = np.sort(np.asarray(index.features, np.float16).view(np.uint16), axis=0)
+    gallery = np.sort(env.features[env.gallery].astype(np.float16).view(np.uint16), axis=0)
+    assert np.array_equal(stored, gallery)  # the index holds the gallery's photos, and only those
+    alone = whitening.fit(index.features, index.photo_spot, learned.codec.dim)
+    assert np.array_equal(learned.codec.basis_, alone)
+    query = env.queries[0]
+    spot = [s.id for s in index.spots].index(str(env.data.labels[query]))  # a photo of a known spot
+    with_query = whitening.fit(np.concatenate([index.features, env.features[query:query + 1].astype(np.float16)]),
+                               np.append(index.photo_spot, spot), learned.codec.dim)
+    assert not np.array_equal(with_query, alone)
 
 
 def test_aware_attacker_reaches_the_baseline_when_nothing_is_hidden(env: ev.Env) -> None:

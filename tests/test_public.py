@@ -22,6 +22,7 @@ from edge_client.vision.extractor import Extractor, l2_normalize
 from lite_server.api.updates import add_spots, remove_spots
 from lite_server.config import ServerConfig
 from lite_server.index.store import Index
+from lite_server.search.lookup import Lookup
 from lite_server.search.publication import budget_rule, build, delta, delta_bytes, public_bytes
 from tests.conftest import copy_index, make_subset
 from tools.live import LiveServer
@@ -70,6 +71,31 @@ def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
     # A phone names its document by digest only: a version label, or a digest nobody kept, gets the whole.
     for since in (doc.version, "e" * 64, "../" + doc.digest):
         assert client.get("/v1/public", query_string={"since": since}).get_json()["kind"] == "full"
+
+
+def test_the_phone_checks_the_learned_basis_like_every_array(index_dir: Path) -> None:
+    """The document says honestly which basis it holds (here the gallery's learned whitening),
+    float16-exact as the server projects with it; a basis of an unknown kind, of the wrong shape,
+    not finite or degenerate is refused before the phone projects anything with it."""
+    import jsonschema
+
+    from lite_server.api.openapi import spec
+
+    lookup = Lookup(Index.load(index_dir), ServerConfig(codec_kind="learned-whitening"))
+    payload = build(lookup).to_payload()
+    jsonschema.validate(payload, {"$ref": "#/components/schemas/Public", "components": spec()["components"]})
+    doc = parse(payload)
+    assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim}
+    assert np.array_equal(doc.basis.astype(np.float32), lookup.codec.basis_)
+    basis = doc.basis.astype(np.float32)
+    bad = {"unknown kind": ({"kind": "lda", "dim": lookup.codec.dim}, basis),
+           "wrong dim": ({"kind": "learned-whitening", "dim": lookup.codec.dim + 1}, basis),
+           "not finite": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.where(basis == basis.max(), np.inf, basis)),
+           "degenerate": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.repeat(basis[:1], len(basis), 0))}
+    for name, (codec, array) in bad.items():
+        globals_ = {**payload["globals"], "codec": codec, "basis": wire.encode_array(array.astype(np.float16))}
+        with pytest.raises(PublicError):
+            parse({**payload, "globals": globals_})
 
 
 # --- size ---------------------------------------------------------------------------------------------

@@ -109,3 +109,23 @@ def test_an_update_reads_only_the_spots_it_must_and_derives_what_reading_every_p
     assert np.allclose(fast.looks, full.looks, atol=1e-5) and np.allclose(fast.prototypes, full.prototypes, atol=1e-5)
     assert np.allclose(fast.scores, full.scores, atol=1e-5)
     assert np.allclose(fast.means.astype(np.float32), full.means.astype(np.float32), atol=2e-3)
+
+
+def test_a_structure_stored_before_codecs_had_a_kind_loads_as_pca(index_dir: Path, tmp_path: Path) -> None:
+    """Versions written before ``codec_kind`` existed hold a PCA basis: they load as such, so a PCA
+    server keeps using them and a learned-whitening server derives its own."""
+    import json
+
+    copy = copy_index(index_dir, tmp_path)
+    folder = Index.load(copy).path
+    with np.load(folder / FILE, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    header = json.loads(str(arrays.pop("header")))
+    del header["params"]["codec_kind"]
+    np.savez(folder / FILE, header=np.array(json.dumps(header)), **arrays)
+    old = Structure.load(folder)
+    assert old is not None and old.params.codec_kind == "pca"
+    ids = old.spot_ids.tolist()
+    assert old.matches(ids, StructureParams()) and not old.matches(ids, StructureParams(codec_kind="learned-whitening"))
+    with pytest.raises(ConfigError, match="codec_kind"):
+        StructureParams.from_config(ServerConfig(codec_kind="lda"))

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import BadResponseError
 from ..privacy.floors import decoy_weights
+from ..privacy.recognizer import lifter
 from ..protocol.public import PublicParams
 
 EARTH_KM = 6371.0088
@@ -44,7 +45,7 @@ class Catalogue:
                     max_cell_ratio: float | None = None) -> "Catalogue":
         """The catalogue of a public document; spots without coordinates or looks are left out
         (no one can walk there). Looks published as codec codes are lifted back to feature
-        space with the codec's basis in one matrix product, so dummies start from the same
+        space in one matrix product (:func:`~edge_client.privacy.recognizer.lifter`), so dummies start from the same
         kind of vector a photo gives.
 
         ``max_share`` caps any one spot's popularity and ``max_cell_ratio`` any one cell's
@@ -56,7 +57,7 @@ class Catalogue:
         rows, counts = doc.anchors()
         looks = rows.decode()
         if doc.basis is not None:
-            looks = looks @ doc.basis.astype(np.float32)
+            looks = looks @ lifter(doc.basis)
         if dim is not None and looks.shape[-1] != dim:
             raise BadResponseError(f"the published looks have dimension {looks.shape[-1]}, not {dim}")
         parts = np.split(looks, np.cumsum(counts)[:-1])

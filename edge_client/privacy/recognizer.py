@@ -18,8 +18,9 @@ Projector = Callable[[np.ndarray], np.ndarray]
 def projector(basis: np.ndarray | None) -> tuple[Projector, int | None]:
     """The map into the space candidate features travel in, and that space's dimension.
 
-    With a PCA codec (its ``basis`` is in the public document, ``edge_client.protocol.public``)
-    the phone projects its own feature on it; otherwise features compare as they are.
+    With a codec (its ``basis`` is in the public document, ``edge_client.protocol.public``: the
+    gallery's PCA or its learned whitening, either way a ``[dim, D]`` matrix) the phone projects its
+    own feature on it and L2-normalises; otherwise features compare as they are.
     """
     if basis is None:
         return (lambda feature: feature), None
@@ -82,11 +83,27 @@ class Recognition:
 
 
 def coverage(basis: np.ndarray | None) -> Callable[[np.ndarray], float]:
-    """The length of a unit feature inside the codec's subspace (1.0 without a codec)."""
+    """The length of a unit feature inside the codec basis' row space (1.0 without a codec)."""
     if basis is None:
         return lambda feature: 1.0
-    basis = np.asarray(basis, np.float32)
-    return lambda feature: float(np.linalg.norm(basis @ l2_normalize(feature)))
+    span = subspace(basis)
+    return lambda feature: float(np.linalg.norm(span @ l2_normalize(feature)))
+
+
+def subspace(basis: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the rows of ``basis`` (``[dim, D]``): the subspace a coverage is
+    measured in. A PCA basis is its own (up to float16 rounding); a learned whitening's rows are
+    not orthonormal, so their length alone would measure the whitening's gains, not the subspace."""
+    q, _ = np.linalg.qr(np.asarray(basis, np.float64).T)
+    return q.T.astype(np.float32)
+
+
+def lifter(basis: np.ndarray) -> np.ndarray:
+    """The ``[dim, D]`` matrix taking codec-space rows back to feature space (``rows @ lifter``):
+    the least-norm feature whose projection is the row, ``(B B^T)^-1 B``. For a PCA basis (orthonormal
+    rows) that is the basis itself; a learned whitening needs the inverse of its Gram matrix."""
+    basis = np.asarray(basis, np.float64)
+    return np.linalg.solve(basis @ basis.T, basis).astype(np.float32)
 
 
 #: Softness of the vote of a candidate's features (cosine units). Chosen on the gallery-only tuning

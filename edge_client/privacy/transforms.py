@@ -25,7 +25,7 @@ from ..protocol import wire
 from ..protocol.public import PublicParams, parse
 from ..vision.extractor import l2_normalize, random_mixture
 from . import floors
-from .recognizer import Projector, projector
+from .recognizer import Projector, lifter, projector
 
 
 class Transform:
@@ -128,7 +128,7 @@ class Mix(Transform):
         doc = params(public)
         if not doc.n_cells or doc.basis is None:
             raise ConfigError("the mix transform needs the server's published prototypes and codec")
-        self.pool_ = l2_normalize(doc.blocks["prototypes"].decode() @ doc.basis.astype(np.float32))
+        self.pool_ = l2_normalize(doc.blocks["prototypes"].decode() @ lifter(doc.basis))
         counts = doc.columns["n_prototypes"].astype(np.float64)
         spots = np.zeros(len(doc))  # each spot's share, as before spread over its prototypes
         drawn = counts > 0

@@ -3,7 +3,8 @@
 One document per index version (``GET /v1/public``) holds everything the
 phone needs before it asks anything, and nothing about any user:
 
-- the codec basis (the space candidates are compared in),
+- the codec basis (the space candidates are compared in: the gallery's PCA or its
+  learned whitening, ``codec.kind``; checked finite and of full rank),
 - per spot, keyed by its id: coordinates, public cell, popularity (gallery
   photo count), a few prototypes (int8 codes in codec space with float16
   scales, heaviest first) and, when the catalogue is small enough, the looks
@@ -55,6 +56,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 #: Blocks of int8 rows (codes + float16 scales), concatenated in spot order, with their count column.
 BLOCKS = {"prototypes": "n_prototypes", "looks": "n_looks"}
 GLOBALS = ("n_cells", "spread", "codec")  # small JSON fields, compared and sent whole
+#: Codec bases a document may hold (``codec.kind``): both are a [dim, D] matrix the phone projects with.
+CODEC_KINDS = ("pca", "learned-whitening")
+#: The smallest ratio of the basis' least to greatest singular value the phone accepts. A gallery's
+#: learned whitening is far above it (its within-spot covariance is shrunk toward the identity).
+MIN_BASIS_CONDITION = 1e-4
 #: Where a relay (or mirror) serves its shared copy of the public document's digest (``enfpire-relay``).
 SHARED_PATH = "/.well-known/enfpire-public"
 
@@ -213,10 +219,30 @@ def _globals(obj: Mapping[str, Any], settings: Mapping[str, Any], basis: np.ndar
     """Globals sent (all of them in a full document, the changed ones in a delta) over ``settings``."""
     out = {**settings, **{k: obj[k] for k in GLOBALS if k in obj}}
     if "codec" in obj:
-        basis = wire.decode_array(obj["basis"], "float16") if obj["codec"].get("kind") == "pca" else None
+        basis = _basis(obj["codec"], obj.get("basis"))
     if set(out) != set(GLOBALS) or not isinstance(out["n_cells"], int) or not isinstance(out["spread"], dict):
         raise PublicError(f"the document needs globals {', '.join(GLOBALS)}")
     return out, basis
+
+
+def _basis(codec: Mapping[str, Any], array: Any) -> np.ndarray | None:
+    """The codec basis the document declares (``codec.kind``: one of :data:`CODEC_KINDS`, or "none"),
+    checked: a finite float16 ``[dim, D]`` matrix, ``dim`` as declared and at most ``D``, of full
+    rank (a degenerate basis would fold distinct photos onto one vector before any comparison)."""
+    kind = codec.get("kind")
+    if kind == "none":
+        return None
+    if kind not in CODEC_KINDS:
+        raise PublicError(f"unknown codec kind {kind!r}")
+    basis = wire.decode_array(array, "float16")
+    if basis.ndim != 2 or basis.shape[0] != codec.get("dim") or not 0 < basis.shape[0] <= basis.shape[1]:
+        raise PublicError(f"the codec basis must be a [dim, D] matrix with dim {codec.get('dim')} <= D")
+    if not np.isfinite(basis).all():
+        raise PublicError("the codec basis must be finite")
+    singular = np.linalg.svd(basis.astype(np.float64), compute_uv=False)
+    if singular[-1] <= MIN_BASIS_CONDITION * singular[0]:
+        raise PublicError("the codec basis is degenerate (not of full rank)")
+    return basis
 
 
 def _spots(obj: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Rows]]:

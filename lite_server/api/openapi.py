@@ -56,7 +56,9 @@ PUBLIC = {
                         "description": "delta: the digest of the document it applies to"},
         "removed": {"type": "array", "items": {"type": "string"}},
         "globals": {"type": "object", "properties": {
-            "n_cells": {"type": "integer", "minimum": 0}, "codec": {"type": "object", "required": ["kind"]},
+            "n_cells": {"type": "integer", "minimum": 0},
+            "codec": {"type": "object", "required": ["kind"],
+                      "properties": {"kind": {"enum": ["none", "pca", "learned-whitening"]}}},
             "basis": {"$ref": "#/components/schemas/Array"},
             "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
                        "description": "leave-one-out spread of photos around their spot's mean"}}},
@@ -124,7 +126,8 @@ SCHEMAS: dict[str, Any] = {
                         "description": "evidence = sum of weight * term over " + ", ".join(TERMS)},
             "coverage_weight": {"type": "number", "minimum": 0,
                                 "description": "first kind: evidence = rerank score + coverage_weight * "
-                                               "|basis @ unit feature|"},
+                                               "|unit feature inside the basis' row space| (|basis @ unit "
+                                               "feature| for a PCA basis)"},
             "levels": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}, "minItems": 2},
             "scores": {"type": "array", "items": {"type": "number"}, "minItems": 2},
         },

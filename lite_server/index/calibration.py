@@ -133,15 +133,16 @@ def _rivals(cosines: np.ndarray, starts: np.ndarray, own: np.ndarray) -> list[tu
     return out
 
 
-def public(rows: np.ndarray) -> dict[str, Any]:
+def public(rows: np.ndarray, ratio: float | None = None) -> dict[str, Any]:
     """What ``/v1/info`` publishes from :func:`leave_one_out_scores`' ``rows``: the weights of
-    the evidence terms and the quantiles at :data:`LEVELS` of the known rows' evidence (empty
+    the evidence terms (coverage at ``ratio`` times the score's, by default a PCA codec's:
+    :func:`coverage_ratio`) and the quantiles at :data:`LEVELS` of the known rows' evidence (empty
     without known rows)."""
     rows = np.asarray(rows, np.float64).reshape(-1, 1 + len(TERMS))
     known = rows[:, 0] == 1.0
     if not known.any():
         return {}
-    weights = fit_weights(rows[:, 1:], known)
+    weights = fit_weights(rows[:, 1:], known, COVERAGE_RATIO if ratio is None else ratio)
     evidence = rows[known, 1:] @ np.array([weights[t] for t in TERMS])
     return {"kind": "leave_one_out_evidence", "n": int(known.sum()), "n_unknown": int((~known).sum()),
             "weights": weights, "levels": LEVELS.tolist(),
@@ -165,27 +166,42 @@ FITTED = ("score", "margin", "spread")
 #: answers kept 0.940 and 0.929 (1.25 kept 0.909 on ie-tower, whose gallery photos lie deeper in the
 #: codec's subspace than its queries: more coverage weight, more of its queries fall short).
 COVERAGE_RATIO = 1.0
+#: The ratio per codec kind. A learned whitening's row space is not where the gallery's photos lie
+#: (it favours directions photos of one spot share, however faint), so coverage there tells other
+#: places apart badly: offline on wa-landmarks' tuning split against ie-tower photos, 93% kept, the
+#: score alone rejected 0.830 of them, with coverage at half the score's weight 0.803. It weighs 0.
+COVERAGE_RATIOS = {"pca": COVERAGE_RATIO, "learned-whitening": 0.0}
 
 
-def fit_weights(values: np.ndarray, known: np.ndarray) -> dict[str, float]:
+def coverage_ratio(codec_kind: str) -> float:
+    """The coverage term's weight relative to the score's for a codec of ``codec_kind``."""
+    return COVERAGE_RATIOS.get(codec_kind, COVERAGE_RATIO)
+
+
+def fit_weights(values: np.ndarray, known: np.ndarray, ratio: float = COVERAGE_RATIO) -> dict[str, float]:
     """The weights of a ridge-penalised logistic regression of ``known`` on the evidence terms
     ``values`` (rows, :data:`TERMS`), in the terms' own units, so that the phone's evidence is
-    their weighted sum; :data:`FALLBACK` without :data:`MIN_ROWS` rows of each kind, or when the
-    fit weighs the score negatively."""
+    their weighted sum, coverage at ``ratio`` times the score's; :data:`FALLBACK` without
+    :data:`MIN_ROWS` rows of each kind, or when the fit weighs the score negatively."""
     if min(known.sum(), (~known).sum()) < MIN_ROWS:
-        return dict(FALLBACK)
+        return _fallback(ratio)
     used = [TERMS.index(t) for t in FITTED]
     x = values[:, used]
     centre, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
     z = np.column_stack([np.ones(len(x)), (x - centre) / scale])
     beta = _logistic(z, known.astype(np.float64))
     if "score" in FITTED and beta[1 + FITTED.index("score")] <= 0:
-        return dict(FALLBACK)  # a higher score never means an unknown spot: a gallery this odd is not trusted
+        return _fallback(ratio)  # a higher score never means an unknown spot: a gallery this odd is not trusted
     weights = dict.fromkeys(TERMS, 0.0)
     for i, w in zip(used, beta[1:] / scale):
         weights[TERMS[i]] = round(float(w), 4)
-    weights["coverage"] = round(COVERAGE_RATIO * weights["score"], 4)
+    weights["coverage"] = round(ratio * weights["score"], 4)
     return weights
+
+
+def _fallback(ratio: float) -> dict[str, float]:
+    """:data:`FALLBACK`, its coverage scaled as ``ratio`` scales the fitted one."""
+    return {**FALLBACK, "coverage": FALLBACK["coverage"] * ratio / COVERAGE_RATIO}
 
 
 def _logistic(z: np.ndarray, y: np.ndarray, iterations: int = 50) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Compact candidate features: a PCA projection published once, int8 codes per query.
+"""Compact candidate features: a projection published once, int8 codes per query.
+
+The projection is the gallery's PCA basis fitted here, or any basis of the same
+shape (the learned whitening of :mod:`lite_server.index.whitening`, the default),
+which the phone uses the same way: project, then L2-normalise.
 
 The server learns a ``D``-dimensional basis from its gallery (no centring, so
 cosines stay cosines of the projected vectors) and publishes it in
@@ -20,8 +24,11 @@ from edge_client.vision.extractor import l2_normalize
 class PCACodec:
     """``fit`` a basis on gallery features; ``encode`` rows as int8 codes."""
 
-    def __init__(self, dim: int = 128):
+    def __init__(self, dim: int = 128, kind: str = "pca"):
         self.dim = dim
+        # What the basis is ("pca" when fitted here; "learned-whitening" for a basis from
+        # lite_server.index.whitening): published as is, so the document says honestly what it holds.
+        self.kind = kind
 
     def fit(self, features: np.ndarray, sample: int = 20000, seed: int = 0) -> "PCACodec":
         rows = np.asarray(features)
@@ -37,9 +44,9 @@ class PCACodec:
         return self
 
     @classmethod
-    def from_basis(cls, basis: np.ndarray) -> "PCACodec":
-        """A fitted codec with a stored ``basis`` (rows = code dimensions)."""
-        codec = cls(int(basis.shape[0]))
+    def from_basis(cls, basis: np.ndarray, kind: str = "pca") -> "PCACodec":
+        """A fitted codec with a stored ``basis`` (rows = code dimensions) of ``kind``."""
+        codec = cls(int(basis.shape[0]), kind)
         codec.basis_ = np.asarray(basis, np.float32)
         return codec
 
@@ -50,4 +57,4 @@ class PCACodec:
         return wire.encode(self.project(features), "int8")
 
     def public(self) -> dict[str, Any]:
-        return {"kind": "pca", "dim": self.dim, "basis": wire.encode(self.basis_, "float16")}
+        return {"kind": self.kind, "dim": self.dim, "basis": wire.encode(self.basis_, "float16")}

@@ -46,11 +46,12 @@ class Lookup:
         n_spots = len(index.spots)
         self.popularity = np.bincount(index.photo_spot, minlength=n_spots) / max(1, len(index.photo_spot))
         structure = load_structure(index, StructureParams.from_config(config))
-        self.codec = PCACodec.from_basis(structure.basis) if structure.basis is not None else None
+        self.codec = PCACodec.from_basis(structure.basis, structure.params.codec_kind) \
+            if structure.basis is not None else None
         bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
         self._encoded = wire.encode_groups(l2_normalize(structure.looks), bounds, self._dtype())
-        self.calibration = calibration.public(structure.scores)
+        self.calibration = calibration.public(structure.scores, calibration.coverage_ratio(structure.params.codec_kind))
         self.prototypes, self.prototype_spot = structure.prototypes, structure.prototype_spot
         self.spot_cell = structure.spot_cell
         release_pages(index.features)  # read once above: keep them out of the resident set

@@ -91,7 +91,7 @@ def build(lookup: Lookup, budget: int | None = None) -> PublicParams:
     look_rows = [wire.decode(lookup._encoded[s]) for s in range(n)] if with_looks else []
     blocks = {"prototypes": Rows(*wire.quantize(protos)),
               "looks": Rows(*wire.quantize(np.concatenate(look_rows) if look_rows else np.zeros((0, protos.shape[1]))))}
-    codec = {"kind": "pca", "dim": lookup.codec.dim} if lookup.codec else {"kind": "none"}
+    codec = {"kind": lookup.codec.kind, "dim": lookup.codec.dim} if lookup.codec else {"kind": "none"}
     settings = {"n_cells": lookup.n_cells, "spread": spread(lookup), "codec": codec}
     basis = lookup.codec.basis_.astype(np.float16) if lookup.codec else None
     ids = np.array([s.id for s in index.spots], dtype=str)

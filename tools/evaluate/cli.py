@@ -73,7 +73,7 @@ from tools import dataset as ds
 from tools.evaluate import attackers as atk
 from tools.evaluate import history, linked, openset, receipts
 from tools.evaluate import intervals as iv
-from tools.evaluate.testbed import Env, baseline, baseline_hits, prepare
+from tools.evaluate.testbed import Env, baseline, baseline_hits, learned_hits, prepare
 
 __all__ = ["Env", "attack", "baseline", "prepare", "privacy", "run_setting"]
 
@@ -185,6 +185,7 @@ def privacy(args: argparse.Namespace) -> dict[str, Any]:
         "n_gallery": int(len(env.gallery)), "spots_left_out": env.left_out, "min_photos": args.min_photos,
         "query_fraction": args.query_fraction, "baseline_top1": float(np.mean(base_hits)),
         "baseline_top1_ci95": iv.mean_ci95(base_hits, env.truth),
+        **learned_baseline(env),
         "intervals": {"method": "spot-clustered percentile bootstrap", "level": iv.LEVEL,
                       "resamples": iv.RESAMPLES, "seed": iv.SEED},
         "seed": args.seed, "split": "tuning (gallery only)" if args.tune else "queries",
@@ -321,6 +322,9 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{metrics.get('min_photos', ds.MIN_PHOTOS)} photos left out; "
         f"{metrics.get('query_fraction', ds.QUERY_FRACTION):g} of each spot's photos are queries).",
         f"Non-private baseline (server top-1 on the raw feature): {base:.3f}{_ci(metrics.get('baseline_top1_ci95'))}.",
+        *([f"The codec space's own non-private ceiling ({metrics.get('codec_kind')}; the phone's rerank with every "
+           f"spot a candidate): {metrics['baseline_top1_learned']:.3f}{_ci(metrics.get('baseline_top1_learned_ci95'))}."]
+          if "baseline_top1_learned" in metrics else []),
         "", "Intervals: 95%, spot-clustered bootstrap (a spot's queries resampled together, "
         f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
         "Targets of the default setting:", "", *targets_report(metrics), "",
@@ -328,6 +332,17 @@ def report(metrics: dict[str, Any], command: str) -> str:
         *receipts.report(metrics["default"]), *openset.report(metrics["default"]),
         *openset.landmarks_report(metrics["default"]), *linked_report(metrics["default"], base),
         *linked_distinct_report(metrics["default"], base), *spread_report(metrics)])
+
+
+def learned_baseline(env: Env) -> dict[str, Any]:
+    """``baseline_top1_learned`` (and its interval): the codec space's own non-private ceiling, the
+    phone's rerank with every spot a candidate (:func:`testbed.learned_hits`); empty without a codec."""
+    hits = learned_hits(env)
+    if hits is None:
+        return {}
+    kind = env.lookup.codec.kind if env.lookup.codec is not None else "none"
+    return {"baseline_top1_learned": float(np.mean(hits)), "baseline_top1_learned_ci95": iv.mean_ci95(hits, env.truth),
+            "codec_kind": kind}
 
 
 def with_baseline(runs: dict[str, dict[str, Any]], base: float) -> dict[str, dict[str, Any]]:

@@ -19,8 +19,10 @@ from edge_client.client import Client
 from edge_client.config import ClientConfig
 from edge_client.config import load_config as load_client_config
 from edge_client.privacy.cache import AnswerCache
+from edge_client.privacy.recognizer import VOTE_TEMPERATURE
 from edge_client.privacy.transforms import Transform, make_transform
-from edge_client.vision.extractor import Extractor
+from edge_client.protocol import wire
+from edge_client.vision.extractor import Extractor, l2_normalize
 from lite_server.api.app import create_app
 from lite_server.config import ServerConfig, load_config
 from lite_server.index.store import BadIndexError, Index
@@ -121,6 +123,23 @@ def baseline_hits(env: Env) -> np.ndarray:
     """Per query, whether the non-private server's top-1 on the raw feature is its spot."""
     bodies = [make_transform("none").transform(env.features[q], np.random.default_rng(0)) for q in env.queries]
     scores = atk.NaiveAttacker(env.lookup).scores(bodies)
+    return np.asarray(atk.rank_of_truth(scores, env.truth) == 1)
+
+
+def learned_hits(env: Env) -> np.ndarray | None:
+    """Per query, whether the phone's own rerank over *every* spot's looks (int8 as they travel, in the
+    codec space, soft maximum) ranks its spot first: the codec space's non-private ceiling, beside
+    :func:`baseline_hits`' raw feature (None without a codec)."""
+    lookup = env.lookup
+    if lookup.codec is None:
+        return None
+    rows = [wire.decode(lookup._encoded[s]).reshape(-1, lookup.codec.dim) for s in range(len(lookup.index.spots))]
+    starts = np.cumsum([0] + [len(r) for r in rows])[:-1]
+    looks = l2_normalize(np.concatenate(rows).astype(np.float32))
+    cosines = lookup.codec.project(env.features[env.queries]) @ looks.T
+    peaks = np.maximum.reduceat(cosines, starts, axis=1)
+    spread = np.exp((cosines - np.repeat(peaks, np.diff(np.append(starts, len(looks))), axis=1)) / VOTE_TEMPERATURE)
+    scores = peaks + VOTE_TEMPERATURE * np.log(np.add.reduceat(spread, starts, axis=1))  # recognizer.soft_max
     return np.asarray(atk.rank_of_truth(scores, env.truth) == 1)
 
 
