@@ -73,6 +73,9 @@ def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_
     assert calibration.fit_weights(rows[:10, 1:], known[:10]) == calibration.FALLBACK  # too few rows to fit
     assert calibration.fit_weights(rows[:, 1:], ~known) == calibration.FALLBACK  # nonsense: a higher score unknown
     assert calibration.public(np.zeros((0, 1 + len(TERMS)))) == {}
+    # Too few spots to learn unknown landmarks from: the fallback, whatever the rows say.
+    assert calibration.public(rows, spots=calibration.MIN_SPOTS - 1)["weights"] == calibration.FALLBACK
+    assert calibration.public(rows, spots=len(lookup.index.spots))["weights"] == weights
 
 
 def test_a_stored_calibration_without_the_evidence_terms_is_derived_again(index_dir: Path, tmp_path: Path) -> None:

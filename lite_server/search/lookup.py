@@ -51,7 +51,8 @@ class Lookup:
         bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
         self._encoded = wire.encode_groups(l2_normalize(structure.looks), bounds, self._dtype())
-        self.calibration = calibration.public(structure.scores, calibration.coverage_ratio(structure.params.codec_kind))
+        self.calibration = calibration.public(structure.scores, calibration.coverage_ratio(structure.params.codec_kind),
+                                              n_spots)
         self.prototypes, self.prototype_spot = structure.prototypes, structure.prototype_spot
         self.spot_cell = structure.spot_cell
         release_pages(index.features)  # read once above: keep them out of the resident set
