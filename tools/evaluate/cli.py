@@ -323,8 +323,8 @@ def report(metrics: dict[str, Any], command: str) -> str:
         f"{metrics.get('query_fraction', ds.QUERY_FRACTION):g} of each spot's photos are queries).",
         f"Non-private baseline (server top-1 on the raw feature): {base:.3f}{_ci(metrics.get('baseline_top1_ci95'))}.",
         *([f"The codec space's own non-private ceiling ({metrics.get('codec_kind')}; the phone's rerank with every "
-           f"spot a candidate): {metrics['baseline_top1_learned']:.3f}{_ci(metrics.get('baseline_top1_learned_ci95'))}."]
-          if "baseline_top1_learned" in metrics else []),
+           f"spot a candidate): {metrics['baseline_top1_codec']:.3f}{_ci(metrics.get('baseline_top1_codec_ci95'))}."]
+          if "baseline_top1_codec" in metrics else []),
         "", "Intervals: 95%, spot-clustered bootstrap (a spot's queries resampled together, "
         f"{iv.RESAMPLES} resamples, seed {iv.SEED}).", "",
         "Targets of the default setting:", "", *targets_report(metrics), "",
@@ -335,13 +335,13 @@ def report(metrics: dict[str, Any], command: str) -> str:
 
 
 def learned_baseline(env: Env) -> dict[str, Any]:
-    """``baseline_top1_learned`` (and its interval): the codec space's own non-private ceiling, the
+    """``baseline_top1_codec`` (and its interval): the codec space's own non-private ceiling, the
     phone's rerank with every spot a candidate (:func:`testbed.learned_hits`); empty without a codec."""
     hits = learned_hits(env)
     if hits is None:
         return {}
     kind = env.lookup.codec.kind if env.lookup.codec is not None else "none"
-    return {"baseline_top1_learned": float(np.mean(hits)), "baseline_top1_learned_ci95": iv.mean_ci95(hits, env.truth),
+    return {"baseline_top1_codec": float(np.mean(hits)), "baseline_top1_codec_ci95": iv.mean_ci95(hits, env.truth),
             "codec_kind": kind}
 
 
