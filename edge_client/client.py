@@ -166,7 +166,7 @@ class Client:
             project, dim = projector(basis)
             self.transform.fit(public if public is not None else {})
             self._calibration = Calibration.from_public(info.get("calibration"))
-            self._coverage = coverage(basis)
+            self._coverage = coverage(public.coverage_space if public is not None else None)
             # Cells have a posterior the phone can compute from the public document; vectors have none.
             self._receipts = receipt.model_for(public.digest, self.transform, public.popularity) \
                 if isinstance(self.transform, Cells) and public is not None else None

@@ -18,12 +18,15 @@ from edge_client.errors import BadResponseError, ConfigError
 from edge_client.privacy.cache import AnswerCache
 from edge_client.privacy.evidence import MARGIN_CAP, TERMS, look_spread, terms
 from edge_client.privacy.recognizer import Calibration, coverage
+from edge_client.protocol.public import parse
 from edge_client.vision.extractor import Extractor
 from lite_server.api.openapi import spec
+from lite_server.config import ServerConfig
 from lite_server.index import calibration
 from lite_server.index.store import Index
 from lite_server.index.structure import Structure, StructureParams
 from lite_server.search.lookup import Lookup, load_structure
+from lite_server.search.publication import build
 from tests.conftest import SHARED, SHARED_MODELS, copy_index
 from tools.live import LiveServer
 
@@ -101,7 +104,7 @@ def test_the_phone_reads_its_evidence_from_the_published_weights(
     with _client(live_server, extractor) as client:
         published = Calibration.from_public(client.info()["calibration"])
         answers = [client.recognize(photo) for photo in photos]
-        measure = coverage(client.public().basis)
+        measure = coverage(client.public().coverage_space)
     assert published is not None
     for photo, answer in zip(photos, answers):
         top, runner_up = answer.candidates[0], answer.candidates[1]
@@ -109,6 +112,22 @@ def test_the_phone_reads_its_evidence_from_the_published_weights(
         expected = published.evidence(terms(top.score, runner_up.score, measure(extractor.extract(photo)), top.spread))
         assert answer.evidence == pytest.approx(expected, abs=1e-6)
         assert answer.confidence == pytest.approx(published.confidence(expected))
+
+
+def test_a_learned_space_measures_coverage_where_the_gallery_lies(index_dir: Path, extractor: Extractor,
+                                                                  held_out: list[tuple[str, Path]]) -> None:
+    """Beside a learned whitening the document publishes the gallery's principal directions, and the
+    phone measures coverage there: photos of the catalogue's kind lie deeper in them than photos of
+    another domain (in the whitening's own row space, a photo of either lies about as deep)."""
+    lookup = Lookup(Index.load(index_dir), ServerConfig(codec_kind="learned-whitening"))
+    doc = parse(build(lookup).to_payload())
+    assert doc.coverage is not None and doc.coverage_space is doc.coverage
+    inside = [extractor.extract(photo) for _, photo in held_out]
+    outside = [extractor.extract(photo) for photo in _ie_tower_photos()]
+    measure = coverage(doc.coverage_space)
+    held, other = np.array([measure(f) for f in inside]), np.array([measure(f) for f in outside])
+    # Most of a photo of the catalogue's kind lies in it (in the whitening's row space, under half).
+    assert np.median(held) > 0.7 and _auc(held, other) >= 0.9 and np.median(held) > np.median(other) + 0.1
 
 
 def test_calibration_maps_evidence_to_confidence_and_keep_to_threshold() -> None:

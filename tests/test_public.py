@@ -75,8 +75,9 @@ def test_a_corrupt_document_or_delta_is_refused(client: Any) -> None:
 
 def test_the_phone_checks_the_learned_basis_like_every_array(index_dir: Path) -> None:
     """The document says honestly which basis it holds (here the gallery's learned whitening),
-    float16-exact as the server projects with it; a basis of an unknown kind, of the wrong shape,
-    not finite or degenerate is refused before the phone projects anything with it."""
+    float16-exact as the server projects with it, with the coverage basis beside it; a basis of an
+    unknown kind, of the wrong shape, not finite or degenerate, and a coverage basis of the wrong
+    shape or not orthonormal are refused before the phone projects anything with them."""
     import jsonschema
 
     from lite_server.api.openapi import spec
@@ -85,17 +86,27 @@ def test_the_phone_checks_the_learned_basis_like_every_array(index_dir: Path) ->
     payload = build(lookup).to_payload()
     jsonschema.validate(payload, {"$ref": "#/components/schemas/Public", "components": spec()["components"]})
     doc = parse(payload)
-    assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim}
+    cover_dim = len(lookup.coverage_basis)
+    assert payload["globals"]["codec"] == {"kind": "learned-whitening", "dim": lookup.codec.dim,
+                                           "coverage_dim": cover_dim}
     assert np.array_equal(doc.basis.astype(np.float32), lookup.codec.basis_)
-    basis = doc.basis.astype(np.float32)
-    bad = {"unknown kind": ({"kind": "lda", "dim": lookup.codec.dim}, basis),
-           "wrong dim": ({"kind": "learned-whitening", "dim": lookup.codec.dim + 1}, basis),
-           "not finite": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.where(basis == basis.max(), np.inf, basis)),
-           "degenerate": ({"kind": "learned-whitening", "dim": lookup.codec.dim}, np.repeat(basis[:1], len(basis), 0))}
-    for name, (codec, array) in bad.items():
-        globals_ = {**payload["globals"], "codec": codec, "basis": wire.encode_array(array.astype(np.float16))}
+    assert np.array_equal(doc.coverage.astype(np.float32), lookup.coverage_basis)
+    basis, cover = doc.basis.astype(np.float32), doc.coverage.astype(np.float32)
+    codec = payload["globals"]["codec"]
+    bad = {"unknown kind": ({**codec, "kind": "lda"}, basis, cover),
+           "wrong dim": ({**codec, "dim": lookup.codec.dim + 1}, basis, cover),
+           "not finite": (codec, np.where(basis == basis.max(), np.inf, basis), cover),
+           "degenerate": (codec, np.repeat(basis[:1], len(basis), 0), cover),
+           "coverage of the wrong shape": ({**codec, "coverage_dim": cover_dim - 1}, basis, cover),
+           "coverage not orthonormal": (codec, basis, cover * 1.1),
+           "coverage of repeated rows": (codec, basis, np.repeat(cover[:1], cover_dim, 0))}
+    for name, (codec_, array, cover_) in bad.items():
+        globals_ = {**payload["globals"], "codec": codec_, "basis": wire.encode_array(array.astype(np.float16)),
+                    "coverage_basis": wire.encode_array(cover_.astype(np.float16))}
         with pytest.raises(PublicError):
             parse({**payload, "globals": globals_})
+    # A PCA document measures coverage in its own basis and sends no second one.
+    assert "coverage_basis" not in build(Lookup(Index.load(index_dir), ServerConfig())).to_payload()["globals"]
 
 
 # --- size ---------------------------------------------------------------------------------------------

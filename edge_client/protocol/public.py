@@ -4,7 +4,9 @@ One document per index version (``GET /v1/public``) holds everything the
 phone needs before it asks anything, and nothing about any user:
 
 - the codec basis (the space candidates are compared in: the gallery's PCA or its
-  learned whitening, ``codec.kind``; checked finite and of full rank),
+  learned whitening, ``codec.kind``; checked finite and of full rank) and, beside a
+  learned whitening, the coverage basis (``codec.coverage_dim`` orthonormal directions
+  the open set measures how much of a photo lies in; checked orthonormal),
 - per spot, keyed by its id: coordinates, public cell, popularity (gallery
   photo count), a few prototypes (int8 codes in codec space with float16
   scales, heaviest first) and, when the catalogue is small enough, the looks
@@ -58,6 +60,9 @@ BLOCKS = {"prototypes": "n_prototypes", "looks": "n_looks"}
 GLOBALS = ("n_cells", "spread", "codec")  # small JSON fields, compared and sent whole
 #: Codec bases a document may hold (``codec.kind``): both are a [dim, D] matrix the phone projects with.
 CODEC_KINDS = ("pca", "learned-whitening")
+#: How far from the identity the Gram matrix of a coverage basis' float16 rows may be (float16's
+#: rounding of 1280 terms stays two orders of magnitude below).
+COVERAGE_TOLERANCE = 0.01
 #: The smallest ratio of the basis' least to greatest singular value the phone accepts. A gallery's
 #: learned whitening is far above it (its within-spot covariance is shrunk toward the identity).
 MIN_BASIS_CONDITION = 1e-4
@@ -104,6 +109,7 @@ class PublicParams:
     blocks: dict[str, Rows]           # BLOCKS
     basis: np.ndarray | None          # float16 [D, dim], None without a codec
     settings: dict[str, Any] = field(default_factory=dict)  # GLOBALS
+    coverage: np.ndarray | None = None  # float16 [codec.coverage_dim, D]; None: the basis' row space
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,6 +121,12 @@ class PublicParams:
     @property
     def spread(self) -> dict[str, float]:
         return {str(k): float(v) for k, v in dict(self.settings.get("spread") or {}).items()}
+
+    @property
+    def coverage_space(self) -> np.ndarray | None:
+        """The rows a photo's coverage is measured in: the coverage basis when the document
+        sends one, else the codec basis (None without a codec)."""
+        return self.coverage if self.coverage is not None else self.basis
 
     @property
     def popularity(self) -> np.ndarray:
@@ -143,7 +155,7 @@ class PublicParams:
         h.update(json.dumps(self.ids.tolist(), separators=(",", ":")).encode())
         arrays = [self.columns[c] for c in COLUMNS] + [a for b in BLOCKS for a in (self.blocks[b].codes,
                                                                                    self.blocks[b].scales)]
-        for array in arrays + ([] if self.basis is None else [self.basis]):
+        for array in arrays + [a for a in (self.basis, self.coverage) if a is not None]:
             h.update(f"{array.dtype.str}{array.shape}".encode())
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
@@ -167,6 +179,8 @@ class PublicParams:
         out = {k: self.settings[k] for k in names if k in self.settings}
         if "codec" in names and self.basis is not None:
             out["basis"] = wire.encode_array(self.basis)
+        if "codec" in names and self.coverage is not None:
+            out["coverage_basis"] = wire.encode_array(self.coverage)
         return out
 
 
@@ -175,9 +189,9 @@ def parse(payload: Any) -> PublicParams:
     try:
         if payload.get("format") != FORMAT or payload.get("kind") != "full":
             raise PublicError("not a full public document of format 1")
-        settings, basis = _globals(payload["globals"], {}, None)
+        settings, basis, cover = _globals(payload["globals"], {}, None, None)
         ids, columns, blocks = _spots(payload["spots"])
-        doc = canonical(PublicParams(str(payload["index_version"]), ids, columns, blocks, basis, settings))
+        doc = canonical(PublicParams(str(payload["index_version"]), ids, columns, blocks, basis, settings, cover))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PublicError(f"malformed public document: {exc}") from None
     return _checked(doc, payload)
@@ -191,7 +205,7 @@ def apply_delta(base: PublicParams, payload: Any) -> PublicParams:
         if str(payload["base_digest"]) != base.digest:  # the digest the phone computed, not a label
             raise PublicError(f"the delta is from {str(payload['base_digest'])[:12]}..., "
                               f"the phone holds {base.digest[:12]}...")
-        settings, basis = _globals(payload["globals"], base.settings, base.basis)
+        settings, basis, cover = _globals(payload["globals"], base.settings, base.basis, base.coverage)
         ids, columns, blocks = _spots(payload["spots"])
         removed = np.array([str(i) for i in payload["removed"]] + ids.tolist(), dtype=str)
         keep = np.flatnonzero(~np.isin(base.ids, removed))
@@ -199,7 +213,7 @@ def apply_delta(base: PublicParams, payload: Any) -> PublicParams:
             str(payload["index_version"]), np.concatenate([base.ids[keep], ids]),
             {c: np.concatenate([base.columns[c][keep], columns[c]]) for c in COLUMNS},
             {b: _concat(base.blocks[b].take(base.columns[n], keep), blocks[b]) for b, n in BLOCKS.items()},
-            basis, settings)
+            basis, settings, cover)
         doc = canonical(merged)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PublicError(f"malformed public delta: {exc}") from None
@@ -214,15 +228,17 @@ def _checked(doc: PublicParams, payload: Mapping[str, Any]) -> PublicParams:
     return doc
 
 
-def _globals(obj: Mapping[str, Any], settings: Mapping[str, Any], basis: np.ndarray | None
-             ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Globals sent (all of them in a full document, the changed ones in a delta) over ``settings``."""
+def _globals(obj: Mapping[str, Any], settings: Mapping[str, Any], basis: np.ndarray | None,
+             cover: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """Globals sent (all of them in a full document, the changed ones in a delta) over ``settings``,
+    with the codec and coverage bases (sent whenever ``codec`` is)."""
     out = {**settings, **{k: obj[k] for k in GLOBALS if k in obj}}
     if "codec" in obj:
         basis = _basis(obj["codec"], obj.get("basis"))
+        cover = _coverage_basis(obj["codec"], obj.get("coverage_basis"), basis)
     if set(out) != set(GLOBALS) or not isinstance(out["n_cells"], int) or not isinstance(out["spread"], dict):
         raise PublicError(f"the document needs globals {', '.join(GLOBALS)}")
-    return out, basis
+    return out, basis, cover
 
 
 def _basis(codec: Mapping[str, Any], array: Any) -> np.ndarray | None:
@@ -243,6 +259,24 @@ def _basis(codec: Mapping[str, Any], array: Any) -> np.ndarray | None:
     if singular[-1] <= MIN_BASIS_CONDITION * singular[0]:
         raise PublicError("the codec basis is degenerate (not of full rank)")
     return basis
+
+
+def _coverage_basis(codec: Mapping[str, Any], array: Any, basis: np.ndarray | None) -> np.ndarray | None:
+    """The coverage basis the codec declares (``codec.coverage_dim``; None when it declares none),
+    checked: a float16 ``[coverage_dim, D]`` matrix beside a ``[dim, D]`` codec basis, with
+    orthonormal rows (to float16's precision), since a coverage is a length inside its row space."""
+    if "coverage_dim" not in codec:
+        return None
+    dim = codec["coverage_dim"]
+    if basis is None or not isinstance(dim, int) or isinstance(dim, bool):
+        raise PublicError("a coverage basis needs a codec basis and an integer coverage_dim")
+    cover = wire.decode_array(array, "float16")
+    if cover.ndim != 2 or cover.shape != (dim, basis.shape[1]) or not 0 < dim <= basis.shape[1]:
+        raise PublicError(f"the coverage basis must be a [{dim}, {basis.shape[1]}] matrix")
+    gram = cover.astype(np.float64) @ cover.T.astype(np.float64)
+    if not np.isfinite(gram).all() or np.abs(gram - np.eye(dim)).max() > COVERAGE_TOLERANCE:
+        raise PublicError("the coverage basis' rows must be orthonormal")
+    return cover
 
 
 def _spots(obj: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Rows]]:

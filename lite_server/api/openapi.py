@@ -58,8 +58,14 @@ PUBLIC = {
         "globals": {"type": "object", "properties": {
             "n_cells": {"type": "integer", "minimum": 0},
             "codec": {"type": "object", "required": ["kind"],
-                      "properties": {"kind": {"enum": ["none", "pca", "learned-whitening"]}}},
+                      "properties": {"kind": {"enum": ["none", "pca", "learned-whitening"]},
+                                     "dim": {"type": "integer", "minimum": 1},
+                                     "coverage_dim": {"type": "integer", "minimum": 1,
+                                                      "description": "rows of coverage_basis, when sent"}}},
             "basis": {"$ref": "#/components/schemas/Array"},
+            "coverage_basis": {"$ref": "#/components/schemas/Array",
+                               "description": "orthonormal [coverage_dim, D] rows a photo's coverage is measured "
+                                              "in (beside a learned whitening); absent: the basis' row space"},
             "spread": {"type": "object", "required": ["cos_median", "log_tan_sigma"],
                        "description": "leave-one-out spread of photos around their spot's mean"}}},
         "spots": {"$ref": "#/components/schemas/SpotRows"},

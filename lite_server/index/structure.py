@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 
 FILE = "structure.npz"
 FORMAT = 1
+#: Dimensions of the PCA subspace a learned whitening publishes beside it for the photos' coverage.
+#: A whitening's own row space favours directions photos of one spot share, however faint, so a
+#: photo of another domain lies in it about as much as a gallery photo; the gallery's top principal
+#: directions tell them apart (wa-landmarks' tuning split against ie-tower photos, AUROC of the
+#: coverage alone: row space 0.70, PCA 8/32/128 dimensions 0.945/0.946/0.953; ie-tower against
+#: wa-landmarks 0.54 and 0.996/0.997/0.999). 32 dimensions cost ~110 kB in the public document.
+COVERAGE_DIM = 32
 #: Rows projected into the codec space at once (bounded memory on a 1M-photo gallery).
 CHUNK = 65536
 
@@ -86,10 +93,17 @@ class Structure:
     # update takes unchanged spots' means from here instead of reading every photo again.
     # Loaded only when asked (Structure.load(..., means=True)); None in older versions.
     means: np.ndarray | None = None
+    # float32 [COVERAGE_DIM, dim], float16-exact: the subspace a photo's coverage is measured in when
+    # the codec basis' own row space does not say where the gallery lies (a learned whitening); None
+    # when the codec basis says it (PCA) or without a codec.
+    coverage_basis: np.ndarray | None = None
 
     def matches(self, spot_ids: list[str], params: StructureParams) -> bool:
-        """Whether this structure was derived for these spots with these parameters."""
-        return self.params == params and list(self.spot_ids) == list(spot_ids)
+        """Whether this structure was derived for these spots with these parameters (and, for a
+        learned whitening, has its coverage basis: one stored before it had one is derived again)."""
+        wants_cover = _needs_coverage_basis(params)
+        return self.params == params and list(self.spot_ids) == list(spot_ids) \
+            and (self.coverage_basis is not None) == wants_cover
 
     def save(self, folder: Path) -> None:
         """Write ``folder/structure.npz`` (the caller makes the folder durable and atomic)."""
@@ -130,12 +144,13 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
     held = np.array([groups[s][i] for s, i in picks], np.int64)  # the calibration's photos
     huge = features.shape[0] > whitening.SAMPLE  # fitted on a sample of spots: it can leave them out for free
     basis = previous.basis if previous is not None else _fit_basis(features, photo_spot, params, held if huge else None)
+    cover = previous.coverage_basis if previous is not None else _fit_coverage(features, params)
     photos = np.bincount(photo_spot, minlength=n_spots).astype(np.int64)
     before = _previous_rows(spot_ids, previous)
     # Updates only add photos to spots or remove whole spots: the same count means the same photos.
     reused = np.where((before >= 0) & (previous.spot_photos[np.maximum(before, 0)] == photos), before, -1) \
         if previous is not None else before
-    vectors, coverage, local, means = _project_needed(features, groups, basis, reused, previous, picks)
+    vectors, coverage, local, means = _project_needed(features, groups, basis, cover, reused, previous, picks)
     seed = params.structure_seed
     looks, look_spot = _per_spot(vectors, local, params.features_per_spot, reused, previous, "look", seed)
     protos, proto_spot = _per_spot(vectors, local, params.prototypes_per_spot, reused, previous, "prototype", seed)
@@ -148,26 +163,27 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
     # most of it, leaving too little to fit a basis on: it is calibrated in the published one).
     fresh_fit = previous is None and not huge and params.codec_kind == whitening.KIND and basis is not None \
         and 2 * len(held) <= features.shape[0]
-    scores = _calibration_scores(features, photo_spot, groups, picks, params, held) if fresh_fit else \
+    scores = _calibration_scores(features, photo_spot, groups, picks, params, held, cover) if fresh_fit else \
         calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot, params.features_per_spot,
                                          codes(basis), picks)
     return Structure(params, np.asarray(spot_ids, dtype=str), photos, basis, looks, look_spot,
-                     protos, proto_spot, spot_cell.astype(np.int64), scores, means.astype(np.float16))
+                     protos, proto_spot, spot_cell.astype(np.int64), scores, means.astype(np.float16), cover)
 
 
 def _project_needed(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | None,
-                    reused: np.ndarray, previous: Structure | None, picks: np.ndarray) -> "Projected":
+                    cover: np.ndarray | None, reused: np.ndarray, previous: Structure | None,
+                    picks: np.ndarray) -> "Projected":
     """:func:`project` of every spot; for an update whose previous version stored its means,
     only of the spots it must read (new or grown spots, and the calibration's ``picks``), the
     others' means coming from there: a 1% update of 100,000 spots reads ~2% of the photos.
     Spots not read have no rows in ``groups`` of the result (nothing asks for them)."""
     if previous is None or previous.means is None or len(previous.means) != len(previous.spot_ids):
-        return project(features, groups, basis)
+        return project(features, groups, basis, cover)
     read = np.zeros(len(groups), bool)
     read[reused < 0] = True
     read[picks[:, 0]] = True
     chosen = np.flatnonzero(read)
-    part = project(features, [groups[s] for s in chosen], basis)
+    part = project(features, [groups[s] for s in chosen], basis, cover)
     local = [np.zeros(0, np.int64)] * len(groups)
     for spot, rows in zip(chosen.tolist(), part.groups):
         local[spot] = rows
@@ -190,8 +206,21 @@ def _fit_basis(features: np.ndarray, photo_spot: np.ndarray, params: StructurePa
     return PCACodec(params.codec_dim).fit(features).basis_
 
 
+def _needs_coverage_basis(params: StructureParams) -> bool:
+    """Whether a structure of ``params`` publishes a coverage basis (see :data:`COVERAGE_DIM`)."""
+    return bool(params.codec_dim) and params.codec_kind == whitening.KIND
+
+
+def _fit_coverage(features: np.ndarray, params: StructureParams) -> np.ndarray | None:
+    """The gallery's top :data:`COVERAGE_DIM` uncentred principal directions when the codec basis
+    needs them beside it (:func:`_needs_coverage_basis`), else None."""
+    if not _needs_coverage_basis(params) or not len(features):
+        return None
+    return PCACodec(min(COVERAGE_DIM, features.shape[1])).fit(features).basis_
+
+
 def _calibration_scores(features: np.ndarray, photo_spot: np.ndarray, groups: list[np.ndarray], picks: np.ndarray,
-                        params: StructureParams, held: np.ndarray) -> np.ndarray:
+                        params: StructureParams, held: np.ndarray, cover: np.ndarray | None) -> np.ndarray:
     """The open-set calibration of a learned whitening, scored in a whitening fitted without the
     photos it scores (``held``). The published one learnt those very photos' spread around their
     spot, so left out they still sat closer to it than a new photo does: calibrated in it, the phone
@@ -199,7 +228,9 @@ def _calibration_scores(features: np.ndarray, photo_spot: np.ndarray, groups: li
     Costs a second projection and k-means of the gallery, which only galleries small enough to be
     fitted whole pay (a huge one's basis is fitted on a sample that leaves these photos out)."""
     basis = _fit_basis(features, photo_spot, params, held)
-    vectors, coverage, local, _ = project(features, groups, basis)
+    # The coverage basis stays the published one: 32 directions of thousands of photos hardly move
+    # without a few hundred of them.
+    vectors, coverage, local, _ = project(features, groups, basis, cover)
     fresh = np.full(len(groups), -1, np.int64)
     looks, look_spot = _per_spot(vectors, local, params.features_per_spot, fresh, None, "look", params.structure_seed)
     return calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot, params.features_per_spot,
@@ -210,19 +241,21 @@ class Projected(NamedTuple):
     """A gallery's sampled photos as :func:`derive` works on them."""
 
     vectors: np.ndarray         # float32 [R, D]: unit photo vectors in the codec space
-    coverage: np.ndarray        # float32 [R]: length of each unit photo inside the codec basis' row space
+    coverage: np.ndarray        # float32 [R]: length of each unit photo inside the coverage subspace
     groups: list[np.ndarray]    # each spot's rows of ``vectors``
     means: np.ndarray           # float32 [n_spots, dim]: each spot's normalised mean photo, full dimension
 
 
-def project(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | None) -> Projected:
+def project(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | None,
+            cover: np.ndarray | None = None) -> Projected:
     """The photos ``groups`` name, read once in chunks: into the codec space (where the phone
     compares, so looks and prototypes are learnt there) and, for the cells, their spot means
-    in the full dimension (cells group spots that look alike in every respect)."""
+    in the full dimension (cells group spots that look alike in every respect). Coverage is
+    measured in ``cover``'s row space when given, else in the basis'."""
     rows = np.concatenate(groups) if groups else np.zeros(0, np.int64)
     owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     dim = basis.shape[0] if basis is not None else features.shape[1]
-    span = subspace(basis) if basis is not None else None  # coverage: length inside the basis' row space
+    span = subspace(cover if cover is not None else basis) if basis is not None else None
     vectors = np.zeros((len(rows), dim), np.float32)
     coverage = np.ones(len(rows), np.float32)
     sums = np.zeros((len(groups), features.shape[1]), np.float64)

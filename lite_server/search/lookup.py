@@ -48,6 +48,7 @@ class Lookup:
         structure = load_structure(index, StructureParams.from_config(config))
         self.codec = PCACodec.from_basis(structure.basis, structure.params.codec_kind) \
             if structure.basis is not None else None
+        self.coverage_basis = structure.coverage_basis  # published beside a learned whitening
         bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
         self._encoded = wire.encode_groups(l2_normalize(structure.looks), bounds, self._dtype())

@@ -92,10 +92,13 @@ def build(lookup: Lookup, budget: int | None = None) -> PublicParams:
     blocks = {"prototypes": Rows(*wire.quantize(protos)),
               "looks": Rows(*wire.quantize(np.concatenate(look_rows) if look_rows else np.zeros((0, protos.shape[1]))))}
     codec = {"kind": lookup.codec.kind, "dim": lookup.codec.dim} if lookup.codec else {"kind": "none"}
+    cover = lookup.coverage_basis.astype(np.float16) if lookup.codec and lookup.coverage_basis is not None else None
+    if cover is not None:
+        codec["coverage_dim"] = int(cover.shape[0])
     settings = {"n_cells": lookup.n_cells, "spread": spread(lookup), "codec": codec}
     basis = lookup.codec.basis_.astype(np.float16) if lookup.codec else None
     ids = np.array([s.id for s in index.spots], dtype=str)
-    return canonical(PublicParams(index.version, ids, columns, blocks, basis, settings))
+    return canonical(PublicParams(index.version, ids, columns, blocks, basis, settings, cover))
 
 
 def budget_rule(n_spots: int, n_prototypes: int, n_looks: int, dim: int, budget: int) -> tuple[bool, int]:
@@ -197,7 +200,7 @@ def delta(base: PublicParams, new: PublicParams) -> dict[str, Any]:
     fresh = np.setdiff1d(np.arange(len(new.ids)), in_new, assume_unique=True)
     upserted = np.sort(np.concatenate([fresh, in_new[changed]]))
     names = tuple(k for k in GLOBALS if base.settings.get(k) != new.settings.get(k))
-    if not _same(base.basis, new.basis) and "codec" not in names:
+    if not (_same(base.basis, new.basis) and _same(base.coverage, new.coverage)) and "codec" not in names:
         names += ("codec",)
     return {"format": FORMAT, "kind": "delta", "base_version": base.version, "base_digest": base.digest,
             "index_version": new.version, "digest": new.digest, "globals": new._globals_payload(names),
