@@ -9,12 +9,12 @@ The rotation is what makes 4 bits enough. In the gallery's uncentred PCA basis a
 most of its length in the first component (the gallery's mean direction), so a per-row scale set
 by that peak rounded the small components, where spots differ, to 0: plain 4-bit codes lost 0.07
 of the phone's rerank ceiling on wa-landmarks' tuning split. Rotated, every component carries
-about ``1 / sqrt(D)`` of the row and none dominates (docs/protocol.md#4-bit-looks). A rotation
+about ``1 / sqrt(D)`` of the row and none dominates (docs/privacy.md#4-bit-looks). A rotation
 keeps cosines, so the phone decodes back into the codec space and compares as with int8 codes.
 
 Decoding is exact: the codes times ``H`` (the fast transform, ``D log D`` additions) are integers
-(at most ``7 D``), exact in int32 and in float32, then one float32 product by ``scale * (1 / sqrt(D))``; the server quantises against
-exactly what the phone decodes (:func:`dequantize`).
+(at most ``7 D``), exact in int32 and in float32, then one float32 product by ``scale * (1 / sqrt(D))``;
+the server quantises against exactly what the phone decodes (:func:`dequantize`).
 """
 from __future__ import annotations
 

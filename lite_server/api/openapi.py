@@ -180,7 +180,8 @@ def query_vector(dim: int | None) -> dict[str, Any]:
             properties["scale"] = {"oneOf": [{"type": "array", "items": scale, "minItems": 1, "maxItems": 1}, exact]}
             required = required + ["scale"]
         variants.append({"type": "object", "required": required, "properties": properties})
-    return {"oneOf": variants, "description": "finite values, positive scales and int4 codes -7..7 only (others get 400)"}
+    return {"oneOf": variants,
+            "description": "finite values, positive scales and int4 codes -7..7 only (others get 400)"}
 
 
 def candidates_request(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:
