@@ -24,6 +24,10 @@ class ServerConfig:
     features_per_spot: int = 8       # representative features (k-means centres) returned per candidate
     feature_dtype: str = "float16"   # wire encoding of candidate features when codec_dim is 0
     codec_dim: int = 128             # codec dimensions of candidate features (int8 codes); 0 = full float16
+    # Bits a candidate's look is coded in: 8 (int8 codes) or 4 (the wire's int4: codes of the row's Hadamard
+    # rotation, half the bytes, so twice features_per_spot in the same answer; docs/privacy.md#4-bit-looks).
+    # Needs a power-of-two codec_dim. The public document's looks stay int8 either way.
+    look_bits: int = 8
     # The codec basis, learnt from the gallery: "pca" (the uncentred PCA of its features) or
     # "learned-whitening" (its spot labels whiten the space the phone compares in: the user's top-1 rises,
     # but so does the aware attacker's, past 0.25x on wa-landmarks; docs/privacy.md#the-codec-space).

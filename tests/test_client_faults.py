@@ -176,6 +176,8 @@ GOOD = wire.encode(np.ones((1, 1280), np.float32) / np.sqrt(1280))
     ("wrong dimension", {}, candidates(wire.encode(np.ones((2, 1000), np.float32))), BadResponseError),
     ("truncated base64", {}, candidates({**GOOD, "data": GOOD["data"][:-7]}), BadResponseError),
     ("NaN features", {}, candidates(wire.encode(np.full((1, 1280), np.nan, np.float32))), BadResponseError),
+    ("4-bit codes of a length no rotation fits", {},
+     candidates({**wire.encode(np.ones((1, 1024), np.float32), "int4"), "shape": [1, 1280]}), BadResponseError),
     ("candidate without id", {}, Reply(body=json.dumps({"candidates": [{"features": GOOD}]}).encode()),
      BadResponseError),
     ("another model", {"model_sha256": "0" * 64}, candidates(GOOD), IncompatibleServerError),

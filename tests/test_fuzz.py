@@ -62,7 +62,7 @@ def base64_data(draw: st.DrawFn) -> str:
 
 
 matrices = st.fixed_dictionaries(
-    {"dtype": st.sampled_from(sorted(wire.DTYPES)) | json_values,
+    {"dtype": st.sampled_from(sorted([*wire.DTYPES, *wire.PACKED])) | json_values,
      "shape": st.lists(st.sampled_from(NASTY_INTS) | st.integers(-2, 3000), max_size=3) | json_values,
      "data": base64_data() | json_values},
     optional={"scale": st.floats(allow_nan=True, allow_infinity=True) | json_values})

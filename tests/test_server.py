@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+import requests
 
 from edge_client.protocol import wire
 from edge_client.vision.extractor import Extractor
@@ -78,7 +79,7 @@ def test_int8_scales_travel_as_exact_float16_and_lists_still_decode() -> None:
         wire.encode(rows * 1e9, "int8")
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float16", "float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "float16", "float32", "uint8"])
 def test_groups_encode_exactly_as_each_group_alone(dtype: str) -> None:
     """A server start encodes every spot's looks in one pass; candidates must carry the same bytes."""
     rows = np.abs(np.random.default_rng(0).normal(size=(40, 16))).astype(np.float32)
@@ -86,7 +87,68 @@ def test_groups_encode_exactly_as_each_group_alone(dtype: str) -> None:
     bounds = np.array([0, 0, 3, 11, 11, 40])
     alone = [wire.encode(rows[a:b], dtype) for a, b in zip(bounds[:-1], bounds[1:])]
     assert wire.encode_groups(rows, bounds, dtype) == alone
-    assert np.allclose(np.concatenate([wire.decode(g) for g in alone]), rows, atol=0.02)
+    decoded = np.concatenate([wire.decode(g) for g in alone])
+    if dtype == "int4":  # 15 levels over the rotated row's peak (a large one here: rows all positive)
+        assert (np.linalg.norm(decoded - rows, axis=1) <= 0.2 * np.linalg.norm(rows, axis=1)).all()
+    else:
+        assert np.allclose(decoded, rows, atol=0.02)
+
+
+def _sylvester(dim: int) -> np.ndarray:
+    """Sylvester's +-1 Hadamard matrix as its definition builds it (int64; the codec uses a fast transform)."""
+    matrix = np.ones((1, 1), np.int64)
+    while len(matrix) < dim:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return matrix
+
+
+def _unit_rows(count: int, dim: int = 128, seed: int = 1) -> np.ndarray:
+    rows = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_int4_rows_decode_exactly_to_their_rotated_codes_in_half_the_bytes_of_int8() -> None:
+    """The phone decodes what the format says, bit for bit: nibbles low first, -7..7, times the
+    Hadamard matrix, times the row's float16 scale / sqrt(D); close to the row, half int8's bytes."""
+    rows = _unit_rows(8)
+    encoded = wire.encode(rows, "int4")
+    packed = np.frombuffer(base64.b64decode(encoded["data"]), np.uint8).reshape(8, 64)
+    codes = np.empty((8, 128), np.int64)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+    codes = np.where(codes > 7, codes - 16, codes)
+    assert np.abs(codes).max() == 7 and encoded["scale"]["dtype"] == "float16" and encoded["scale"]["shape"] == [8]
+    scales = wire.decode_array(encoded["scale"], "float16").astype(np.float32)
+    exact = (codes @ _sylvester(128)).astype(np.float32) * (scales * np.float32(1 / np.sqrt(128)))[:, None]
+    decoded = wire.decode(encoded, expect_dim=128)
+    assert np.array_equal(decoded, exact)
+    assert np.array_equal(wire.decode({**encoded, "scale": scales.astype(float).tolist()}), exact)
+    cosines = (decoded * rows).sum(axis=1) / np.linalg.norm(decoded, axis=1)
+    assert cosines.min() > 0.97
+    assert 2 * len(base64.b64decode(encoded["data"])) == len(base64.b64decode(wire.encode(rows, "int8")["data"]))
+    assert np.array_equal(wire.decode(wire.encode(rows[0], "int4")), exact[0])  # one vector: one row
+
+
+def _bad_int4() -> list[tuple[dict[str, Any], str]]:
+    good = wire.encode(_unit_rows(2), "int4")
+    raw = bytearray(base64.b64decode(good["data"]))
+    raw[0] = (raw[0] & 0xF0) | 0x08  # the nibble -8, which the symmetric codes never use
+    text = base64.b64encode(bytes(raw)).decode()
+    return [({**good, "data": good["data"][:-4]}, "bytes"),
+            ({**good, "shape": [2, 96]}, "power-of-two"),
+            ({**good, "shape": [2, 256]}, "bytes"),
+            ({**good, "data": text}, "nibble 8"),
+            ({**good, "scale": wire.encode_array(np.array([np.inf, 1], np.float16))}, "finite"),
+            ({**good, "scale": wire.encode_array(np.array([0, 1], np.float16))}, "positive"),
+            ({**good, "scale": [0.01]}, "2 scale"),
+            ({k: v for k, v in good.items() if k != "scale"}, "2 scale")]
+
+
+@pytest.mark.parametrize("bad, message", _bad_int4())
+def test_malformed_int4_is_refused_like_int8(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode(bad)
+    with pytest.raises(wire.WireError, match="power-of-two"):
+        wire.encode(np.ones((2, 100), np.float32), "int4")
 
 
 def _post(client: Any, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
@@ -218,3 +280,31 @@ def test_a_scale_over_the_documented_maximum_is_400(client: Any, scale: float) -
                    {"dtype": "int8", "shape": [1280], "data": ones, "scale": [scale]}):
         status, error = _post(client, {"vector": vector, "k": 1})
         assert status == 400 and error["code"] == "bad_vector" and "scale" in error["message"], (status, error)
+
+
+def test_a_server_with_4_bit_looks_sends_more_looks_and_the_phone_still_recognizes(
+        index_dir: Path, extractor: Extractor, held_out: list[tuple[str, Path]], tmp_path: Path) -> None:
+    """``ENFPIRE_LOOK_BITS=4`` with twice the looks: a real server on loopback answers int4 looks, more
+    of them per spot, in about the bytes of int8's; the real client decodes and reranks them and names
+    the held-out photo's spot; the public document's looks stay int8."""
+    from edge_client.client import Client
+    from edge_client.config import ClientConfig
+    from tests.conftest import copy_index
+    from tools.live import LiveServer
+
+    env = {"ENFPIRE_LOOK_BITS": "4", "ENFPIRE_FEATURES_PER_SPOT": "16"}
+    server = LiveServer(copy_index(index_dir, tmp_path), env=env)
+    try:
+        body = {"vector": _vector(extractor.extract(held_out[0][1])), "k": 5}
+        answer = requests.post(server.url + "/v1/candidates", json=body, timeout=30).json()
+        _validate(answer, "CandidatesResponse")
+        looks = [candidate["features"] for candidate in answer["candidates"]]
+        assert {f["dtype"] for f in looks} == {"int4"} and max(f["shape"][0] for f in looks) > 8
+        assert all(len(base64.b64decode(f["data"])) == 64 * f["shape"][0] for f in looks)  # 128 codes a look
+        with Client(ClientConfig(server=server.url, state_dir=str(tmp_path / "phone")), extractor) as client:
+            recognition = client.recognize(held_out[0][1])
+        assert recognition.best == held_out[0][0] and recognition.confidence is not None
+        public = requests.get(server.url + "/v1/public", timeout=30).json()
+        assert public["spots"]["looks"]["dtype"] == "int8"
+    finally:
+        server.stop()

@@ -76,6 +76,24 @@ def test_the_structure_seed_moves_only_the_k_means_starts(index_dir: Path) -> No
         StructureParams.from_config(ServerConfig(structure_seed=-1))
 
 
+def test_4_bit_looks_are_the_same_looks_calibrated_as_the_phone_decodes_them(index_dir: Path) -> None:
+    """look_bits changes no look (the codes are chosen when answering) but the calibration, which scores
+    looks as int4 decodes them; a stored int8 structure is not taken for it, and only 8 and 4 bits exist,
+    4 on a codec whose dimension the Hadamard rotation fits."""
+    index = Index.load(index_dir)
+    ids = [s.id for s in index.spots]
+    stored = Structure.load(index.path)
+    nibble = derive(index.features, index.photo_spot, ids, StructureParams(look_bits=4))
+    assert np.array_equal(nibble.looks, stored.looks) and np.array_equal(nibble.basis, stored.basis)
+    assert nibble.scores.shape[1] == stored.scores.shape[1] and not np.array_equal(nibble.scores, stored.scores)
+    assert not stored.matches(ids, nibble.params)
+    assert StructureParams.from_config(ServerConfig(look_bits=4)) == nibble.params
+    for config, message in ((ServerConfig(look_bits=6), "look_bits"), (ServerConfig(look_bits=4, codec_dim=96), "96"),
+                            (ServerConfig(look_bits=4, codec_dim=0), "codec")):
+        with pytest.raises(ConfigError, match=message):
+            StructureParams.from_config(config)
+
+
 class _CountingRows:
     """A gallery that counts the photo rows read from it."""
 

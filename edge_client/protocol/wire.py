@@ -8,7 +8,9 @@ is a mean of ReLU6 outputs) with one ``scale`` per matrix: ``x = q * scale``.
 every vector keeps its full 8-bit resolution. The server sends those scales as
 an exact float16 array (:func:`encode_array`, 2 bytes a row) rather than a JSON
 list of decimal floats, which was a tenth of every candidate; a list is still
-read (older servers, hand-written queries).
+read (older servers, hand-written queries). ``int4`` packs two 4-bit codes a byte,
+of the row's Hadamard rotation, with the same float16 scale a row (:mod:`.nibbles`): a server
+with ``look_bits`` 4 sends its candidates' looks so, twice as many per byte.
 
 Arrays that must arrive bit-exact (the public parameters, see
 :mod:`edge_client.protocol.public`) travel with :func:`encode_array` in their own dtype,
@@ -25,11 +27,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import EnfPireError
+from . import nibbles
 
 DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "uint8": np.dtype("u1"), "int8": np.dtype("i1")}
 #: Exact arrays (encode_array / decode_array) may also be integers of these widths.
 ARRAY_DTYPES = {**DTYPES, "uint16": np.dtype("<u2"), "int16": np.dtype("<i2"), "uint32": np.dtype("<u4"),
                 "int32": np.dtype("<i4")}
+#: Matrices whose data packs two values a byte (nibbles): not a numpy dtype, so not in DTYPES.
+PACKED = ("int4",)
 MAX_ELEMENTS = 1 << 24  # a bound on what one decoded matrix may allocate
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -52,6 +57,9 @@ def encode(matrix: np.ndarray, dtype: str = "float16") -> dict[str, Any]:
     elif dtype == "int8":
         raw, scales = quantize(matrix if matrix.ndim else matrix.reshape(1, 1))
         out["scale"] = encode_array(scales)
+    elif dtype == "int4":
+        raw, scales = quantize4(matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1))
+        out["scale"] = encode_array(scales)
     elif dtype in DTYPES:
         raw = matrix.astype(DTYPES[dtype])
     else:
@@ -65,9 +73,10 @@ def encode_groups(matrix: np.ndarray, bounds: np.ndarray, dtype: str = "float16"
     the rows converted in one pass: a server start encodes 100,000 spots' looks this way
     (one :func:`encode` per spot took ~10 s there, this well under a second)."""
     matrix = np.asarray(matrix, dtype=np.float32)
-    if dtype not in ("int8", "float16", "float32") or matrix.ndim != 2:
+    if dtype not in ("int8", "int4", "float16", "float32") or matrix.ndim != 2:
         return [encode(matrix[a:b], dtype) for a, b in zip(bounds[:-1], bounds[1:])]
-    raw, scales = quantize(matrix) if dtype == "int8" else (matrix.astype(DTYPES[dtype]), None)
+    coder = {"int8": quantize, "int4": quantize4}.get(dtype)
+    raw, scales = coder(matrix) if coder else (matrix.astype(DTYPES[dtype]), None)
     out = []
     for a, b in zip(np.asarray(bounds[:-1]).tolist(), np.asarray(bounds[1:]).tolist()):
         group: dict[str, Any] = {"dtype": dtype, "shape": [b - a, matrix.shape[1]]}
@@ -104,6 +113,12 @@ def decode_array(obj: Any, dtype: str | tuple[str, ...] | None = None) -> np.nda
 
 def _raw(obj: dict[str, Any], dtype: np.dtype) -> np.ndarray:
     shape = _shape(obj.get("shape"))
+    return np.frombuffer(_data(obj, math.prod(shape) * dtype.itemsize, f"shape {shape} of {dtype.name}"),
+                         dtype=dtype).reshape(shape)
+
+
+def _data(obj: dict[str, Any], size: int, what: str) -> bytes:
+    """The decoded base64 ``data`` of ``obj``, which must hold ``size`` bytes (``what`` needs them)."""
     data = obj.get("data")
     if not isinstance(data, str):
         raise WireError("data must be a base64 string")
@@ -111,10 +126,9 @@ def _raw(obj: dict[str, Any], dtype: np.dtype) -> np.ndarray:
         raw = base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         raise WireError(f"data is not valid base64: {exc}") from None
-    if len(raw) != math.prod(shape) * dtype.itemsize:
-        raise WireError(f"data holds {len(raw)} bytes, shape {shape} of {dtype.name} needs "
-                        f"{math.prod(shape) * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if len(raw) != size:
+        raise WireError(f"data holds {len(raw)} bytes, {what} needs {size}")
+    return raw
 
 
 def decode(obj: Any, expect_dim: int | None = None, max_scale: float | None = None) -> np.ndarray:
@@ -126,9 +140,9 @@ def decode(obj: Any, expect_dim: int | None = None, max_scale: float | None = No
         raise WireError("an encoded matrix must be an object with dtype, shape and data")
     name = obj.get("dtype")
     dtype = DTYPES.get(name) if isinstance(name, str) else None  # a list or dict is unhashable
-    if dtype is None:
-        raise WireError(f"dtype must be one of {sorted(DTYPES)}")
-    matrix = _raw(obj, dtype).astype(np.float32)
+    if dtype is None and name not in PACKED:
+        raise WireError(f"dtype must be one of {sorted([*DTYPES, *PACKED])}")
+    matrix = _int4(obj, max_scale) if dtype is None else _raw(obj, dtype).astype(np.float32)
     shape = list(matrix.shape)
     if expect_dim is not None and (not shape or shape[-1] != expect_dim):
         raise WireError(f"expected vectors of dimension {expect_dim}, got shape {shape}")
@@ -139,6 +153,31 @@ def decode(obj: Any, expect_dim: int | None = None, max_scale: float | None = No
     if not np.isfinite(matrix).all():
         raise WireError("values must be finite (no NaN or infinity)")
     return matrix
+
+
+def _int4(obj: dict[str, Any], max_scale: float | None) -> np.ndarray:
+    """The float32 rows of an ``int4`` matrix (:mod:`.nibbles`), its scales checked as int8's are."""
+    shape = _shape(obj.get("shape"))
+    dim, rows = shape[-1], math.prod(shape[:-1])
+    if not nibbles.fits(dim):
+        raise WireError(f"int4 rows need a power-of-two length (2 at least), got shape {shape}")
+    packed = np.frombuffer(_data(obj, rows * dim // 2, f"shape {shape} of int4"), np.uint8).reshape(rows, dim // 2)
+    scales = _row_scales(obj.get("scale"), [rows, dim], max_scale)[:, 0]
+    try:
+        return nibbles.dequantize(packed, scales).reshape(shape)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+
+
+def quantize4(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(packed 4-bit codes [R, D/2], float16 scales [R]) of float rows [R, D] (see :mod:`.nibbles`)."""
+    matrix = np.asarray(matrix, np.float32)
+    if matrix.ndim != 2 or not nibbles.fits(matrix.shape[1]):
+        raise WireError(f"int4 encodes rows of a power-of-two length, not shape {list(matrix.shape)}")
+    try:
+        return nibbles.quantize(matrix)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
 
 
 def encode_codes(codes: np.ndarray, scales: np.ndarray) -> dict[str, Any]:
@@ -191,7 +230,7 @@ def _row_scales(scales: Any, shape: list[int], max_scale: float | None = None) -
     if isinstance(scales, dict):  # exact float16 scales (encode_codes)
         scales = decode_array(scales, "float16").astype(np.float64).tolist()
     if not isinstance(scales, list) or len(scales) != rows:
-        raise WireError(f"an int8 matrix needs a list of {rows} scale(s), one per row")
+        raise WireError(f"an int8 or int4 matrix needs a list of {rows} scale(s), one per row")
     column = np.array([_scale(s, max_scale) for s in scales], dtype=np.float32)
     return column[:, None] if len(shape) == 2 else column
 

@@ -9,17 +9,21 @@ import math
 from typing import Any
 
 from edge_client.privacy.evidence import TERMS
+from edge_client.protocol import nibbles
 
 MATRIX = {
     "type": "object", "required": ["dtype", "shape", "data"],
     "properties": {
-        "dtype": {"enum": ["float16", "float32", "uint8", "int8"]},
+        "dtype": {"enum": ["float16", "float32", "uint8", "int8", "int4"]},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
-        "data": {"type": "string", "description": "base64 of the little-endian values"},
+        "data": {"type": "string", "description": "base64 of the little-endian values; int4: two codes -7..7 "
+                                                  "a byte, low nibble first, of each row's Hadamard rotation "
+                                                  "(rows of a power-of-two length D): row = (codes @ H) * scale "
+                                                  "/ sqrt(D), H Sylvester's +-1 matrix (edge_client.protocol.nibbles)"},
         "scale": {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
                             {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
                             {"$ref": "#/components/schemas/Array"}],
-                  "description": "uint8: one scale, value = q * scale; int8: one scale per row, "
+                  "description": "uint8: one scale, value = q * scale; int8 and int4: one scale per row, "
                                  "a list or (as the server sends them) an exact float16 Array"},
     },
 }
@@ -161,24 +165,29 @@ def _base64(n_bytes: int) -> dict[str, Any]:
 
 def query_vector(dim: int | None) -> dict[str, Any]:
     """One query vector as the server takes it: ``dim`` values of one dtype; uint8 with one scale,
-    int8 with a list of one or an exact float16 array of one (what ``wire.encode`` writes). Values
-    must be finite and scales positive too, which JSON Schema cannot say of base64."""
+    int8 (and int4, for a power-of-two ``dim``) with a list of one or an exact float16 array of one
+    (what ``wire.encode`` writes). Values must be finite, scales positive and int4 codes within -7..7
+    too, which JSON Schema cannot say of base64."""
     if dim is None:
         return {"$ref": "#/components/schemas/Matrix"}
     scale = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}
     variants = []
-    for dtype, size in (("float16", 2), ("float32", 4), ("uint8", 1), ("int8", 1)):
-        properties = {"dtype": {"const": dtype}, "shape": {"enum": [[dim], [1, dim]]}, "data": _base64(dim * size)}
+    for dtype, size in (("float16", 2), ("float32", 4), ("uint8", 1), ("int8", 1), ("int4", 0.5)):
+        if dtype == "int4" and not nibbles.fits(dim):  # 4-bit codes rotate rows of a power-of-two length
+            continue
+        properties = {"dtype": {"const": dtype}, "shape": {"enum": [[dim], [1, dim]]},
+                      "data": _base64(int(dim * size))}
         required = ["dtype", "shape", "data"]
         if dtype == "uint8":
             properties["scale"], required = scale, required + ["scale"]
-        if dtype == "int8":
+        if dtype in ("int8", "int4"):
             exact = {"type": "object", "required": ["dtype", "shape", "data"], "properties": {
                 "dtype": {"const": "float16"}, "shape": {"const": [1]}, "data": _base64(2)}}
             properties["scale"] = {"oneOf": [{"type": "array", "items": scale, "minItems": 1, "maxItems": 1}, exact]}
             required = required + ["scale"]
         variants.append({"type": "object", "required": required, "properties": properties})
-    return {"oneOf": variants, "description": "finite values and positive scales only (others get 400)"}
+    return {"oneOf": variants,
+            "description": "finite values, positive scales and int4 codes -7..7 only (others get 400)"}
 
 
 def candidates_request(dim: int | None = None, max_k: int | None = None, n_cells: int | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from edge_client.errors import ConfigError
 from edge_client.privacy.recognizer import subspace
+from edge_client.protocol import nibbles
 from edge_client.vision.extractor import l2_normalize
 
 from . import calibration, cells, whitening
@@ -56,6 +57,9 @@ class StructureParams:
     cell_min_spots: int = 10        # every public cell holds at least this many spots
     structure_seed: int = 0         # the k-means starts (structures before it was stored used 0)
     codec_kind: str = "pca"         # the codec basis: "pca" or "learned-whitening" (see CODEC_KINDS)
+    # Bits of a candidate's look codes (8 or 4, see LOOK_BITS). The looks are the same either way: the
+    # calibration depends on it, since it scores looks as the phone decodes them.
+    look_bits: int = 8
 
     @classmethod
     def from_config(cls, config: Any) -> "StructureParams":
@@ -67,12 +71,18 @@ class StructureParams:
         kind = str(getattr(config, "codec_kind", cls.codec_kind))
         if kind not in CODEC_KINDS:
             raise ConfigError(f"codec_kind must be one of {', '.join(CODEC_KINDS)}, got {kind!r}")
+        if values["look_bits"] not in LOOK_BITS:
+            raise ConfigError(f"look_bits must be one of {', '.join(map(str, LOOK_BITS))}, got {values['look_bits']}")
+        if values["look_bits"] == 4 and not nibbles.fits(values["codec_dim"]):
+            raise ConfigError(f"look_bits 4 needs a codec of a power-of-two codec_dim, got {values['codec_dim']}")
         return cls(**values, codec_kind=kind)
 
 
 #: The codec bases a server can derive: the uncentred PCA of the gallery's features (the default) or
 #: its learned whitening, a sharper space for the user and, so far, for the attacker too (docs/privacy.md).
 CODEC_KINDS = ("pca", whitening.KIND)
+#: The look codes a server can send: int8, or the wire's int4 (edge_client.protocol.nibbles).
+LOOK_BITS = (8, 4)
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,7 @@ def derive(features: np.ndarray, photo_spot: np.ndarray, spot_ids: list[str],
         and 2 * len(held) <= features.shape[0]
     scores = _calibration_scores(features, photo_spot, groups, picks, params, held, cover) if fresh_fit else \
         calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot, params.features_per_spot,
-                                         codes(basis), picks)
+                                         codes(basis, params.look_bits), picks)
     return Structure(params, np.asarray(spot_ids, dtype=str), photos, basis, looks, look_spot,
                      protos, proto_spot, spot_cell.astype(np.int64), scores, means.astype(np.float16), cover)
 
@@ -234,7 +244,7 @@ def _calibration_scores(features: np.ndarray, photo_spot: np.ndarray, groups: li
     fresh = np.full(len(groups), -1, np.int64)
     looks, look_spot = _per_spot(vectors, local, params.features_per_spot, fresh, None, "look", params.structure_seed)
     return calibration.leave_one_out_scores(vectors, local, coverage, looks, look_spot, params.features_per_spot,
-                                            codes(basis), picks)
+                                            codes(basis, params.look_bits), picks)
 
 
 class Projected(NamedTuple):
@@ -272,12 +282,13 @@ def project(features: np.ndarray, groups: list[np.ndarray], basis: np.ndarray | 
     return Projected(vectors, coverage, local, l2_normalize(sums.astype(np.float32)))
 
 
-def codes(basis: np.ndarray | None) -> calibration.Quantizer:
-    """What a vector of the codec space becomes on the wire and back: int8 codes with a
-    codec, float16 without (see :meth:`lite_server.search.lookup.Lookup.encode`)."""
+def codes(basis: np.ndarray | None, look_bits: int = 8) -> calibration.Quantizer:
+    """What a look of the codec space becomes on the wire and back: int8 codes with a codec
+    (int4 with ``look_bits`` 4), float16 without (see :meth:`lite_server.search.lookup.Lookup.look_dtype`):
+    the calibration scores looks as the phone decodes them."""
     from edge_client.protocol import wire
 
-    dtype = "int8" if basis is not None else "float16"
+    dtype = ("int4" if look_bits == 4 else "int8") if basis is not None else "float16"
 
     def roundtrip(vectors: np.ndarray) -> np.ndarray:  # in chunks: wire bounds what one message holds
         parts = [wire.decode(wire.encode(vectors[i:i + CHUNK], dtype)) for i in range(0, len(vectors), CHUNK)]

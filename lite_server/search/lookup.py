@@ -51,7 +51,12 @@ class Lookup:
         self.coverage_basis = structure.coverage_basis  # published beside a learned whitening
         bounds = np.searchsorted(structure.look_spot, np.arange(n_spots + 1))
         # Encoded once at load: a request only assembles what is ready.
-        self._encoded = wire.encode_groups(l2_normalize(structure.looks), bounds, self._dtype())
+        looks = l2_normalize(structure.looks)
+        self._encoded = wire.encode_groups(looks, bounds, self.look_dtype())
+        # The public document's looks are int8 codes of the looks whatever the candidates carry: with
+        # 4-bit candidates the looks are kept in both encodings (int4 ~0.5x the int8 one's memory on top).
+        self._published_looks = self._encoded if self.look_dtype() == self._dtype() else \
+            wire.encode_groups(looks, bounds, self._dtype())
         self.calibration = calibration.public(structure.scores, calibration.coverage_ratio(structure.params.codec_kind),
                                               n_spots)
         self.prototypes, self.prototype_spot = structure.prototypes, structure.prototype_spot
@@ -110,6 +115,16 @@ class Lookup:
 
     def _dtype(self) -> str:
         return "int8" if self.codec else self.config.feature_dtype
+
+    def look_dtype(self) -> str:
+        """The wire dtype of the candidates' looks: :meth:`encode`'s, but int4 codes with a codec
+        and ``look_bits`` 4 (half the bytes of int8, see :mod:`edge_client.protocol.nibbles`)."""
+        return "int4" if self.codec and self.config.look_bits == 4 else self._dtype()
+
+    def published_looks(self, spot_row: int) -> np.ndarray:
+        """The spot's looks as the public document takes them: as :meth:`encode` sends vectors
+        (int8 with a codec), whichever codes the candidates carry."""
+        return wire.decode(self._published_looks[spot_row])
 
     def project(self, feature: np.ndarray) -> np.ndarray:
         """A feature in the space candidates are compared in on the phone (the codec's, or as it is)."""

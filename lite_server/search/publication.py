@@ -88,7 +88,7 @@ def build(lookup: Lookup, budget: int | None = None) -> PublicParams:
         "cell": _unsigned(lookup.spot_cell), "photos": _unsigned(np.bincount(index.photo_spot, minlength=n)),
         "n_prototypes": np.bincount(owner, minlength=n).astype(np.uint8), "n_looks": np.array(looks, np.uint8),
     }
-    look_rows = [wire.decode(lookup._encoded[s]) for s in range(n)] if with_looks else []
+    look_rows = [lookup.published_looks(s) for s in range(n)] if with_looks else []
     blocks = {"prototypes": Rows(*wire.quantize(protos)),
               "looks": Rows(*wire.quantize(np.concatenate(look_rows) if look_rows else np.zeros((0, protos.shape[1]))))}
     codec = {"kind": lookup.codec.kind, "dim": lookup.codec.dim} if lookup.codec else {"kind": "none"}

@@ -49,3 +49,24 @@ def test_edge_client_imports_every_module_and_nothing_outside_the_allowed_set() 
     assert not tops & set(FORBIDDEN), sorted(tops & set(FORBIDDEN))
     outside = sorted(t for t in tops - stdlib - ALLOWED if not t.startswith("_cython_"))
     assert outside == [], outside
+
+
+def test_4_bit_looks_decode_on_numpy_1_exactly_as_the_format_defines_them() -> None:
+    """A server with ``look_bits`` 4 sends int4 looks (numpy 2 there); on the phone's numpy 1.x they decode
+    to Sylvester's Hadamard matrix times the nibbles times the float16 scale / sqrt(D), bit for bit."""
+    import base64
+
+    from edge_client.protocol import wire
+
+    rows = np.random.default_rng(3).normal(size=(6, 128)).astype(np.float32)
+    encoded = wire.encode(rows / np.linalg.norm(rows, axis=1, keepdims=True), "int4")
+    packed = np.frombuffer(base64.b64decode(encoded["data"]), np.uint8).reshape(6, 64)
+    codes = np.empty((6, 128), np.int64)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+    codes = np.where(codes > 7, codes - 16, codes)
+    sylvester = np.ones((1, 1), np.int64)
+    while len(sylvester) < 128:
+        sylvester = np.block([[sylvester, sylvester], [sylvester, -sylvester]])
+    scales = wire.decode_array(encoded["scale"], "float16").astype(np.float32)
+    exact = (codes @ sylvester).astype(np.float32) * (scales * np.float32(1 / np.sqrt(128)))[:, None]
+    assert np.array_equal(wire.decode(encoded, expect_dim=128), exact)
