@@ -24,16 +24,18 @@ class ServerConfig:
     features_per_spot: int = 8       # representative features (k-means centres) returned per candidate
     feature_dtype: str = "float16"   # wire encoding of candidate features when codec_dim is 0
     codec_dim: int = 128             # codec dimensions of candidate features (int8 codes); 0 = full float16
-    # Bits a candidate's look is coded in: 8 (int8 codes) or 4 (the wire's int4: codes of the row's Hadamard
-    # rotation, half the bytes, so twice features_per_spot in the same answer; docs/privacy.md#4-bit-looks).
-    # Needs a power-of-two codec_dim. The public document's looks stay int8 either way.
-    look_bits: int = 8
-    # The codec basis, learnt from the gallery: "pca" (the uncentred PCA of its features) or
-    # "learned-whitening" (its spot labels whiten the space the phone compares in: the user's top-1 rises,
-    # but so does the aware attacker's, past 0.25x on wa-landmarks; docs/privacy.md#the-codec-space).
-    codec_kind: str = "pca"
+    # Bits a candidate's look is coded in: 4 (the wire's int4: codes of the row's Hadamard rotation, half
+    # the bytes of int8 at the same rerank ceiling, docs/privacy.md#4-bit-looks) or 8 (int8 codes).
+    # 4 needs a power-of-two codec_dim. The public document's looks stay int8 either way.
+    look_bits: int = 4
+    # The codec basis, learnt from the gallery: "learned-whitening" (its spot labels whiten the space the
+    # phone compares in: the user's top-1 passes the raw feature's) or "pca" (the uncentred PCA of its
+    # features); docs/privacy.md#the-codec-space.
+    codec_kind: str = "learned-whitening"
     prototypes_per_spot: int = 3     # public per-spot prototypes the phone chooses cells with
-    cell_min_spots: int = 10         # every public cell holds at least this many spots
+    # Every public cell holds at least this many spots. 16 where 4-bit looks leave the bytes for it (the
+    # aware attacker falls from 0.25x to 0.16x of the baseline on wa-landmarks' tuning split, ~42 KiB a query).
+    cell_min_spots: int = 16
     # Seed of the derivation's k-means (looks, prototypes, cells). Any seed is as good as another;
     # researchers vary it to measure how much a figure owes to the starts (tools.evaluate --structure-seeds).
     structure_seed: int = 0

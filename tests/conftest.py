@@ -111,12 +111,17 @@ def copy_index(index_dir: Path, parent: Path) -> Path:
     return copy
 
 
+#: The session index's cells: its 24 spots in cells of the default 16 would make one cell, where a
+#: phone's decoys have nowhere to go; cells of 10 make two, as a small catalogue's operator would.
+SESSION_CELL_MIN_SPOTS = 10
+
+
 @pytest.fixture(scope="session")
 def app(index_dir: Path):  # type: ignore[no-untyped-def]
     from lite_server.api.app import create_app
     from lite_server.config import ServerConfig
 
-    return create_app(ServerConfig(index=str(index_dir)))
+    return create_app(ServerConfig(index=str(index_dir), cell_min_spots=SESSION_CELL_MIN_SPOTS))
 
 
 @pytest.fixture()
@@ -126,6 +131,6 @@ def client(app):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def live_server(index_dir: Path):  # type: ignore[no-untyped-def]
-    server = LiveServer(index_dir)
+    server = LiveServer(index_dir, env={"ENFPIRE_CELL_MIN_SPOTS": str(SESSION_CELL_MIN_SPOTS)})
     yield server
     server.stop()

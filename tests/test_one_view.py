@@ -43,6 +43,7 @@ from lite_server.config import ServerConfig
 from lite_server.ohttp.gateway import EXTENSION as OHTTP, KEYS_PATH
 from lite_server.ohttp.keys import FORMAT, GatewayKeys
 from lite_server.search.publication import document
+from tests.conftest import SESSION_CELL_MIN_SPOTS
 from tools.live import LiveRelay
 
 RELAY_HOST = "127.0.0.2"
@@ -97,7 +98,7 @@ def _json(payload: Any, environ: dict[str, Any], start_response: StartResponse) 
 
 
 def _app(index_dir: Path, keys: Path) -> Flask:
-    return create_app(ServerConfig(index=str(index_dir), ohttp_keys=str(keys)))
+    return create_app(ServerConfig(index=str(index_dir), ohttp_keys=str(keys), cell_min_spots=SESSION_CELL_MIN_SPOTS))
 
 
 def _phone(server: Loopback, relay: LiveRelay, home: Path, extractor: Extractor, **settings: Any) -> Client:

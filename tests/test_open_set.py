@@ -47,6 +47,7 @@ def _ie_tower_photos(n: int = 12) -> list[Path]:
 def test_info_publishes_a_calibration_the_schema_describes(live_server: LiveServer, extractor: Extractor) -> None:
     with _client(live_server, extractor) as client:
         info = client.info()
+        kind = client.public().settings["codec"]["kind"]
     document = spec()
     jsonschema.validate(info, {"$ref": "#/components/schemas/Info", "components": document["components"]})
     published = info["calibration"]
@@ -57,7 +58,7 @@ def test_info_publishes_a_calibration_the_schema_describes(live_server: LiveServ
     assert list(weights) == list(TERMS) and all(np.isfinite(list(weights.values())))
     # Fitted on the gallery: a higher score and a clearer lead over the next spot mean a known spot.
     assert weights["score"] > 0 and weights["margin"] > 0
-    assert weights["coverage"] == pytest.approx(calibration.COVERAGE_RATIO * weights["score"], abs=1e-3)
+    assert weights["coverage"] == pytest.approx(calibration.coverage_ratio(kind) * weights["score"], abs=1e-3)
     assert len(json.dumps(published)) < 2000  # a small addition to /v1/info
 
 
@@ -66,7 +67,9 @@ def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_
     rows = load_structure(lookup.index, StructureParams.from_config(lookup.config)).scores
     assert rows.shape[1] == 1 + len(TERMS) and set(np.unique(rows[:, 0])) == {0.0, 1.0}
     known = rows[:, 0] == 1
-    weights = calibration.fit_weights(rows[:, 1:].astype(np.float64), known)
+    # The fitted terms alone: coverage is not fitted (a photo whose spot is left out has the same), and
+    # it tells other domains apart, not these.
+    weights = calibration.fit_weights(rows[:, 1:].astype(np.float64), known, ratio=0.0)
     evidence = rows[:, 1:] @ np.array([weights[t] for t in TERMS])
     # Ranked by the fitted evidence, a gallery photo of a known spot beats one whose spot is left out
     # far more often than chance, and more often than by its score alone.
@@ -78,7 +81,7 @@ def test_the_fit_tells_photos_of_known_spots_from_photos_of_left_out_ones(index_
     assert calibration.public(np.zeros((0, 1 + len(TERMS)))) == {}
     # Too few spots to learn unknown landmarks from: the fallback, whatever the rows say.
     assert calibration.public(rows, spots=calibration.MIN_SPOTS - 1)["weights"] == calibration.FALLBACK
-    assert calibration.public(rows, spots=len(lookup.index.spots))["weights"] == weights
+    assert calibration.public(rows, 0.0, spots=len(lookup.index.spots))["weights"] == weights
 
 
 def test_a_stored_calibration_without_the_evidence_terms_is_derived_again(index_dir: Path, tmp_path: Path) -> None:

@@ -287,12 +287,16 @@ def test_decoys_name_cells_the_way_photos_do_not_the_way_prototypes_do(fine_env:
     """A decoy is a fresh mixture of a spot's prototypes: it is never one of the few prototypes,
     and it names as many cells as a photo does (a prototype, more typical than any photo, names
     fewer, which told decoy groups apart from real ones)."""
-    # A wide margin: on 24 spots the default one names two cells for almost every vector.
-    transform = Cells(2.0, 4, margin=0.15).fit(document(fine_env.lookup))
+    # A wide margin: on 24 spots the default one names two cells (the least) for almost every vector, and
+    # in the learned space, sharper, so does 0.15.
+    transform = Cells(2.0, 4, margin=0.5).fit(document(fine_env.lookup))
     rng = np.random.default_rng(0)
     decoys = np.stack([transform.decoy(rng) for _ in range(3000)])
     prototypes = transform.prototypes_ / np.linalg.norm(transform.prototypes_, axis=1, keepdims=True)
-    assert np.median((decoys @ prototypes.T).max(axis=1)) < 0.999
+    nearest = (decoys @ prototypes.T).max(axis=1)
+    # The learned space packs a spot's prototypes closer than PCA did, so a mixture lies close to one of
+    # them too; but only a mixture that is almost all one prototype comes within 1e-5 of it.
+    assert np.median(nearest) < 0.9999 and np.mean(nearest > 1 - 1e-5) < 0.25
     sizes = {
         "photos": np.mean([len(transform.real_cells(fine_env.features[q])) for q in fine_env.queries]),
         "decoys": np.mean([len(transform.choose(d)) for d in decoys]),

@@ -78,20 +78,22 @@ def test_the_structure_seed_moves_only_the_k_means_starts(index_dir: Path) -> No
 
 def test_4_bit_looks_are_the_same_looks_calibrated_as_the_phone_decodes_them(index_dir: Path) -> None:
     """look_bits changes no look (the codes are chosen when answering) but the calibration, which scores
-    looks as int4 decodes them; a stored int8 structure is not taken for it, and only 8 and 4 bits exist,
-    4 on a codec whose dimension the Hadamard rotation fits."""
+    looks as the phone decodes them; a stored structure of the other bits is not taken for it, and only 8
+    and 4 bits exist, 4 on a codec whose dimension the Hadamard rotation fits (or on no codec at all,
+    whose looks travel as float16 anyway)."""
     index = Index.load(index_dir)
     ids = [s.id for s in index.spots]
     stored = Structure.load(index.path)
-    nibble = derive(index.features, index.photo_spot, ids, StructureParams(look_bits=4))
-    assert np.array_equal(nibble.looks, stored.looks) and np.array_equal(nibble.basis, stored.basis)
-    assert nibble.scores.shape[1] == stored.scores.shape[1] and not np.array_equal(nibble.scores, stored.scores)
-    assert not stored.matches(ids, nibble.params)
-    assert StructureParams.from_config(ServerConfig(look_bits=4)) == nibble.params
-    for config, message in ((ServerConfig(look_bits=6), "look_bits"), (ServerConfig(look_bits=4, codec_dim=96), "96"),
-                            (ServerConfig(look_bits=4, codec_dim=0), "codec")):
+    assert stored.params.look_bits == 4  # the default
+    wide = derive(index.features, index.photo_spot, ids, StructureParams(look_bits=8))
+    assert np.array_equal(wide.looks, stored.looks) and np.array_equal(wide.basis, stored.basis)
+    assert wide.scores.shape[1] == stored.scores.shape[1] and not np.array_equal(wide.scores, stored.scores)
+    assert not stored.matches(ids, wide.params)
+    assert StructureParams.from_config(ServerConfig(look_bits=8)) == wide.params
+    for config, message in ((ServerConfig(look_bits=6), "look_bits"), (ServerConfig(look_bits=4, codec_dim=96), "96")):
         with pytest.raises(ConfigError, match=message):
             StructureParams.from_config(config)
+    assert StructureParams.from_config(ServerConfig(codec_dim=0)).look_bits == 4
 
 
 class _CountingRows:
@@ -130,20 +132,23 @@ def test_an_update_reads_only_the_spots_it_must_and_derives_what_reading_every_p
 
 
 def test_a_structure_stored_before_codecs_had_a_kind_loads_as_pca(index_dir: Path, tmp_path: Path) -> None:
-    """Versions written before ``codec_kind`` existed hold a PCA basis: they load as such, so a PCA
-    server keeps using them and a learned-whitening server derives its own."""
+    """Versions written before ``codec_kind`` and ``look_bits`` existed hold a PCA basis and int8 looks:
+    they load as such, so a server of those settings keeps using them and one of today's defaults
+    derives its own."""
     import json
 
     copy = copy_index(index_dir, tmp_path)
-    folder = Index.load(copy).path
-    with np.load(folder / FILE, allow_pickle=False) as data:
+    index = Index.load(copy)
+    before = StructureParams(codec_kind="pca", look_bits=8)
+    derive(index.features, index.photo_spot, [s.id for s in index.spots], before).save(index.path)
+    with np.load(index.path / FILE, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     header = json.loads(str(arrays.pop("header")))
-    del header["params"]["codec_kind"]
-    np.savez(folder / FILE, header=np.array(json.dumps(header)), **arrays)
-    old = Structure.load(folder)
-    assert old is not None and old.params.codec_kind == "pca"
+    del header["params"]["codec_kind"], header["params"]["look_bits"]
+    np.savez(index.path / FILE, header=np.array(json.dumps(header)), **arrays)
+    old = Structure.load(index.path)
+    assert old is not None and old.params == before
     ids = old.spot_ids.tolist()
-    assert old.matches(ids, StructureParams()) and not old.matches(ids, StructureParams(codec_kind="learned-whitening"))
+    assert old.matches(ids, before) and not old.matches(ids, StructureParams())
     with pytest.raises(ConfigError, match="codec_kind"):
         StructureParams.from_config(ServerConfig(codec_kind="lda"))
