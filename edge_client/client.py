@@ -170,6 +170,10 @@ class Client:
             # Cells have a posterior the phone can compute from the public document; vectors have none.
             self._receipts = receipt.model_for(public.digest, self.transform, public.popularity) \
                 if isinstance(self.transform, Cells) and public is not None else None
+            if self.config.privacy_floor > 0 and isinstance(self.transform, Cells) and self._receipts is None:
+                raise ConfigError(f"privacy_floor {self.config.privacy_floor:g} needs the privacy receipt, which this "
+                                  f"phone computes for catalogues of at most {receipt.MAX_PROTOTYPES} prototypes "
+                                  f"(this one publishes {len(self.transform.prototypes_)}): set privacy_floor 0")
             # Only a complete fit counts: a failure above is retried on the next call.
             self._project, self._compare_dim = project, dim or int(info["dim"])
         return info

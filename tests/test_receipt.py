@@ -17,7 +17,7 @@ from edge_client.cli import main as client_main
 from edge_client.client import Client
 from edge_client.config import ClientConfig, load_config
 from edge_client.errors import ConfigError
-from edge_client.privacy import posterior
+from edge_client.privacy import posterior, receipt, transforms
 from edge_client.privacy.receipt import ReceiptModel
 from edge_client.privacy.transforms import make_transform
 from edge_client.vision.extractor import Extractor
@@ -107,6 +107,34 @@ def test_vector_transforms_have_no_receipt(fine_app, extractor: Extractor, held_
     with client:
         result = client.recognize(held_out[0][1])
     assert result.candidates and result.privacy is None and result.to_dict()["privacy"] is None
+
+
+def test_a_catalogue_too_large_to_simulate_has_no_receipt_and_refuses_a_floor(
+        fine_app, extractor: Extractor, held_out, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Past MAX_PROTOTYPES (a national catalogue) the phone answers without a receipt, and a phone
+    whose owner asked for a privacy floor it cannot check refuses with a typed error, sending nothing."""
+    monkeypatch.setattr(receipt, "MAX_PROTOTYPES", 10)  # the test index publishes 3 a spot, 24 spots
+    with _phone(fine_app, extractor, tmp_path / "a") as phone:
+        result = phone.recognize(held_out[0][1])
+    assert result.candidates and result.spot_id is not None and result.privacy is None
+    with _phone(fine_app, extractor, tmp_path / "b", privacy_floor=5) as phone:
+        sent: list[str] = []
+        phone.session.hooks["response"].append(lambda r, *a, **k: sent.append(r.request.path_url))
+        with pytest.raises(ConfigError, match="privacy_floor 5 needs the privacy receipt"):
+            phone.recognize(held_out[0][1])
+    assert "/v1/candidates" not in sent
+
+
+def test_choosing_cells_in_chunks_names_what_one_vector_at_a_time_does(
+        fine_app, extractor: Extractor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    with _phone(fine_app, extractor, tmp_path / "a") as phone:
+        phone.check_model()
+        cells = phone.transform
+    rng = np.random.default_rng(0)
+    vectors = np.stack([cells.decoy(rng) for _ in range(50)])
+    monkeypatch.setattr(transforms, "CHOOSE_CELLS", 7 * len(cells.by_cell_))  # chunks of 7 rows
+    assert cells.choose_many(vectors) == [cells.choose(v) for v in vectors]
 
 
 def test_the_floor_adds_groups_until_it_is_met_and_every_request_keeps_one_size(

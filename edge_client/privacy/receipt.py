@@ -153,8 +153,22 @@ _MODELS_LOCK = threading.Lock()
 _KEPT = 4
 
 
-def model_for(digest: str, transform: Any, prior: np.ndarray) -> ReceiptModel:
-    """The receipt model of public document ``digest`` for ``transform``'s setting (made once, kept)."""
+#: The most published prototypes a phone computes receipts for. A receipt simulates each spot a
+#: message could come from (a few hundred) with 400 fictitious photos scored against every prototype,
+#: and the model first finds the cell every prototype names: both grow with the prototypes, the
+#: second with their square. On wa-landmarks (648 prototypes) the first receipt takes ~0.2 s on this
+#: machine; 10,000 prototypes (~3,300 spots) would take seconds, a national catalogue's 100,000 or
+#: more minutes and tens of GB. Beyond it an answer has no receipt and a privacy floor is refused.
+MAX_PROTOTYPES = 10_000
+
+
+def model_for(digest: str, transform: Any, prior: np.ndarray) -> ReceiptModel | None:
+    """The receipt model of public document ``digest`` for ``transform``'s setting (made once, kept);
+    None for a catalogue of more than :data:`MAX_PROTOTYPES` prototypes."""
+    if len(transform.prototypes_) > MAX_PROTOTYPES:
+        log.info("no privacy receipts: %d published prototypes, more than the %d a phone simulates",
+                 len(transform.prototypes_), MAX_PROTOTYPES)
+        return None
     key = (digest, repr(transform), getattr(transform, "margin_", None), transform.max_decoy_share,
            transform.decoy_uniform, transform.max_decoy_cell_ratio)
     with _MODELS_LOCK:

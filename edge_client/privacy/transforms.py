@@ -146,6 +146,10 @@ class Mix(Transform):
         return {"vector": wire.encode(l2_normalize(blend)), "k": self.k_}
 
 
+#: Prototype x vector scores :meth:`Cells.choose_many` holds at once (16 MB of float32).
+CHOOSE_CELLS = 1 << 22
+
+
 class Cells(Transform):
     """Coarse cells with decoys: the phone names cells, never a vector.
 
@@ -259,8 +263,14 @@ class Cells(Transform):
         return tuple(int(c) for c in order[: max(min(self.min_cells, self.k_), close)])
 
     def choose_many(self, vectors: np.ndarray) -> list[tuple[int, ...]]:
-        """:meth:`choose` for each row of ``vectors`` at once (the receipt's fictitious photos)."""
-        scores = np.maximum.reduceat(self.by_cell_ @ np.asarray(vectors, np.float32).T, self.cell_starts_, axis=0)
+        """:meth:`choose` for each row of ``vectors`` (the receipt's fictitious photos), in chunks
+        whose prototypes x rows products stay within :data:`CHOOSE_CELLS`."""
+        vectors = np.asarray(vectors, np.float32)
+        step = max(1, CHOOSE_CELLS // max(1, len(self.by_cell_)))
+        return [group for start in range(0, len(vectors), step) for group in self._choose_chunk(vectors[start:start + step])]
+
+    def _choose_chunk(self, vectors: np.ndarray) -> list[tuple[int, ...]]:
+        scores = np.maximum.reduceat(self.by_cell_ @ vectors.T, self.cell_starts_, axis=0)
         order = np.argsort(-scores, axis=0, kind="stable")[: self.k_]
         ranked = np.take_along_axis(scores, order, axis=0)
         close = np.sum(ranked >= ranked[0] - self.margin_, axis=0)
