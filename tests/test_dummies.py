@@ -75,6 +75,26 @@ def test_synthetic_photos_are_never_gallery_features(catalogue: Catalogue, index
     assert np.median(own) > 0.6
 
 
+def test_synthetic_photos_are_as_typical_as_real_ones_where_the_transform_sees_them(
+        app: Any, catalogue: Catalogue) -> None:
+    """Beside a learned whitening the document publishes the photos' spread in its space, and the
+    dummies' photos are drawn there: projected as the transform projects them, they sit as far from
+    their spot's centre as the published leave-one-out spread says real photos do."""
+    doc = app.extensions["enfpire"].lookup
+    basis = doc.codec.basis_
+    spread = catalogue.spread
+    assert catalogue.codec_features is not None and 0.3 < spread["codec_cos_median"] < 0.99
+    photos, rng = SyntheticPhotos(catalogue), np.random.default_rng(0)
+    cosines = []
+    for row in range(len(catalogue)):
+        anchors = catalogue.codec_features[row]
+        centre = anchors.mean(axis=0) / np.linalg.norm(anchors.mean(axis=0))
+        for _ in range(20):
+            seen = basis @ photos.feature(row, rng)
+            cosines.append(float(seen @ centre) / float(np.linalg.norm(seen)))
+    assert abs(np.median(cosines) - spread["codec_cos_median"]) < 0.05, (np.median(cosines), spread)
+
+
 def test_persona_routes_obey_speed_and_hours(catalogue: Catalogue) -> None:
     movement = Movement(utc_offset_s=0.0, dwell_median_s=600)
     rng = np.random.default_rng(1)

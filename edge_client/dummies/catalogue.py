@@ -32,6 +32,10 @@ class Catalogue:
     features: list[np.ndarray]  # per spot, float32 [m, dim], L2-normalised rows
     spread: dict[str, float]  # the published photo-to-anchor spread (see lite_server.search.publication)
     version: str = ""
+    # The same looks in the codec space, per spot (unit rows), and the matrix lifting codec rows back
+    # to features (recognizer.lifter): None without a codec basis.
+    codec_features: list[np.ndarray] | None = None
+    lift: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,9 +59,9 @@ class Catalogue:
         no uniform share: personas should go where people go, and the caps leave an honest
         document's popularity as it is."""
         rows, counts = doc.anchors()
-        looks = rows.decode()
-        if doc.basis is not None:
-            looks = looks @ lifter(doc.basis)
+        codes = rows.decode()
+        lift = lifter(doc.basis) if doc.basis is not None else None
+        looks = codes @ lift if lift is not None else codes
         if dim is not None and looks.shape[-1] != dim:
             raise BadResponseError(f"the published looks have dimension {looks.shape[-1]}, not {dim}")
         parts = np.split(looks, np.cumsum(counts)[:-1])
@@ -67,8 +71,10 @@ class Catalogue:
             raise BadResponseError("the public document has no spot with coordinates and looks")
         cells = None if max_cell_ratio is None else doc.columns["cell"][keep]
         popularity = decoy_weights(doc.popularity[keep], max_share, 0.0, cells, max_cell_ratio or 1.0)
+        coded = np.split(codes, np.cumsum(counts)[:-1]) if lift is not None else None
         return cls(doc.ids[keep].tolist(), lat[keep], lon[keep], popularity,
-                   [_unit_rows(parts[r]) for r in keep], doc.spread, doc.version)
+                   [_unit_rows(parts[r]) for r in keep], doc.spread, doc.version,
+                   None if coded is None else [_unit_rows(coded[r]) for r in keep], lift)
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import re
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy import sparse
@@ -44,6 +44,7 @@ from edge_client.protocol.public import (
 from edge_client.state import write_private
 from edge_client.vision.extractor import l2_normalize
 
+from ..index.whitening import KIND as WHITENING
 from .lookup import Lookup
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,12 @@ def spread(lookup: Lookup, max_spots: int = SPREAD_SPOTS, seed: int = 0) -> dict
     tangent of that angle (how much photos differ in how typical they are), so
     dummy photos can be calibrated to it. Measured on every spot up to
     ``max_spots`` (the real datasets), on a fixed random ``max_spots`` of them beyond:
-    a median needs no million photos, and a server start should not read them all."""
+    a median needs no million photos, and a server start should not read them all.
+
+    Beside a learned whitening, the same in its space (``codec_cos_median``,
+    ``codec_log_tan_sigma``): there a spot's photos vary about equally in every direction
+    (what the whitening is for), so the phone draws its dummies' photos there, where the
+    transform sees them (:class:`edge_client.dummies.generator.SyntheticPhotos`)."""
     index = lookup.index
     labels = np.asarray(index.photo_spot)
     n_spots = len(index.spots)
@@ -144,18 +150,33 @@ def spread(lookup: Lookup, max_spots: int = SPREAD_SPOTS, seed: int = 0) -> dict
         chosen = np.zeros(n_spots, bool)
         chosen[np.random.default_rng(seed).choice(n_spots, max_spots, replace=False)] = True
         rows = rows[chosen[labels]]
-    sums = np.zeros((n_spots, index.dim), np.float64)
+    out = _spread(lambda part: np.asarray(index.features[part], np.float64), rows, labels, n_spots)
+    if lookup.codec is not None and lookup.codec.kind == WHITENING:
+        codec = _spread(lambda part: lookup.codec.project(index.features[part]).astype(np.float64), rows, labels,
+                        n_spots)
+        out.update(codec_cos_median=codec["cos_median"], codec_log_tan_sigma=codec["log_tan_sigma"])
+    return out
+
+
+def _spread(vectors: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, labels: np.ndarray,
+            n_spots: int) -> dict[str, Any]:
+    """:func:`spread` of the photo ``rows`` as ``vectors`` gives them (a chunk of rows at a time)."""
+    sums: np.ndarray | None = None
     for start in range(0, len(rows), 4096):  # bounded memory on big indexes
         part = rows[start:start + 4096]
+        x = vectors(part)
+        sums = np.zeros((n_spots, x.shape[1]), np.float64) if sums is None else sums
         # Summed per spot as a sparse product: np.add.at is many times slower.
         member = sparse.csr_matrix((np.ones(len(part)), (labels[part], np.arange(len(part)))), shape=(n_spots, len(part)))
-        sums += member @ np.asarray(index.features[part], np.float64)
+        sums += member @ x
     counts = np.bincount(labels[rows], minlength=n_spots)
     cos = []
     for start in range(0, len(rows), 4096):
         part = rows[start:start + 4096]
         part = part[counts[labels[part]] > 1]
-        x = np.asarray(index.features[part], np.float64)
+        if sums is None or not len(part):
+            continue
+        x = vectors(part)
         others = sums[labels[part]] - x
         cos.append((x * others).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(others, axis=1), 1e-12))
     values = np.clip(np.concatenate(cos) if cos else np.zeros(0), 1e-3, 1 - 1e-6)
