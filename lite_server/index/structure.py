@@ -78,8 +78,8 @@ class StructureParams:
         return cls(**values, codec_kind=kind)
 
 
-#: The codec bases a server can derive: the uncentred PCA of the gallery's features (the default) or
-#: its learned whitening, a sharper space for the user and, so far, for the attacker too (docs/privacy.md).
+#: The codec bases a server can derive: the gallery's learned whitening (the default: the user answers
+#: better than on the raw feature) or the uncentred PCA of its features (docs/privacy.md#the-codec-space).
 CODEC_KINDS = ("pca", whitening.KIND)
 #: The look codes a server can send: int8, or the wire's int4 (edge_client.protocol.nibbles).
 LOOK_BITS = (8, 4)
