@@ -68,12 +68,7 @@ class SyntheticPhotos:
         mix = l2_normalize(random_mixture(anchors, self.alpha, rng))
         target = self._target(cat.spread["codec_cos_median"], cat.spread.get("codec_log_tan_sigma", 0.25), rng)
         scale = np.sqrt(max((float(mix @ centre) / target) ** 2 - 1.0, self.min_residual ** 2))
-        noise = rng.standard_normal(mix.shape)
-        for v in (mix, centre - (centre @ mix) * mix):
-            norm = float(np.linalg.norm(v))
-            if norm > 1e-9:
-                noise -= (noise @ (v / norm)) * (v / norm)
-        coded = mix + scale * noise / max(float(np.linalg.norm(noise)), 1e-12)
+        coded = mix + scale * _orthogonal_unit(rng.standard_normal(mix.shape), mix, centre)
         return l2_normalize((coded @ cat.lift).astype(np.float32))
 
     @staticmethod
@@ -88,12 +83,19 @@ class SyntheticPhotos:
         """A unit direction on the channels the mixture uses (features are non-negative
         activations: real photo-to-photo changes live there), orthogonal to mix and centre."""
         w = (rng.standard_normal(mix.shape) * np.sqrt(np.clip(mix, 0, None))).astype(np.float64)
-        for v in (mix, centre - (centre @ mix) * mix):
-            norm = float(np.linalg.norm(v))
-            if norm > 1e-9:
-                v = v / norm
-                w -= (w @ v) * v
-        return (w / max(float(np.linalg.norm(w)), 1e-12)).astype(np.float32)
+        return _orthogonal_unit(w, mix, centre).astype(np.float32)
+
+
+def _orthogonal_unit(w: np.ndarray, mix: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``w`` made orthogonal to ``mix`` and to ``centre``'s part off it, at unit length: a residual
+    that moves a photo away from its spot without turning it toward or from the mixture."""
+    w = np.asarray(w, np.float64)
+    for v in (mix, centre - (centre @ mix) * mix):
+        norm = float(np.linalg.norm(v))
+        if norm > 1e-9:
+            v = v / norm
+            w = w - (w @ v) * v
+    return w / max(float(np.linalg.norm(w)), 1e-12)
 
 
 class PersonaGenerator:
