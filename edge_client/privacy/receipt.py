@@ -76,6 +76,9 @@ class ReceiptModel:
             self.reach[int(owner[row])].add(group[0])
         self._named: dict[int, dict[tuple[int, ...], float]] = {}
         self._lock = threading.Lock()
+        # The last posterior asked for: a phone with a privacy floor tests the message it sends, then
+        # its receipt asks for the same one (a tuple assignment, so threads see one whole entry).
+        self._last: tuple[tuple[tuple[int, ...], int | None], np.ndarray] | None = None
 
     def named(self, spot: int) -> dict[tuple[int, ...], float]:
         """The share of ``spot``'s fictitious photos naming each group (best cell first, then sorted)."""
@@ -126,11 +129,18 @@ class ReceiptModel:
 
     def posterior(self, message: tuple[int, ...], groups: int | None = None) -> np.ndarray:
         """p(spot | message): the likelihood times the published popularity, normalised. A message the
-        model cannot explain at all falls back to the prior over the spots of its cells."""
+        model cannot explain at all falls back to the prior over the spots of its cells (not to be
+        written to: the last one is kept for the next call)."""
+        key = (tuple(message), groups)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
         joint = self.prior * self.likelihood(message, groups)
         if not joint.sum() > 0:
             joint = self.prior * np.isin(self.transform.spot_cell_, list(message))
-        return joint / joint.sum()
+        post = joint / joint.sum()
+        self._last = (key, post)
+        return post
 
     def receipt(self, message: tuple[int, ...], answer: int | None = None, groups: int | None = None) -> dict[str, Any]:
         """The receipt of ``message``: plausible spots, the server's best guess's probability, and
