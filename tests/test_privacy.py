@@ -16,8 +16,8 @@ from lite_server.search.lookup import Lookup
 from lite_server.search.publication import document
 from tests.conftest import make_subset
 from tools.evaluate import attackers as atk
+from tools.evaluate import ceiling, linked, openset
 from tools.evaluate import cli as ev
-from tools.evaluate import linked, openset
 from tools.live import LiveServer
 
 # 24 spots in cells of 8 make 3 cells: one real cell and one decoy group keep a crowd around the answer.
@@ -339,3 +339,31 @@ def test_held_out_landmarks_ask_an_index_that_never_saw_them(env: ev.Env) -> Non
         lo, hi = result[f"{key}_ci95"]
         assert 0.0 <= lo <= result[key] <= hi <= 1.0, key
     assert result["auroc"] > 0.5  # the phone's evidence ranks its correct answers above unknown landmarks
+    # How far the evidence itself goes: every term and the cross-validated combination, read at kept 0.93.
+    top = result["ceiling"]
+    assert top["n_outside"] == result["n_outside"] and set(top["terms"]) == {"score", "margin", "lead", "coverage",
+                                                                             "spread"}
+    for figures in [*top["terms"].values(), top["combined"], {"auroc": 0.5, **result["at_kept"]}]:
+        assert 0.0 <= figures["rejected"] <= 1.0 and 0.0 <= figures["auroc"] <= 1.0
+    assert top["terms"]["score"]["auroc"] > 0.5
+
+
+def test_the_ceiling_scores_every_spot_as_the_phone_scores_its_candidates(env: ev.Env) -> None:
+    """The ceiling's terms are the phone's own, over every spot: its best spot scores at least
+    the phone's best candidate, exactly as much when they are the same spot, and the photo's
+    coverage is the one the phone measures."""
+    transform = make_transform("cells", CELLS["strength"], CELLS["k"])
+    rows = env.queries[:12]
+    terms = ceiling.evidence_terms(env, env.features[rows])
+    assert terms is not None
+    ids = [s.id for s in env.index.spots]
+    assert np.all(terms["lead"] >= terms["margin"] - 1e-9) and np.all(terms["margin"] >= 0)
+    with env.client(transform, seed=3) as client:
+        for i, row in enumerate(rows):
+            answer = client.ask(env.features[row])[1]
+            best = answer.candidates[0]
+            assert terms["score"][i] >= best.score - 1e-4
+            if ids[int(terms["best"][i])] == best.id:
+                assert abs(terms["score"][i] - best.score) < 1e-4
+                assert abs(terms["spread"][i] - best.spread) < 1e-4
+            assert abs(terms["coverage"][i] - client._coverage(env.features[row])) < 1e-4

@@ -26,6 +26,7 @@ from edge_client.privacy.transforms import Transform
 from lite_server.index.store import BadIndexError, Index
 from lite_server.search.lookup import Lookup
 from tools import dataset as ds
+from tools.evaluate import ceiling
 from tools.evaluate import intervals as iv
 from tools.evaluate.testbed import Env
 
@@ -60,7 +61,8 @@ def landmarks(env: Env, transform: Transform, seed: int = 0, share: float = HELD
         unknown_answers = [client.ask(env.features[r])[1] for r in unknown]
     return summarize(known_answers, unknown_answers, [spot_of[r] for r in unknown],
                      held_out_spots=len(out_spots), indexed_spots=len(ids) - len(out_spots),
-                     held_out=sorted(out_spots), calibration=sub.lookup.calibration.get("weights"))
+                     held_out=sorted(out_spots), calibration=sub.lookup.calibration.get("weights"),
+                     ceiling=ceiling.open_set(sub, known, [(spot_of[r], r) for r in unknown]))
 
 
 def replace_index(env: Env, gallery: np.ndarray) -> Env:
@@ -92,6 +94,10 @@ def summarize(known: list[tuple[str, Recognition]], unknown: list[Recognition], 
             "rejected_outside": _share(rejected), "rejected_outside_ci95": iv.mean_ci95(rejected, places),
             "auroc": auroc(evidence, labels), "auroc_ci95": iv.statistic_ci95(
                 lambda weights: auroc(evidence, labels, weights), clusters),
+            # The same evidence with the operating point set on these very answers: what the
+            # server's gallery-fitted calibration costs, apart from what the evidence can tell.
+            "at_kept": {"kept": ceiling.KEPT, **(ceiling.figures(evidence, labels, ceiling.KEPT)
+                                                 if 0 < labels.sum() < len(labels) else {})},
             "user_top1_closed": _share(r.best == s for s, r in known),
             "user_top1_open": _share(r.spot_id == s for s, r in known),
             "n_known": len(known), "n_correct": len(correct), "n_outside": len(unknown), **extra}
@@ -200,7 +206,22 @@ def landmarks_report(run: dict[str, Any]) -> list[str]:
             iv.verdict("held-out landmarks: correct answers kept", o["kept_correct"], o.get("kept_correct_ci95"), 0.93,
                        at_most=False),
             iv.verdict("held-out landmarks: photos rejected", o["rejected_outside"], o.get("rejected_outside_ci95"),
-                       0.70, at_most=False), ""]
+                       0.70, at_most=False), "", *_ceiling_lines(o)]
+
+
+def _ceiling_lines(o: dict[str, Any]) -> list[str]:
+    """How far the evidence itself goes (``tools.evaluate.ceiling``), beside the operating point's figures."""
+    at, top = o.get("at_kept") or {}, o.get("ceiling")
+    lines = []
+    if "rejected" in at:
+        lines.append(f"The phone's evidence with the operating point set on these answers (kept {at['kept']:g}): "
+                     f"rejected {at['rejected']:.3f}.")
+    if top:
+        terms = ", ".join(f"{name} {v['auroc']:.3f} / {v['rejected']:.3f}" for name, v in top["terms"].items())
+        lines += ["", f"Non-private ceiling (every spot a candidate, thresholds set on these answers, kept "
+                      f"{top['kept']:g}), AUROC / rejected: {terms}; all terms combined (logistic, cross-validated "
+                      f"by spot) {top['combined']['auroc']:.3f} / {top['combined']['rejected']:.3f}."]
+    return [*lines, ""] if lines else []
 
 
 def _interval(ci: list[float] | None) -> str:

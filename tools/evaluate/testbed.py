@@ -130,17 +130,31 @@ def learned_hits(env: Env) -> np.ndarray | None:
     """Per query, whether the phone's own rerank over *every* spot's looks (int8 as they travel, in the
     codec space, soft maximum) ranks its spot first: the codec space's non-private ceiling, beside
     :func:`baseline_hits`' raw feature (None without a codec)."""
+    scores = codec_scores(env, env.features[env.queries])
+    return None if scores is None else np.asarray(atk.rank_of_truth(scores, env.truth) == 1)
+
+
+def published_looks(env: Env) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every spot's looks as the phone decodes them (unit rows in the codec space) and each
+    spot's first row (None without a codec)."""
     lookup = env.lookup
     if lookup.codec is None:
         return None
     rows = [wire.decode(lookup._encoded[s]).reshape(-1, lookup.codec.dim) for s in range(len(lookup.index.spots))]
-    starts = np.cumsum([0] + [len(r) for r in rows])[:-1]
-    looks = l2_normalize(np.concatenate(rows).astype(np.float32))
-    cosines = lookup.codec.project(env.features[env.queries]) @ looks.T
+    return l2_normalize(np.concatenate(rows).astype(np.float32)), np.cumsum([0] + [len(r) for r in rows])[:-1]
+
+
+def codec_scores(env: Env, features: np.ndarray) -> np.ndarray | None:
+    """``[photos, spots]``: each photo's rerank score (the phone's soft maximum over a spot's looks)
+    against *every* spot of ``env``'s index, in the codec space (None without a codec)."""
+    published = published_looks(env)
+    if published is None:
+        return None
+    looks, starts = published
+    cosines = env.lookup.codec.project(features) @ looks.T
     peaks = np.maximum.reduceat(cosines, starts, axis=1)
     spread = np.exp((cosines - np.repeat(peaks, np.diff(np.append(starts, len(looks))), axis=1)) / VOTE_TEMPERATURE)
-    scores = peaks + VOTE_TEMPERATURE * np.log(np.add.reduceat(spread, starts, axis=1))  # recognizer.soft_max
-    return np.asarray(atk.rank_of_truth(scores, env.truth) == 1)
+    return peaks + VOTE_TEMPERATURE * np.log(np.add.reduceat(spread, starts, axis=1))  # recognizer.soft_max
 
 
 def baseline(env: Env) -> float:
