@@ -354,8 +354,9 @@ def test_the_ceiling_scores_every_spot_as_the_phone_scores_its_candidates(env: e
     coverage is the one the phone measures."""
     transform = make_transform("cells", CELLS["strength"], CELLS["k"])
     rows = env.queries[:12]
-    terms = ceiling.evidence_terms(env, env.features[rows])
-    assert terms is not None
+    found = ceiling.evidence_terms(env, env.features[rows])
+    assert found is not None
+    best_spots, terms = found
     ids = [s.id for s in env.index.spots]
     assert np.all(terms["lead"] >= terms["margin"] - 1e-9) and np.all(terms["margin"] >= 0)
     with env.client(transform, seed=3) as client:
@@ -363,7 +364,7 @@ def test_the_ceiling_scores_every_spot_as_the_phone_scores_its_candidates(env: e
             answer = client.ask(env.features[row])[1]
             best = answer.candidates[0]
             assert terms["score"][i] >= best.score - 1e-4
-            if ids[int(terms["best"][i])] == best.id:
+            if ids[best_spots[i]] == best.id:
                 assert abs(terms["score"][i] - best.score) < 1e-4
                 assert abs(terms["spread"][i] - best.spread) < 1e-4
             assert abs(terms["coverage"][i] - client._coverage(env.features[row])) < 1e-4

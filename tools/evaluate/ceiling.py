@@ -37,31 +37,31 @@ def open_set(env: Env, known: list[tuple[str, int]], unknown: list[tuple[str, in
     share of unknown photos rejected where ``kept`` of the correct answers are kept (None
     without a codec or without both kinds)."""
     rows = [r for _, r in known] + [r for _, r in unknown]
-    values = evidence_terms(env, env.features[rows])
-    if values is None:
+    found = evidence_terms(env, env.features[rows])
+    if found is None:
         return None
+    best, values = found
     ids = np.array([s.id for s in env.index.spots])
-    n = len(known)
-    correct = ids[values["best"][:n].astype(int)] == np.array([s for s, _ in known])
+    correct = ids[best[:len(known)]] == np.array([s for s, _ in known])
     pick = np.r_[correct, np.ones(len(unknown), bool)]
     labels = np.r_[np.ones(int(correct.sum())), np.zeros(len(unknown))]
     if len(set(labels.tolist())) < 2:
         return None
     groups = np.array([s for s, _ in known] + [s for s, _ in unknown])[pick]
-    terms = {name: v[pick] for name, v in values.items() if name != "best"}
+    terms = {name: v[pick] for name, v in values.items()}
     out = {name: figures(v, labels, kept) for name, v in terms.items()}
     combined = _cross_validated(np.column_stack(list(terms.values())), labels, groups)
     return {"kept": kept, "n_correct": int(labels.sum()), "n_outside": len(unknown), "terms": out,
             "combined": figures(combined, labels, kept)}
 
 
-def evidence_terms(env: Env, features: np.ndarray) -> dict[str, np.ndarray] | None:
-    """Each photo's evidence over every spot: the best spot (``best``, its index) and the terms
-    ``score``, ``margin`` (capped as the phone caps it), ``lead`` (over the crowd of the next
+def evidence_terms(env: Env, features: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Each photo's evidence over every spot: its best spot (index into ``env``'s spots) and the
+    terms ``score``, ``margin`` (capped as the phone caps it), ``lead`` (over the crowd of the next
     :data:`CROWD`), ``coverage`` and ``spread`` (None without a codec)."""
-    scores = codec_scores(env, features)
     published = published_looks(env)
-    if scores is None or published is None:
+    scores = codec_scores(env, features, published) if published is not None else None
+    if published is None or scores is None:
         return None
     looks, starts = published
     ends = np.append(starts[1:], len(looks))
@@ -73,10 +73,10 @@ def evidence_terms(env: Env, features: np.ndarray) -> dict[str, np.ndarray] | No
     lookup = env.lookup
     span = subspace(lookup.coverage_basis if lookup.coverage_basis is not None else lookup.codec.basis_)
     spreads = np.array([look_spread(looks[starts[s]:ends[s]]) for s in range(len(starts))])
-    return {"best": best.astype(np.float64), "score": ranked[:, 0],
-            "margin": np.minimum(MARGIN_CAP, ranked[:, 0] - second), "lead": ranked[:, 0] - crowd,
-            "coverage": np.linalg.norm(l2_normalize(np.asarray(features, np.float32)) @ span.T, axis=1),
-            "spread": spreads[best]}
+    return best, {"score": ranked[:, 0],
+                  "margin": np.minimum(MARGIN_CAP, ranked[:, 0] - second), "lead": ranked[:, 0] - crowd,
+                  "coverage": np.linalg.norm(l2_normalize(np.asarray(features, np.float32)) @ span.T, axis=1),
+                  "spread": spreads[best]}
 
 
 def figures(values: np.ndarray, labels: np.ndarray, kept: float) -> dict[str, float]:

@@ -144,10 +144,12 @@ def published_looks(env: Env) -> tuple[np.ndarray, np.ndarray] | None:
     return l2_normalize(np.concatenate(rows).astype(np.float32)), np.cumsum([0] + [len(r) for r in rows])[:-1]
 
 
-def codec_scores(env: Env, features: np.ndarray) -> np.ndarray | None:
+def codec_scores(env: Env, features: np.ndarray,
+                 published: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | None:
     """``[photos, spots]``: each photo's rerank score (the phone's soft maximum over a spot's looks)
-    against *every* spot of ``env``'s index, in the codec space (None without a codec)."""
-    published = published_looks(env)
+    against *every* spot of ``env``'s index, in the codec space (None without a codec);
+    ``published``: :func:`published_looks`, when the caller holds them already."""
+    published = published or published_looks(env)
     if published is None:
         return None
     looks, starts = published
