@@ -335,7 +335,7 @@ class Client:
         real = self.transform.real_cells(feature) if real is None else real
         if real is None:
             return self.transform.transform(feature, self.rng), 0
-        rng = np.random.default_rng(decoy_seed(self._device_secret(), real)) if self.config.stable_decoys else self.rng
+        rng = self._decoy_rng(real)
         model, floor = self._receipts, self.config.privacy_floor
         asked: list[tuple[int, bool]] = []  # each test of the floor: (decoy groups, met)
 
@@ -409,6 +409,16 @@ class Client:
         if self.cache is not None:
             self.cache.clear()
         self._info = None
+
+    def _decoy_rng(self, real: tuple[int, ...]) -> np.random.Generator:
+        """The generator of a cells query's decoys: keyed on its real cells, the day and the
+        device secret with ``stable_decoys``, else the phone's own."""
+        if not self.config.stable_decoys:
+            return self.rng
+        # A seeded phone (tests, the evaluation) lives on day 0: its seed fixes every draw, so a
+        # figure measured today is measured again tomorrow.
+        now = 0.0 if self.config.seed is not None else None
+        return np.random.default_rng(decoy_seed(self._device_secret(), real, now))
 
     def _device_secret(self) -> bytes:
         with self._secret_lock:  # a burst's requests are made on several threads at once

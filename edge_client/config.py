@@ -74,7 +74,7 @@ class ClientConfig:
     stable_decoys: bool = True      # decoys keyed on the real cells and a device secret: a repeat says nothing new
     secret_days: float = 7.0        # the device secret that keys the decoys is replaced this often
     state_dir: str = ""             # cache and secret; "" = ~/.enfpire (Chaquopy: under the app's files)
-    seed: int | None = None         # fixes every random draw, the device secret's too (tests, evaluation)
+    seed: int | None = None         # fixes every random draw, the device secret and decoy day too (tests, evaluation)
     relay: str = ""                 # Oblivious HTTP relay URL: every request goes through it ("" = direct)
     gateway_keys: str = ""          # the gateway's key configuration (hex/base64) or its sha256; "" = pin the first seen
     gateway_keys_url: str = ""      # where to fetch the key configuration; "" = <relay origin>/.well-known/ohttp-gateway

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import stat
+import types
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,27 @@ def test_stable_decoys_same_real_cells_same_day_same_message(
     assert decoy_seed(secret, real, 0.0) == decoy_seed(secret, tuple(reversed(real)), 10.0)
     assert decoy_seed(secret, real, 0.0) != decoy_seed(secret, real, DAY)  # a new day, new decoys
     assert all(set(real) <= set(json.loads(b)["cells"]) for b in many)
+
+
+def test_a_seeded_phone_draws_the_same_decoys_on_any_date(
+        fine_app, extractor: Extractor, held_out, tmp_path: Path,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed fixes every draw, so an evaluation gives the same figures on another day; a
+    real phone's stable decoys still change with the day."""
+    from edge_client import state
+
+    features = [extractor.extract(photo) for _, photo in held_out[:6]]
+
+    def bodies(phone: Phone, day: int) -> list[dict]:  # type: ignore[type-arg]
+        monkeypatch.setattr(state, "time", types.SimpleNamespace(time=lambda: day * DAY + 3600.0))
+        return [phone.client.body(f) for f in features]
+
+    seeded = Phone(fine_app, extractor, tmp_path / "a", cache=False, seed=7)
+    real = Phone(fine_app, extractor, tmp_path / "b", cache=False)
+    for phone in (seeded, real):
+        phone.client.check_model()
+    assert bodies(seeded, 20000) == bodies(seeded, 20001) == bodies(seeded, 20400)
+    assert bodies(real, 20000) != bodies(real, 20001)
 
 
 def test_the_device_secret_is_private_kept_and_rotated(tmp_path: Path) -> None:
