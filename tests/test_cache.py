@@ -176,11 +176,11 @@ def test_a_seeded_phone_draws_the_same_decoys_on_any_date(
         return [phone.client.body(f) for f in features]
 
     seeded = Phone(fine_app, extractor, tmp_path / "a", cache=False, seed=7)
-    real = Phone(fine_app, extractor, tmp_path / "b", cache=False)
-    for phone in (seeded, real):
+    unseeded = Phone(fine_app, extractor, tmp_path / "b", cache=False)
+    for phone in (seeded, unseeded):
         phone.client.check_model()
     assert bodies(seeded, 20000) == bodies(seeded, 20001) == bodies(seeded, 20400)
-    assert bodies(real, 20000) != bodies(real, 20001)
+    assert bodies(unseeded, 20000) != bodies(unseeded, 20001)
 
 
 def test_the_device_secret_is_private_kept_and_rotated(tmp_path: Path) -> None:

@@ -312,7 +312,8 @@ def test_a_popularity_sink_does_not_steer_decoys_or_dummies(
         sink_cell = int(doc.columns["cell"][_sink_row(doc)])
         # Fresh decoys each request: with stable decoys (the default) a day's photos in the same real
         # cells repeat one message, so 24 photos in 8 cells were a handful of draws and the count below
-        # swung with the date (0 to 11 of 24 over 60 days, measured). Each photo is asked twice: 48 draws.
+        # swung from one day's decoys to another's (0 to 11 of 24 over 60 days, measured). Each photo is
+        # asked twice: 48 draws.
         config = ClientConfig(server=lying.url, seed=0, min_cell_spots=3, dummies=0, cache=False,
                               stable_decoys=False)
         features = [extractor.extract(p) for _, p in held_out] * 2
@@ -335,7 +336,7 @@ def test_a_popularity_sink_does_not_steer_decoys_or_dummies(
         sunk = {c for _ in range(300) for c in steered.choose(steered.decoy(rng))}
         stand_out = sum(set(b["cells"]) - sunk <= real for b, real in zip(lying.bodies, reals))
         assert sink_cell in sunk and len(sunk) < doc.n_cells // 2, sunk
-        # Measured: 0.15 of requests over 40 seeds (at most 9 of 24); without the floors every one.
+        # Measured: 5 of 48; 0.15 of requests over 40 seeds (at most 9 of 24); without the floors every one.
         assert stand_out <= len(features) // 3, f"{stand_out} of {len(features)} requests: only their real cells left"
         at_sink = sum(s == doc.ids[_sink_row(doc)] for s in starts)
         assert at_sink <= 20, f"{at_sink} of 60 personas start at the sink"  # about 0.1 of 60, not all
