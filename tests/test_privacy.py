@@ -14,7 +14,7 @@ from lite_server.config import ServerConfig
 from lite_server.index import whitening
 from lite_server.search.lookup import Lookup
 from lite_server.search.publication import document
-from tests.conftest import make_subset
+from tests.conftest import V1_EXTRACTOR, make_subset
 from tools.evaluate import attackers as atk
 from tools.evaluate import ceiling, linked, openset
 from tools.evaluate import cli as ev
@@ -151,6 +151,16 @@ def test_evaluation_metrics_and_http_equal_in_process(env: ev.Env, tmp_path: Pat
                "default": local}
     ev.write_outputs(metrics, tmp_path, "test")
     assert (tmp_path / "curves.png").stat().st_size > 1000 and "| cells |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_evaluation_indexes_and_asks_with_the_phones_model(data: tuple[Path, Path]) -> None:
+    """``model`` in the phones' settings (``--client-config``) makes the gallery's features too:
+    a researcher's model is measured end to end, not beside the default's index."""
+    env = ev.prepare(data[0], cache=data[1], config=ServerConfig(cell_min_spots=8),
+                     client_settings={"min_cell_spots": 8, "model": str(V1_EXTRACTOR)})
+    assert env.extractor.dim == 1024 and env.features.shape[1] == 1024
+    result = ev.run_setting(env, "cells", CELLS["strength"], CELLS["k"], seed=0)
+    assert result["user_top1"] >= 0.75 * ev.baseline(env) and result["candidate_recall"] >= 0.8
 
 
 def test_linked_photos_tell_the_server_less_from_a_defended_phone(fine_env: ev.Env) -> None:

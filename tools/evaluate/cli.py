@@ -39,7 +39,8 @@ versions the starts alone can make.
 The in-process server runs with ``--server-config`` (a JSON file of
 ``ServerConfig`` fields, as ``enfpire-server --config`` takes) and
 ``--cell-min-spots``; the phones with ``--client-config`` (``ClientConfig``
-fields: their privacy floors, for instance). A phone whose floors refuse the
+fields: their privacy floors, for instance, or ``model``, whose features then
+index the gallery too). A phone whose floors refuse the
 server's public document sends nothing: the run then reports the refusal
 (``refused`` in metrics.json, with the floor and its message) and no figures.
 
@@ -539,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cell-min-spots", type=int, metavar="N",
                    help="the in-process server's cell_min_spots (overrides --server-config)")
     p.add_argument("--client-config", type=Path, metavar="FILE",
-                   help="JSON file of ClientConfig fields for every phone (e.g. its privacy floors)")
+                   help="JSON file of ClientConfig fields for every phone (e.g. its privacy floors; "
+                        "its model indexes the gallery too)")
     p.add_argument("-v", "--verbose", action="store_true")
     add_hygiene_options(p)
     add_hygiene_options(history.add_parser(sub, ds.DEFAULT_DATASET))

@@ -104,7 +104,8 @@ def prepare(dataset: Path, server_url: str | None = None, tune: bool = False, ca
     gallery, queries, left_out = ds.split(data, query_fraction, min_photos)
     if tune:
         gallery, queries, _ = ds.split(data, query_fraction, min_photos=1, rows=gallery)
-    extractor = Extractor(ClientConfig().model_path())
+    # The phones' model (``model`` in their settings, else the default) makes the gallery's features too.
+    extractor = Extractor(load_client_config(ClientConfig, env={}, **dict(client_settings or {})).model_path())
     features = ds.features(data, extractor, cache)
     # The gallery's rows in the key: two splits of one size never share an index.
     rows = hashlib.sha256(np.asarray(gallery, np.int64).tobytes()).hexdigest()
